@@ -1,0 +1,84 @@
+"""Server settings: one frozen dataclass; the CLI only maps flags onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DEFAULT_MODEL", "Settings"]
+
+DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
+
+DEFAULT_FPS = 2.0
+DEFAULT_MAX_FPS = 8.0
+DEFAULT_WINDOW_FRAMES = 32
+DEFAULT_MAX_WINDOW_FRAMES = 128
+DEFAULT_WINDOW_BYTES = 64 * 1024 * 1024
+DEFAULT_MIN_PIXELS = 28 * 28 * 4
+DEFAULT_MAX_PIXELS = 448 * 448
+DEFAULT_FRAME_FACTOR = 28
+DEFAULT_MAX_DECODE_PIXELS = 4096 * 2304
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_FEED_BYTES = 16 * 1024 * 1024
+DEFAULT_VIDEO_READ_TIMEOUT = 60.0
+DEFAULT_MAX_CONCURRENT_ASKS = 4
+DEFAULT_MAX_QUESTION_CHARS = 4000
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS_LIMIT = 2048
+DEFAULT_HISTORY_TURNS = 8
+DEFAULT_STATUS_INTERVAL = 0.5
+DEFAULT_OUTBOX_MESSAGES = 256
+DEFAULT_FETCH_MAX_BYTES = 2 * 1024 * 1024 * 1024
+DEFAULT_FETCH_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a server needs besides its engine.
+
+    Per-session values a client may choose in ``hello`` (fps, window frames,
+    pixel budget, generation defaults) are capped by the ``max_*`` fields here.
+    """
+
+    model: str = DEFAULT_MODEL
+    """Model path or name; reported to clients in ``ready``."""
+
+    fps: float = DEFAULT_FPS
+    max_fps: float = DEFAULT_MAX_FPS
+    window_frames: int = DEFAULT_WINDOW_FRAMES
+    max_window_frames: int = DEFAULT_MAX_WINDOW_FRAMES
+    window_bytes: int = DEFAULT_WINDOW_BYTES
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    frame_factor: int = DEFAULT_FRAME_FACTOR
+    """Frame sides are multiples of this (Qwen2-VL: patch 14 x merge 2)."""
+    max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS
+    """Source frames larger than this are refused by FFmpeg before it allocates."""
+
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    feed_bytes: int = DEFAULT_FEED_BYTES
+    """Undecoded bytes buffered per video source."""
+    video_read_timeout: float = DEFAULT_VIDEO_READ_TIMEOUT
+    """A source that sends no bytes for this long ends with ``video_timeout``."""
+
+    max_concurrent_asks: int = DEFAULT_MAX_CONCURRENT_ASKS
+    max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
+    history_turns: int = DEFAULT_HISTORY_TURNS
+    status_interval: float = DEFAULT_STATUS_INTERVAL
+    outbox_messages: int = DEFAULT_OUTBOX_MESSAGES
+
+    allowed_file_dir: Path | None = None
+    """``file:`` URLs are served only from below this directory (off when None)."""
+    fetch_max_bytes: int = DEFAULT_FETCH_MAX_BYTES
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+
+    @property
+    def transport_max_bytes(self) -> int:
+        """Largest message the WebSocket layer accepts before closing with 1009.
+
+        Messages between ``max_message_bytes`` and this size are refused with
+        an ``error`` and the session goes on; only far larger ones close it.
+        """
+        return self.max_message_bytes * 4

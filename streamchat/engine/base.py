@@ -1,0 +1,111 @@
+"""The engine seam: what a session needs from a text generator with video input.
+
+Two implementations stand behind it as equals: :mod:`streamchat.engine.vllm`
+(vLLM's ``AsyncLLMEngine``) and :mod:`streamchat.engine.fake` (a scripted fake
+for fast protocol tests). Sessions only see this module's types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from ..window import Frame
+
+__all__ = [
+    "ChatTurn",
+    "Delta",
+    "Engine",
+    "EngineError",
+    "GenerationRequest",
+    "SamplingOptions",
+    "Usage",
+]
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingOptions:
+    """Generation parameters a client may set per session or per question."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """One earlier exchange of the session, replayed as chat history."""
+
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationRequest:
+    """Everything the engine needs for one answer.
+
+    ``frames`` are the window snapshot (oldest first) the question is about;
+    ``history`` holds earlier turns, oldest first. The engine adapter turns
+    them into the model's own prompt with :mod:`streamchat.prompt`.
+    """
+
+    request_id: str
+    question: str
+    frames: Sequence[Frame]
+    history: Sequence[ChatTurn] = ()
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    fps: float = 2.0
+    """The rate the frames were sampled at (Qwen2.5-VL/Qwen3-VL need it)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    video_tokens: int
+    frames: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delta:
+    """A piece of an answer. The last delta of a request has ``finish_reason``
+    and ``usage`` set; earlier ones have both ``None``."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class EngineError(Exception):
+    """The engine failed to produce an answer (not the client's fault)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A shared generator serving every session of a server."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """Stream the answer to ``request`` as deltas.
+
+        Closing the iterator early (or cancelling its consumer) must abort the
+        request in the engine: a session relies on that for ``cancel`` and on
+        disconnects.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request if it is still running; unknown ids are ignored."""
+        ...
+
+    def running(self) -> frozenset[str]:
+        """Ids of requests the engine is working on now (for health and tests)."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,95 @@
+"""A scripted engine for fast protocol tests (and ingest benchmarks).
+
+It answers every question with a sentence derived from the request, one word
+per delta, so a test can check that frames and history arrived. A test can
+hold answers mid-stream with :attr:`FakeEngine.gate` to exercise ``cancel``
+and disconnects deterministically, and read :attr:`FakeEngine.requests` to see
+what the session asked for. Like the vLLM adapter, closing a stream early
+removes it from :meth:`running`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+from .base import Delta, EngineError, GenerationRequest, Usage
+
+__all__ = ["FakeEngine"]
+
+
+class FakeEngine:
+    def __init__(self, *, model_name: str = "fake", fail_with: str | None = None) -> None:
+        self._model_name = model_name
+        self._running: set[str] = set()
+        self.requests: list[GenerationRequest] = []
+        self.aborted: list[str] = []
+        self.fail_with = fail_with
+        """When set, every answer fails with an ``EngineError`` after its first delta."""
+        self.gate = asyncio.Event()
+        """Answers stream their first word, then wait for this to be set."""
+        self.gate.set()
+        self.started = asyncio.Condition()
+        self.closed = False
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    def running(self) -> frozenset[str]:
+        return frozenset(self._running)
+
+    @staticmethod
+    def script(request: GenerationRequest) -> list[str]:
+        """The words the fake answers ``request`` with."""
+        frames = request.frames
+        span = f"{frames[0].pts:.1f}-{frames[-1].pts:.1f}s" if frames else "none"
+        text = (
+            f"I see {len(frames)} frames ({span}) after {len(request.history)} turns; "
+            f"you asked: {request.question}"
+        )
+        words = text.split(" ")
+        return [w if i == 0 else " " + w for i, w in enumerate(words)][
+            : request.sampling.max_tokens
+        ]
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        if self.closed:
+            raise EngineError("engine is closed")
+        self.requests.append(request)
+        self._running.add(request.request_id)
+        async with self.started:
+            self.started.notify_all()
+        words = self.script(request)
+        finished = False
+        try:
+            for index, word in enumerate(words):
+                if index == 1:
+                    await self.gate.wait()
+                    if self.fail_with is not None:
+                        raise EngineError(self.fail_with)
+                yield Delta(text=word)
+            full = len(words) == request.sampling.max_tokens
+            usage = Usage(
+                prompt_tokens=10 + len(request.question.split()),
+                completion_tokens=len(words),
+                video_tokens=4 * len(request.frames),
+                frames=len(request.frames),
+            )
+            finished = True
+            yield Delta(text="", finish_reason="length" if full else "stop", usage=usage)
+        finally:
+            self._running.discard(request.request_id)
+            if not finished:
+                self.aborted.append(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._running.discard(request_id)
+
+    async def wait_running(self, count: int) -> None:
+        """Return once at least ``count`` requests are streaming."""
+        async with self.started:
+            await self.started.wait_for(lambda: len(self._running) >= count)
+
+    async def aclose(self) -> None:
+        self.closed = True

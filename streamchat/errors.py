@@ -1,0 +1,191 @@
+"""Every error a client can see, as one tree with stable wire codes.
+
+::
+
+    StreamchatError                     internal_error (base; never leaks details)
+    ├── ProtocolError                   the client broke the protocol
+    │   ├── BadMessage                  bad_message: not valid msgpack/JSON, or not a map
+    │   ├── UnknownType                 unknown_type
+    │   ├── InvalidField                invalid_field: a field is missing, of the wrong type or out of range
+    │   ├── MessageTooLarge             message_too_large
+    │   ├── HelloRequired               hello_required: anything before ``hello``
+    │   └── DuplicateHello              duplicate_hello
+    ├── AskError                        a question that cannot be answered now
+    │   ├── NoFrames                    no_frames: nothing decoded (yet) in the asked range
+    │   ├── UnknownId                   unknown_id: ``cancel`` of an answer not in flight
+    │   ├── DuplicateId                 duplicate_id: ``ask`` with the id of an answer in flight
+    │   └── TooManyAsks                 too_many_asks
+    ├── VideoError                      a video source failed; frames already decoded stay
+    │   ├── VideoDecodeError            video_decode_failed: corrupt data
+    │   ├── VideoUnsupported            video_unsupported: no video stream, unknown codec/container
+    │   ├── VideoTooLarge               video_too_large: frames beyond the decode size limit
+    │   ├── VideoTimeout                video_timeout: no bytes, or no progress, in time
+    │   ├── VideoBacklogFull            video_backlog_full: pushed faster than decoded
+    │   ├── SourceBusy                  source_busy: chunks while a URL source is active
+    │   ├── UrlNotAllowed               url_not_allowed: scheme or path refused
+    │   └── UrlFetchFailed              url_fetch_failed: unreachable, HTTP error, too large
+    └── EngineFailure                   engine_error: the model failed while answering
+
+Each class carries its wire ``code`` and whether the session can go on
+(``fatal`` errors close the WebSocket with ``close_code``). The mapping from
+exceptions to what the client sees lives in :func:`to_error_fields`.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import ClassVar
+
+__all__ = [
+    "AskError",
+    "BadMessage",
+    "CloseCode",
+    "DuplicateHello",
+    "DuplicateId",
+    "EngineFailure",
+    "HelloRequired",
+    "InvalidField",
+    "MessageTooLarge",
+    "NoFrames",
+    "ProtocolError",
+    "SourceBusy",
+    "StreamchatError",
+    "TooManyAsks",
+    "UnknownId",
+    "UnknownType",
+    "UrlFetchFailed",
+    "UrlNotAllowed",
+    "VideoBacklogFull",
+    "VideoDecodeError",
+    "VideoError",
+    "VideoTimeout",
+    "VideoTooLarge",
+    "VideoUnsupported",
+    "to_error_fields",
+]
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server uses (RFC 6455 section 7.4)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+class StreamchatError(Exception):
+    """Base of every error the client may see."""
+
+    code: ClassVar[str] = "internal_error"
+    fatal: ClassVar[bool] = False
+    close_code: ClassVar[CloseCode] = CloseCode.INTERNAL_ERROR
+
+    def __init__(self, message: str, *, id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.id = id
+
+
+class ProtocolError(StreamchatError):
+    code = "protocol_error"
+    close_code = CloseCode.POLICY_VIOLATION
+
+
+class BadMessage(ProtocolError):
+    code = "bad_message"
+
+
+class UnknownType(ProtocolError):
+    code = "unknown_type"
+
+
+class InvalidField(ProtocolError):
+    code = "invalid_field"
+
+
+class MessageTooLarge(ProtocolError):
+    code = "message_too_large"
+    close_code = CloseCode.MESSAGE_TOO_BIG
+
+
+class HelloRequired(ProtocolError):
+    code = "hello_required"
+
+
+class DuplicateHello(ProtocolError):
+    code = "duplicate_hello"
+
+
+class AskError(StreamchatError):
+    code = "ask_error"
+
+
+class NoFrames(AskError):
+    code = "no_frames"
+
+
+class UnknownId(AskError):
+    code = "unknown_id"
+
+
+class DuplicateId(AskError):
+    code = "duplicate_id"
+
+
+class TooManyAsks(AskError):
+    code = "too_many_asks"
+
+
+class VideoError(StreamchatError):
+    code = "video_error"
+
+
+class VideoDecodeError(VideoError):
+    code = "video_decode_failed"
+
+
+class VideoUnsupported(VideoError):
+    code = "video_unsupported"
+
+
+class VideoTooLarge(VideoError):
+    code = "video_too_large"
+
+
+class VideoTimeout(VideoError):
+    code = "video_timeout"
+
+
+class VideoBacklogFull(VideoError):
+    code = "video_backlog_full"
+
+
+class SourceBusy(VideoError):
+    code = "source_busy"
+
+
+class UrlNotAllowed(VideoError):
+    code = "url_not_allowed"
+
+
+class UrlFetchFailed(VideoError):
+    code = "url_fetch_failed"
+
+
+class EngineFailure(StreamchatError):
+    code = "engine_error"
+
+
+def to_error_fields(exc: BaseException) -> tuple[str, str, bool]:
+    """``(code, message, fatal)`` for the client.
+
+    Our own errors say what went wrong; anything else is an internal error
+    whose details stay in the server log.
+    """
+    if isinstance(exc, StreamchatError):
+        return exc.code, exc.message, exc.fatal
+    return StreamchatError.code, "internal server error", False

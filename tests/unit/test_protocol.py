@@ -1,0 +1,232 @@
+"""The session state machine, driven without an event loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamchat.config import Settings
+from streamchat.engine.base import Usage
+from streamchat.messages import (
+    AnswerDone,
+    Ask,
+    Cancel,
+    Error,
+    Generation,
+    Hello,
+    Image,
+    Ready,
+    VideoChunk,
+    VideoEnd,
+    VideoStatus,
+    VideoUrl,
+)
+from streamchat.protocol import (
+    CancelAnswer,
+    DecodeImage,
+    EndSource,
+    FeedChunk,
+    Send,
+    SessionProtocol,
+    SourceKind,
+    StartAnswer,
+    StartSource,
+    State,
+    StopSource,
+)
+from streamchat.window import Frame
+
+SETTINGS = Settings(max_concurrent_asks=2, max_fps=4.0, max_tokens_limit=100, history_turns=2)
+
+
+def opened(settings: Settings = SETTINGS) -> SessionProtocol:
+    protocol = SessionProtocol(settings, session_id="s1", model="m")
+    protocol.receive(Hello(), now=0.0)
+    return protocol
+
+
+def frame(pts: float) -> Frame:
+    return Frame(pts, np.zeros((28, 28, 3), np.uint8))
+
+
+def with_frames(protocol: SessionProtocol, count: int = 4) -> SessionProtocol:
+    protocol.receive(VideoChunk(data=b"x"), now=0.0)
+    assert protocol.source is not None
+    for i in range(count):
+        protocol.frame_decoded(protocol.source.number, frame(i / 2), now=0.0, lag=0.0)
+    return protocol
+
+
+def errors(actions: list[object]) -> list[Error]:
+    return [a.message for a in actions if isinstance(a, Send) and isinstance(a.message, Error)]
+
+
+def test_hello_first_then_ready_with_capped_options() -> None:
+    """Options beyond server limits are capped and told back in ready."""
+    protocol = SessionProtocol(SETTINGS, session_id="s1", model="m")
+    [err] = errors(protocol.receive(Ask(id="a", text="q"), now=0.0))
+    assert err.code == "hello_required" and not err.fatal
+    [action] = protocol.receive(
+        Hello(fps=30, window_frames=10_000, generation=Generation(max_tokens=10_000)), now=0.0
+    )
+    assert isinstance(action, Send) and isinstance(action.message, Ready)
+    limits = action.message.limits
+    assert limits["fps"] == 4.0
+    assert limits["window_frames"] == SETTINGS.max_window_frames
+    assert limits["max_tokens"] == 100
+    assert protocol.state is State.OPEN
+    [dup] = errors(protocol.receive(Hello(), now=0.0))
+    assert dup.code == "duplicate_hello"
+
+
+def test_first_chunk_starts_a_push_source_then_feeds() -> None:
+    protocol = opened()
+    actions = protocol.receive(VideoChunk(data=b"abc", format="webm"), now=0.0)
+    assert actions == [StartSource(1, SourceKind.PUSH, "webm"), FeedChunk(1, b"abc")]
+    assert protocol.receive(VideoChunk(data=b"d"), now=0.0) == [FeedChunk(1, b"d")]
+    assert protocol.receive(VideoEnd(), now=0.0) == [EndSource(1)]
+
+
+def test_url_replaces_a_running_source_and_clears_the_window() -> None:
+    protocol = with_frames(opened())
+    actions = protocol.receive(VideoUrl(url="http://h/v.mp4"), now=0.0)
+    assert actions == [StopSource(1), StartSource(2, SourceKind.URL, None, "http://h/v.mp4")]
+    assert len(protocol.window) == 0
+    # Frames still arriving from the stopped source are ignored.
+    assert protocol.frame_decoded(1, frame(9.0), now=0.0, lag=0.0) == []
+    assert len(protocol.window) == 0
+
+
+def test_chunks_during_a_url_source_are_refused() -> None:
+    protocol = opened()
+    protocol.receive(VideoUrl(url="http://h/v.mp4"), now=0.0)
+    [err] = errors(protocol.receive(VideoChunk(data=b"x"), now=0.0))
+    assert err.code == "source_busy"
+
+
+def test_chunk_after_end_starts_a_new_source() -> None:
+    protocol = with_frames(opened())
+    protocol.receive(VideoEnd(), now=0.0)
+    protocol.source_ended(1, None, lag=0.0)
+    actions = protocol.receive(VideoChunk(data=b"x"), now=0.0)
+    assert actions[0] == StartSource(2, SourceKind.PUSH, None)
+
+
+def test_ask_without_frames_is_no_frames() -> None:
+    [err] = errors(opened().receive(Ask(id="a", text="what?"), now=0.0))
+    assert (err.code, err.id, err.fatal) == ("no_frames", "a", False)
+
+
+def test_ask_builds_request_from_window_and_history() -> None:
+    """An answer's request holds the selected frames, merged sampling and history."""
+    protocol = with_frames(opened(), 6)
+    [start] = protocol.receive(
+        Ask(id="a", text="what?", last_seconds=1.0, generation=Generation(max_tokens=7)), now=0.0
+    )
+    assert isinstance(start, StartAnswer)
+    assert [f.pts for f in start.request.frames] == [1.5, 2.0, 2.5]
+    assert start.request.sampling.max_tokens == 7
+    assert start.request.history == ()
+    protocol.answer_finished("a", "an answer", "stop", None, 0.1)
+    [again] = protocol.receive(Ask(id="b", text="and now?"), now=0.0)
+    assert isinstance(again, StartAnswer)
+    assert [t.answer for t in again.request.history] == ["an answer"]
+    assert again.request.request_id != start.request.request_id
+
+
+def test_history_is_bounded() -> None:
+    protocol = with_frames(opened())
+    for i in range(5):
+        protocol.receive(Ask(id=f"q{i}", text="q"), now=0.0)
+        protocol.answer_finished(f"q{i}", f"a{i}", "stop", None, None)
+    assert [t.answer for t in protocol.history] == ["a3", "a4"]
+
+
+def test_concurrency_and_duplicate_ids() -> None:
+    protocol = with_frames(opened())
+    protocol.receive(Ask(id="a", text="q"), now=0.0)
+    [dup] = errors(protocol.receive(Ask(id="a", text="q"), now=0.0))
+    assert dup.code == "duplicate_id"
+    protocol.receive(Ask(id="b", text="q"), now=0.0)
+    [many] = errors(protocol.receive(Ask(id="c", text="q"), now=0.0))
+    assert many.code == "too_many_asks"
+
+
+def test_cancel_known_and_unknown() -> None:
+    """Cancelling marks the answer; its done message says cancelled and it stays out of history."""
+    protocol = with_frames(opened())
+    protocol.receive(Ask(id="a", text="q"), now=0.0)
+    assert protocol.receive(Cancel(id="a"), now=0.0) == [CancelAnswer("a")]
+    [again] = errors(protocol.receive(Cancel(id="a"), now=0.0))
+    assert again.code == "unknown_id"
+    [done] = protocol.answer_finished("a", "partial", "stop", None, None)
+    assert isinstance(done, Send) and isinstance(done.message, AnswerDone)
+    assert done.message.finish_reason == "cancelled"
+    assert list(protocol.history) == []
+
+
+def test_answer_done_reports_usage() -> None:
+    protocol = with_frames(opened())
+    protocol.receive(Ask(id="a", text="q"), now=0.0)
+    usage = Usage(prompt_tokens=50, completion_tokens=5, video_tokens=40, frames=4)
+    [done] = protocol.answer_finished("a", "text", "length", usage, 0.25)
+    assert isinstance(done, Send) and isinstance(done.message, AnswerDone)
+    assert done.message.usage == {
+        "prompt_tokens": 50,
+        "completion_tokens": 5,
+        "video_tokens": 40,
+        "frames": 4,
+        "time_to_first_token": 0.25,
+    }
+
+
+def test_too_long_or_empty_question() -> None:
+    protocol = with_frames(opened(Settings(max_question_chars=5)))
+    [long] = errors(protocol.receive(Ask(id="a", text="x" * 6), now=0.0))
+    [empty] = errors(protocol.receive(Ask(id="b", text="  "), now=0.0))
+    assert long.code == empty.code == "invalid_field"
+
+
+def test_status_is_throttled_and_sent_at_source_end() -> None:
+    protocol = opened(Settings(status_interval=1.0))
+    protocol.receive(VideoChunk(data=b"x"), now=0.0)
+    sent = [protocol.frame_decoded(1, frame(t / 10), now=t / 10, lag=0.2) for t in range(15)]
+    statuses = [a for actions in sent for a in actions]
+    assert len(statuses) == 2  # at t=0.0 and t=1.0
+    [status] = protocol.source_ended(1, None, lag=0.0)
+    assert isinstance(status, Send) and isinstance(status.message, VideoStatus)
+    assert status.message.state == "ended" and status.message.frames == 15
+
+
+def test_failed_source_keeps_frames_and_reports_error() -> None:
+    from streamchat.errors import VideoDecodeError
+
+    protocol = with_frames(opened(), 3)
+    actions = protocol.source_ended(1, VideoDecodeError("corrupt"), lag=0.0)
+    [err] = errors(actions)
+    assert err.code == "video_decode_failed" and not err.fatal
+    assert len(protocol.window) == 3
+    status = actions[-1]
+    assert isinstance(status, Send) and isinstance(status.message, VideoStatus)
+    assert status.message.state == "failed"
+
+
+def test_images_get_session_clock_timestamps() -> None:
+    protocol = opened()
+    assert protocol.receive(Image(data=b"png"), now=10.0) == [DecodeImage(b"png", 0.0)]
+    assert protocol.receive(Image(data=b"png"), now=12.5) == [DecodeImage(b"png", 2.5)]
+    assert protocol.receive(Image(data=b"png", pts=7.0), now=13.0) == [DecodeImage(b"png", 7.0)]
+
+
+def test_close_cancels_answers_and_stops_the_source() -> None:
+    protocol = with_frames(opened())
+    protocol.receive(Ask(id="a", text="q"), now=0.0)
+    assert protocol.close() == [CancelAnswer("a"), StopSource(1)]
+    assert protocol.receive(Ask(id="b", text="q"), now=0.0) == []
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("secret path /etc"), KeyError("x")])
+def test_unexpected_errors_leak_nothing(exc: Exception) -> None:
+    error = opened().error(exc).message
+    assert isinstance(error, Error)
+    assert error.code == "internal_error" and "secret" not in error.message
