@@ -6,7 +6,7 @@
     ├── ProtocolError                   the client broke the protocol
     │   ├── BadMessage                  bad_message: not valid msgpack/JSON, or not a map
     │   ├── UnknownType                 unknown_type
-    │   ├── InvalidField                invalid_field: a field is missing, of the wrong type or out of range
+    │   ├── InvalidField                invalid_field: a field missing, mistyped or out of range
     │   ├── MessageTooLarge             message_too_large
     │   ├── HelloRequired               hello_required: anything before ``hello``
     │   └── DuplicateHello              duplicate_hello

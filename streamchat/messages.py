@@ -142,6 +142,7 @@ class VideoStatus:
     first_pts: float | None
     last_pts: float | None
     decode_lag: float
+    backlog_bytes: int
     frames_decoded: int
     frames_dropped: int
     bytes_received: int

@@ -54,6 +54,7 @@ __all__ = [
     "DecodeImage",
     "EndSource",
     "FeedChunk",
+    "FeedLevel",
     "Send",
     "SessionOptions",
     "SessionProtocol",
@@ -175,15 +176,30 @@ class _Answer:
     cancelled: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class FeedLevel:
+    """How far a source's decoder is behind: told to the client in ``video.status``."""
+
+    lag: float = 0.0
+    """Seconds the oldest undecoded byte has waited."""
+    backlog_bytes: int = 0
+    """Bytes received but not yet decoded."""
+
+
 @dataclass(slots=True)
 class _StatusClock:
+    """Throttles ``video.status`` to one per interval, remembering a skipped one."""
+
     interval: float
     last: float = field(default=float("-inf"))
+    pending: bool = False
 
     def due(self, now: float) -> bool:
         if now - self.last >= self.interval:
             self.last = now
+            self.pending = False
             return True
+        self.pending = True
         return False
 
 
@@ -206,6 +222,7 @@ class SessionProtocol:
         self._requests = 0
         self._status = _StatusClock(settings.status_interval)
         self._image_clock_origin: float | None = None
+        self._level = FeedLevel()
 
     # -- client messages ----------------------------------------------------
 
@@ -378,22 +395,42 @@ class SessionProtocol:
 
     # -- events from the shell ----------------------------------------------
 
-    def frame_decoded(self, number: int, frame: Frame, *, now: float, lag: float) -> list[Action]:
-        """A frame of source ``number`` is ready (frames of stopped sources are dropped)."""
+    def frame_decoded(
+        self, number: int, frame: Frame, *, now: float, level: FeedLevel
+    ) -> list[Action]:
+        """A frame of source ``number`` is ready (frames of stopped sources are dropped).
+
+        Status updates are throttled; when one is skipped, :attr:`status_pending`
+        tells the shell to call :meth:`flush_status` one interval later, so the
+        client's last word on the window is never stale.
+        """
         source = self.source
         if source is None or source.number != number:
             return []
         self.window.push(frame)
         source.frames_decoded += 1
+        self._level = level
         if self._status.due(now):
-            return [Send(self.status(lag=lag))]
+            return [Send(self.status())]
+        return []
+
+    @property
+    def status_pending(self) -> bool:
+        return self._status.pending
+
+    def flush_status(self, *, now: float) -> list[Action]:
+        """The status skipped by throttling, if any is still owed."""
+        if self._status.pending and self.state is State.OPEN and self._status.due(now):
+            return [Send(self.status())]
         return []
 
     def image_decoded(self, frame: Frame) -> list[Action]:
         self.window.push(frame)
-        return []
+        return [Send(self.status())]
 
-    def source_ended(self, number: int, error: BaseException | None, *, lag: float) -> list[Action]:
+    def source_ended(
+        self, number: int, error: BaseException | None, *, level: FeedLevel
+    ) -> list[Action]:
         """Source ``number`` finished: cleanly, or with ``error``. Frames stay."""
         source = self.source
         if source is None or source.number != number:
@@ -403,7 +440,8 @@ class SessionProtocol:
         actions: list[Action] = []
         if error is not None:
             actions.append(self.error(error))
-        actions.append(Send(self.status(lag=lag)))
+        self._level = level
+        actions.append(Send(self.status()))
         return actions
 
     def answer_finished(
@@ -431,7 +469,7 @@ class SessionProtocol:
         id = exc.id if isinstance(exc, StreamchatError) else None
         return Send(Error(code=code, message=message, id=id, fatal=fatal))
 
-    def status(self, *, lag: float) -> VideoStatus:
+    def status(self) -> VideoStatus:
         source = self.source
         state = "ended"
         if source is not None:
@@ -443,7 +481,8 @@ class SessionProtocol:
             span=round(self.window.span, 3),
             first_pts=self.window.first_pts,
             last_pts=self.window.last_pts,
-            decode_lag=round(lag, 3),
+            decode_lag=round(self._level.lag, 3),
+            backlog_bytes=self._level.backlog_bytes,
             frames_decoded=source.frames_decoded if source else 0,
             frames_dropped=self.window.evicted,
             bytes_received=source.bytes_received if source else 0,

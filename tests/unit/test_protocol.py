@@ -26,6 +26,7 @@ from streamchat.protocol import (
     DecodeImage,
     EndSource,
     FeedChunk,
+    FeedLevel,
     Send,
     SessionProtocol,
     SourceKind,
@@ -36,6 +37,7 @@ from streamchat.protocol import (
 )
 from streamchat.window import Frame
 
+IDLE = FeedLevel()
 SETTINGS = Settings(max_concurrent_asks=2, max_fps=4.0, max_tokens_limit=100, history_turns=2)
 
 
@@ -53,7 +55,7 @@ def with_frames(protocol: SessionProtocol, count: int = 4) -> SessionProtocol:
     protocol.receive(VideoChunk(data=b"x"), now=0.0)
     assert protocol.source is not None
     for i in range(count):
-        protocol.frame_decoded(protocol.source.number, frame(i / 2), now=0.0, lag=0.0)
+        protocol.frame_decoded(protocol.source.number, frame(i / 2), now=0.0, level=IDLE)
     return protocol
 
 
@@ -93,7 +95,7 @@ def test_url_replaces_a_running_source_and_clears_the_window() -> None:
     assert actions == [StopSource(1), StartSource(2, SourceKind.URL, None, "http://h/v.mp4")]
     assert len(protocol.window) == 0
     # Frames still arriving from the stopped source are ignored.
-    assert protocol.frame_decoded(1, frame(9.0), now=0.0, lag=0.0) == []
+    assert protocol.frame_decoded(1, frame(9.0), now=0.0, level=IDLE) == []
     assert len(protocol.window) == 0
 
 
@@ -107,7 +109,7 @@ def test_chunks_during_a_url_source_are_refused() -> None:
 def test_chunk_after_end_starts_a_new_source() -> None:
     protocol = with_frames(opened())
     protocol.receive(VideoEnd(), now=0.0)
-    protocol.source_ended(1, None, lag=0.0)
+    protocol.source_ended(1, None, level=IDLE)
     actions = protocol.receive(VideoChunk(data=b"x"), now=0.0)
     assert actions[0] == StartSource(2, SourceKind.PUSH, None)
 
@@ -190,10 +192,25 @@ def test_too_long_or_empty_question() -> None:
 def test_status_is_throttled_and_sent_at_source_end() -> None:
     protocol = opened(Settings(status_interval=1.0))
     protocol.receive(VideoChunk(data=b"x"), now=0.0)
-    sent = [protocol.frame_decoded(1, frame(t / 10), now=t / 10, lag=0.2) for t in range(15)]
+    sent = [
+        protocol.frame_decoded(
+            1, frame(t / 10), now=t / 10, level=FeedLevel(lag=0.2, backlog_bytes=100)
+        )
+        for t in range(15)
+    ]
     statuses = [a for actions in sent for a in actions]
     assert len(statuses) == 2  # at t=0.0 and t=1.0
-    [status] = protocol.source_ended(1, None, lag=0.0)
+    first = statuses[0]
+    assert isinstance(first, Send) and isinstance(first.message, VideoStatus)
+    assert (first.message.decode_lag, first.message.backlog_bytes) == (0.2, 100)
+    # The skipped updates are owed: one trailing status once the interval has passed.
+    assert protocol.status_pending
+    assert protocol.flush_status(now=1.5) == []
+    [trailing] = protocol.flush_status(now=2.0)
+    assert isinstance(trailing, Send) and isinstance(trailing.message, VideoStatus)
+    assert trailing.message.frames == 15 and not protocol.status_pending
+    assert protocol.flush_status(now=5.0) == []
+    [status] = protocol.source_ended(1, None, level=IDLE)
     assert isinstance(status, Send) and isinstance(status.message, VideoStatus)
     assert status.message.state == "ended" and status.message.frames == 15
 
@@ -202,7 +219,7 @@ def test_failed_source_keeps_frames_and_reports_error() -> None:
     from streamchat.errors import VideoDecodeError
 
     protocol = with_frames(opened(), 3)
-    actions = protocol.source_ended(1, VideoDecodeError("corrupt"), lag=0.0)
+    actions = protocol.source_ended(1, VideoDecodeError("corrupt"), level=IDLE)
     [err] = errors(actions)
     assert err.code == "video_decode_failed" and not err.fatal
     assert len(protocol.window) == 3
@@ -214,6 +231,9 @@ def test_failed_source_keeps_frames_and_reports_error() -> None:
 def test_images_get_session_clock_timestamps() -> None:
     protocol = opened()
     assert protocol.receive(Image(data=b"png"), now=10.0) == [DecodeImage(b"png", 0.0)]
+    [status] = protocol.image_decoded(frame(0.0))
+    assert isinstance(status, Send) and isinstance(status.message, VideoStatus)
+    assert status.message.frames == 1
     assert protocol.receive(Image(data=b"png"), now=12.5) == [DecodeImage(b"png", 2.5)]
     assert protocol.receive(Image(data=b"png", pts=7.0), now=13.0) == [DecodeImage(b"png", 7.0)]
 

@@ -1,0 +1,622 @@
+"""The streamchat client session: connect, push video, ask, read answers.
+
+A :class:`Session` owns one WebSocket and one background task that receives
+everything the server sends and hands it to an
+:class:`~streamchat_client.inbox.Inbox`, which routes it synchronously: answer
+deltas to their :class:`~streamchat_client.answer.Answer` (by id),
+``video.status`` to :attr:`Session.status` and whoever waits for frames,
+``error`` messages to the answer they concern or to :attr:`Session.errors`.
+Dispatch never waits on a reader, so a question nobody reads yet cannot stall
+the rest of the session. When the connection closes, for whatever reason,
+every pending answer and wait ends with
+:class:`~streamchat_client.errors.SessionClosed` instead of hanging.
+
+Everything held is bounded: the WebSocket's incoming queue and frame size,
+each answer's buffer (see :mod:`streamchat_client.answer`) and the list of
+session errors. Outgoing chunks are cut to the server's ``max_message_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Generator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import CloseCode
+
+from .answer import DEFAULT_MAX_PIECES, Answer
+from .errors import ClientError, ConnectError, ProtocolViolation, ServerError, SessionClosed
+from .inbox import ErrorCallback, Inbox, StatusCallback
+from .media import guess_format, probe_duration
+from .messages import (
+    ENCODINGS,
+    Encoding,
+    Limits,
+    Ready,
+    VideoStatus,
+    decode,
+    encode,
+    parse_error,
+    parse_ready,
+)
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_URL", "Session", "connect"]
+
+logger = logging.getLogger("streamchat_client")
+
+DEFAULT_URL = "ws://127.0.0.1:8000/v1/session"
+DEFAULT_CHUNK_BYTES = 64 * 1024
+DEFAULT_OPEN_TIMEOUT = 10.0
+DEFAULT_MAX_ERRORS = 100
+MAX_SERVER_MESSAGE_BYTES = 1024 * 1024
+"""The server sends only small maps (statuses, deltas, errors); anything bigger is a fault."""
+CLOSE_TIMEOUT = 5.0
+PACE_SECONDS = 0.25
+"""In realtime mode a chunk holds at most this much media, so the server sees a steady stream."""
+FLOW_STALL_SECONDS = 2.0
+"""Fast mode stops waiting for decode progress after this long without a status."""
+_ENVELOPE_BYTES = 256
+"""Room for a chunk's ``type`` and ``format`` around its data, in either encoding."""
+
+
+class Session:
+    """One connected streamchat session; open it with :func:`connect`."""
+
+    def __init__(
+        self,
+        websocket: ClientConnection,
+        ready: Ready,
+        *,
+        encoding: Encoding = "msgpack",
+        on_status: StatusCallback | None = None,
+        on_error: ErrorCallback | None = None,
+        max_pieces: int = DEFAULT_MAX_PIECES,
+        max_errors: int = DEFAULT_MAX_ERRORS,
+    ) -> None:
+        self.ready = ready
+        """The server's ``ready``: session id, model, protocol version, limits."""
+        self.encoding: Encoding = encoding
+        self._inbox = Inbox(max_errors=max_errors, on_status=on_status, on_error=on_error)
+        self._ws = websocket
+        self._max_pieces = max_pieces
+        self._closing = False
+        self._violation: ProtocolViolation | None = None
+        self._sources_started = 0
+        self._pushing = False
+        self._next_id = 0
+        self._receiver = asyncio.create_task(self._receive(), name=f"receive-{ready.session}")
+
+    @classmethod
+    async def open(
+        cls,
+        url: str = DEFAULT_URL,
+        *,
+        fps: float | None = None,
+        window_frames: int | None = None,
+        max_pixels: int | None = None,
+        generation: Mapping[str, Any] | None = None,
+        encoding: Encoding = "msgpack",
+        on_status: StatusCallback | None = None,
+        on_error: ErrorCallback | None = None,
+        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+        max_pieces: int = DEFAULT_MAX_PIECES,
+        max_errors: int = DEFAULT_MAX_ERRORS,
+    ) -> Session:
+        """Connect, send ``hello`` and wait for ``ready`` (see :func:`connect`)."""
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}")
+        hello: dict[str, Any] = {"type": "hello"}
+        for name, value in (
+            ("fps", fps),
+            ("window_frames", window_frames),
+            ("max_pixels", max_pixels),
+        ):
+            if value is not None:
+                hello[name] = value
+        if generation:
+            hello["generation"] = dict(generation)
+        try:
+            websocket = await ws_connect(
+                url,
+                open_timeout=open_timeout,
+                close_timeout=CLOSE_TIMEOUT,
+                max_size=MAX_SERVER_MESSAGE_BYTES,
+                # Video is already compressed: deflate would only burn CPU on both ends.
+                compression=None,
+            )
+        except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as exc:
+            raise ConnectError(f"cannot connect to {url}: {exc}") from exc
+        try:
+            await websocket.send(encode(hello, encoding))
+            async with asyncio.timeout(open_timeout):
+                reply = decode(await websocket.recv())
+            if reply["type"] == "error":
+                raise parse_error(reply)
+            if reply["type"] != "ready":
+                raise ProtocolViolation(f"expected 'ready', got {reply['type']!r}")
+            ready = parse_ready(reply)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await websocket.close()
+            if isinstance(exc, ConnectionClosed):
+                raise ConnectError(f"{url} closed the connection before 'ready'") from exc
+            if isinstance(exc, TimeoutError):
+                raise ConnectError(f"{url} sent no 'ready' within {open_timeout} s") from exc
+            raise
+        return cls(
+            websocket,
+            ready,
+            encoding=encoding,
+            on_status=on_status,
+            on_error=on_error,
+            max_pieces=max_pieces,
+            max_errors=max_errors,
+        )
+
+    # -- state --------------------------------------------------------------
+
+    @property
+    def session_id(self) -> str:
+        return self.ready.session
+
+    @property
+    def limits(self) -> Limits:
+        return self.ready.limits
+
+    @property
+    def status(self) -> VideoStatus | None:
+        """The latest ``video.status``."""
+        return self._inbox.status
+
+    @property
+    def on_status(self) -> StatusCallback | None:
+        """Called (synchronously, from the receive task) with every ``video.status``."""
+        return self._inbox.on_status
+
+    @on_status.setter
+    def on_status(self, callback: StatusCallback | None) -> None:
+        self._inbox.on_status = callback
+
+    @property
+    def on_error(self) -> ErrorCallback | None:
+        """Called with every error not attached to a pending answer."""
+        return self._inbox.on_error
+
+    @on_error.setter
+    def on_error(self, callback: ErrorCallback | None) -> None:
+        self._inbox.on_error = callback
+
+    @property
+    def errors(self) -> list[ServerError]:
+        """Errors not attached to a pending answer (e.g. ``video_decode_failed``), oldest first.
+
+        Only the latest ``max_errors`` are kept.
+        """
+        return list(self._inbox.errors)
+
+    @property
+    def closed(self) -> bool:
+        return self._inbox.closed is not None
+
+    # -- video --------------------------------------------------------------
+
+    async def send_bytes(
+        self, data: bytes, *, format: str | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> None:
+        """Push ``data`` as the next bytes of the current source (starting one if none is open).
+
+        ``data`` may be cut anywhere; it is sent as ``video.chunk`` messages of
+        at most ``chunk_bytes`` (and never more than the server accepts).
+        ``format`` is the demuxer hint, used when these bytes start a source.
+        """
+        step = self._chunk_size(chunk_bytes)
+        view = memoryview(data)
+        for offset in range(0, len(view), step):
+            await self._send_chunk(bytes(view[offset : offset + step]), format)
+
+    async def end_video(self) -> None:
+        """No more bytes for the current source; the next chunk starts a new one."""
+        self._pushing = False
+        await self._send({"type": "video.end"})
+
+    async def send_file(
+        self,
+        path: str | Path,
+        *,
+        realtime: bool = False,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        format: str | None = None,
+        end: bool = True,
+    ) -> int:
+        """Push a local video file's bytes as a new source; return how many were sent.
+
+        With ``realtime``, bytes are paced to the media's duration (probed with
+        PyAV), so a 10 s file takes about 10 s, like a live camera: each chunk
+        leaves when the media it holds would have been recorded. Otherwise
+        the file goes as fast as the connection takes it, except that for files
+        larger than half the server's ``video_buffer_bytes`` the client waits
+        for decoding to catch up (estimated from ``video.status``) rather than
+        overflow the server's buffer, which would drop a chunk and corrupt the
+        stream. ``format`` defaults to a guess from the file suffix. A pushed
+        source still open is ended first, since a second file appended to it
+        would not be a valid stream; this one is ended too unless ``end`` is
+        false.
+        """
+        path = Path(path)
+        size = path.stat().st_size
+        hint = format or guess_format(path)
+        step = self._chunk_size(chunk_bytes)
+        duration: float | None = None
+        if realtime or size > self.limits.video_buffer_bytes // 2:
+            duration = await asyncio.to_thread(probe_duration, path)
+        if not realtime and duration is not None:
+            # Small steps, so one chunk cannot jump from the budget past the buffer's end.
+            step = min(step, max(1, self.limits.video_buffer_bytes // 8))
+        if realtime:
+            if duration is None:
+                raise ValueError(f"cannot pace {path}: PyAV found no duration")
+            step = min(step, max(1, int(size * PACE_SECONDS / duration)))
+        if self._pushing:  # a file is a source of its own
+            await self.end_video()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sent = 0
+        with path.open("rb") as file:
+            while piece := file.read(step):
+                if realtime:
+                    assert duration is not None
+                    delay = started + duration * (sent + len(piece)) / size - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)  # pacing is the feature
+                elif duration is not None:
+                    await self._await_decoding(sent + len(piece), size, duration)
+                await self._send_chunk(piece, hint)
+                sent += len(piece)
+        if end:
+            await self.end_video()
+        return sent
+
+    async def send_url(self, url: str, *, format: str | None = None) -> None:
+        """Have the server fetch and decode ``url`` as a new source (replacing the current one)."""
+        message: dict[str, Any] = {"type": "video.url", "url": url}
+        if format is not None:
+            message["format"] = format
+        self._pushing = False
+        self._sources_started += 1
+        await self._send(message)
+
+    async def send_image(self, data: bytes, *, pts: float | None = None) -> None:
+        """Append a JPEG or PNG image to the window as a frame.
+
+        Images do not produce ``video.status``, so :meth:`wait_frames` does not
+        count them; ``pts`` defaults (server side) to seconds since the
+        session's first image.
+        """
+        message: dict[str, Any] = {"type": "image", "data": bytes(data)}
+        if pts is not None:
+            message["pts"] = pts
+        await self._send(message)
+
+    async def wait_frames(self, n: int, *, timeout: float | None = None) -> VideoStatus:
+        """Wait for a ``video.status`` of the current source showing at least ``n`` frames.
+
+        Returns early with that status if the source ended with fewer; raises
+        :class:`ServerError` (the source's error) if it failed with fewer,
+        ``TimeoutError`` after ``timeout`` seconds, and
+        :class:`SessionClosed` if the connection closes first. Statuses of
+        sources before the last one this client started are ignored.
+        """
+
+        def enough(status: VideoStatus) -> bool:
+            if status.frames >= n or status.state == "ended":
+                return True
+            if status.state == "failed":
+                raise self._inbox.source_error or ServerError(
+                    "video_failed", "the video source failed without an error message"
+                )
+            return False
+
+        return await self._wait_status(enough, timeout)
+
+    async def wait_ended(self, *, timeout: float | None = None) -> VideoStatus:
+        """Wait until the current source has ended or failed; return its last status."""
+        return await self._wait_status(lambda s: s.state in ("ended", "failed"), timeout)
+
+    # -- questions ----------------------------------------------------------
+
+    def ask(
+        self,
+        text: str,
+        *,
+        id: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        last_seconds: float | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        max_frames: int | None = None,
+    ) -> Answer:
+        """Ask about the frames in the window now; return the streaming :class:`Answer`.
+
+        The ``ask`` is sent in the background at once (so it is not awaited
+        here, and ``async for delta in session.ask(...)`` works); sending
+        failures surface when the answer is read. ``id`` defaults to a fresh
+        ``q<n>``; it must not be the id of an answer still in flight. The
+        generation parameters override the session's defaults for this answer;
+        ``last_seconds``, ``start``/``end`` and ``max_frames`` choose frames.
+        """
+        if self._inbox.closed is not None:
+            raise self._inbox.closed
+        if id is None:
+            id = self._new_id()
+        if not 1 <= len(id) <= 128:
+            raise ValueError("an answer id must have 1 to 128 characters")
+        if id in self._inbox.answers:
+            raise ValueError(f"an answer with id {id!r} is still in flight")
+        message: dict[str, Any] = {"type": "ask", "id": id, "text": text}
+        generation = {
+            name: value
+            for name, value in (
+                ("max_tokens", max_tokens),
+                ("temperature", temperature),
+                ("top_p", top_p),
+                ("seed", seed),
+            )
+            if value is not None
+        }
+        if generation:
+            message["generation"] = generation
+        for name, value in (
+            ("last_seconds", last_seconds),
+            ("start", start),
+            ("end", end),
+            ("max_frames", max_frames),
+        ):
+            if value is not None:
+                message[name] = value
+        payload = self._payload(message)
+        answer = Answer(id, text, cancel=self.cancel, max_pieces=self._max_pieces)
+        self._inbox.answers[id] = answer
+        answer._sent = asyncio.create_task(self._send_ask(answer, payload), name=f"ask-{id}")
+        return answer
+
+    async def cancel(self, id: str) -> None:
+        """Stop the answer ``id``; it ends with ``finish_reason`` ``cancelled``.
+
+        An answer that already finished is left alone; an id the client does not
+        know is still sent, and the server's ``unknown_id`` lands in :attr:`errors`.
+        """
+        answer = self._inbox.answers.get(id)
+        if answer is not None:
+            await answer.sent()  # the cancel must not overtake its ask
+            if answer.finished:
+                return
+        await self._send({"type": "cancel", "id": id})
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the connection; pending answers and waits end with :class:`SessionClosed`."""
+        self._closing = True
+        try:
+            if not self._receiver.done():
+                await self._ws.close()
+        finally:
+            if not self._receiver.done():
+                self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiver
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- sending ------------------------------------------------------------
+
+    def _payload(self, message: Mapping[str, Any]) -> bytes | str:
+        payload = encode(message, self.encoding)
+        limit = self.limits.max_message_bytes
+        if len(payload) > limit:
+            raise ValueError(
+                f"a {message['type']!r} message of {len(payload)} bytes exceeds "
+                f"the server's limit of {limit}"
+            )
+        return payload
+
+    async def _send(self, message: Mapping[str, Any]) -> None:
+        await self._send_payload(self._payload(message))
+
+    async def _send_payload(self, payload: bytes | str) -> None:
+        if self._inbox.closed is not None:
+            raise self._inbox.closed
+        try:
+            await self._ws.send(payload)
+        except ConnectionClosed:
+            raise self._inbox.closed or self._closed_error() from None
+
+    async def _send_ask(self, answer: Answer, payload: bytes | str) -> None:
+        try:
+            await self._send_payload(payload)
+        except ClientError as exc:
+            if self._inbox.answers.get(answer.id) is answer:
+                del self._inbox.answers[answer.id]
+            answer._fail(exc)
+
+    async def _send_chunk(self, data: bytes, format: str | None) -> None:
+        message: dict[str, Any] = {"type": "video.chunk", "data": data}
+        if not self._pushing:
+            self._pushing = True
+            self._sources_started += 1
+            if format is not None:
+                message["format"] = format
+        await self._send(message)
+
+    def _chunk_size(self, chunk_bytes: int) -> int:
+        """The largest chunk data that fits ``max_message_bytes`` in this encoding."""
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be at least 1")
+        room = self.limits.max_message_bytes - _ENVELOPE_BYTES
+        if self.encoding == "json":
+            room = room // 4 * 3  # base64
+        return max(1, min(chunk_bytes, room))
+
+    async def _await_decoding(self, sent: int, size: int, duration: float) -> None:
+        """Hold a fast push until ``sent`` bytes would leave the server's backlog at most half full.
+
+        The decoded share of the file is estimated from ``last_pts`` (media
+        time decoded, from zero) over the file's duration. Without status
+        progress for :data:`FLOW_STALL_SECONDS` it sends anyway: the server
+        refuses what does not fit, which is no worse than not waiting.
+        """
+        budget = self.limits.video_buffer_bytes // 2
+        while True:
+            status = self.status
+            current = status is not None and status.source >= self._sources_started
+            decoded = 0
+            if current and status is not None:
+                if status.state != "decoding":
+                    return
+                if status.last_pts is not None:
+                    decoded = int(size * min(1.0, status.last_pts / duration))
+            if sent - decoded <= budget:
+                return
+            try:
+                async with asyncio.timeout(FLOW_STALL_SECONDS):
+                    await self._inbox.next_status()
+            except TimeoutError:
+                return
+
+    # -- receiving ----------------------------------------------------------
+
+    async def _wait_status(
+        self, done: Callable[[VideoStatus], bool], timeout: float | None
+    ) -> VideoStatus:
+        async with asyncio.timeout(timeout):
+            while True:
+                status = self.status
+                if status is not None and status.source >= max(self._sources_started, 1):
+                    if done(status):
+                        return status
+                await self._inbox.next_status()
+
+    async def _receive(self) -> None:
+        try:
+            async for frame in self._ws:
+                self._inbox.dispatch(decode(frame))
+        except ConnectionClosed:
+            pass
+        except ProtocolViolation as exc:
+            logger.error("closing the session: %s", exc)
+            self._violation = exc
+            with contextlib.suppress(Exception):
+                await self._ws.close(CloseCode.PROTOCOL_ERROR, "protocol violation")
+        except Exception:  # a client bug must still end the session, not leave it hanging
+            logger.exception("the receive task failed; closing the session")
+            with contextlib.suppress(Exception):
+                await self._ws.close(CloseCode.INTERNAL_ERROR, "client error")
+        finally:
+            self._inbox.shutdown(self._closed_error())
+
+    def _closed_error(self) -> SessionClosed:
+        code, reason = self._ws.close_code, self._ws.close_reason or ""
+        if self._violation is not None:
+            why = f"the server broke the protocol: {self._violation}"
+        elif self._closing:
+            why = "the session was closed by the client"
+        elif (fatal := self._inbox.fatal) is not None:
+            why = f"the server closed the session after {fatal.code}: {fatal.message}"
+        elif code is None:
+            why = "the connection to the server was lost"
+        else:
+            why = f"the server closed the connection (code {code}{', ' + reason if reason else ''})"
+        closed = SessionClosed(why, code=code, reason=reason, error=self._inbox.fatal)
+        closed.__cause__ = self._violation
+        return closed
+
+    def _new_id(self) -> str:
+        while True:
+            self._next_id += 1
+            id = f"q{self._next_id}"
+            if id not in self._inbox.answers:
+                return id
+
+
+class _Connect:
+    """What :func:`connect` returns: await it, or use it as ``async with``."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        self._url = url
+        self._options = options
+        self._session: Session | None = None
+
+    def __await__(self) -> Generator[Any, None, Session]:
+        return Session.open(self._url, **self._options).__await__()
+
+    async def __aenter__(self) -> Session:
+        self._session = await Session.open(self._url, **self._options)
+        return self._session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def connect(
+    url: str = DEFAULT_URL,
+    *,
+    fps: float | None = None,
+    window_frames: int | None = None,
+    max_pixels: int | None = None,
+    generation: Mapping[str, Any] | None = None,
+    encoding: Encoding = "msgpack",
+    on_status: StatusCallback | None = None,
+    on_error: ErrorCallback | None = None,
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+    max_pieces: int = DEFAULT_MAX_PIECES,
+    max_errors: int = DEFAULT_MAX_ERRORS,
+) -> _Connect:
+    """Open a session at ``url``: connect, send ``hello``, wait for ``ready``.
+
+    ``fps``, ``window_frames``, ``max_pixels`` and ``generation``
+    (``max_tokens``, ``temperature``, ``top_p``, ``seed``) are the ``hello``
+    fields; the server caps them and reports what it chose in
+    ``session.limits``. ``encoding`` picks msgpack (binary frames) or JSON
+    (text frames, as a browser would). Use as ``async with connect(...) as
+    session:`` (closed on exit) or ``session = await connect(...)``. Raises
+    :class:`ConnectError` if no session could be opened, :class:`ServerError`
+    if the server refused the ``hello``.
+    """
+    options: dict[str, Any] = {
+        "fps": fps,
+        "window_frames": window_frames,
+        "max_pixels": max_pixels,
+        "generation": generation,
+        "encoding": encoding,
+        "on_status": on_status,
+        "on_error": on_error,
+        "open_timeout": open_timeout,
+        "max_pieces": max_pieces,
+        "max_errors": max_errors,
+    }
+    return _Connect(url, options)

@@ -1,0 +1,135 @@
+"""The receiving half of a session: what the server said, routed to who waits for it.
+
+:class:`Inbox` takes decoded server messages one at a time and updates the
+session's view synchronously: answer deltas and ends go to their
+:class:`~streamchat_client.answer.Answer` by id, ``video.status`` replaces the
+latest status and wakes its waiters, and ``error`` messages go to the answer
+they concern or, if none is pending, to the bounded list of session errors.
+It owns no socket and never awaits while dispatching, so a slow reader of one
+answer cannot hold up the others (see :mod:`streamchat_client.answer`), and it
+can be driven by a test without a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .answer import Answer
+from .errors import ProtocolViolation, ServerError, SessionClosed
+from .messages import VideoStatus, parse_done, parse_error, parse_status
+
+__all__ = ["ErrorCallback", "Inbox", "StatusCallback"]
+
+logger = logging.getLogger("streamchat_client")
+
+StatusCallback = Callable[[VideoStatus], object]
+ErrorCallback = Callable[[ServerError], object]
+
+SOURCE_ENDING = frozenset(
+    {
+        "video_decode_failed",
+        "video_unsupported",
+        "video_too_large",
+        "video_timeout",
+        "url_not_allowed",
+        "url_fetch_failed",
+    }
+)
+"""Session errors that end the current source (its status then says ``failed``)."""
+_ANSWER_CONTINUES = frozenset({"engine_error"})
+"""Answer errors after which the server still sends that answer's ``answer.done``."""
+_NOT_ABOUT_ANSWER = frozenset({"unknown_id", "duplicate_id"})
+"""Errors whose id names a ``cancel`` or a clashing ``ask``, never the pending answer."""
+
+
+class Inbox:
+    """Routes server messages to answers, the latest status, and the session's errors."""
+
+    def __init__(
+        self,
+        *,
+        max_errors: int,
+        on_status: StatusCallback | None = None,
+        on_error: ErrorCallback | None = None,
+    ) -> None:
+        self.on_status = on_status
+        self.on_error = on_error
+        self.answers: dict[str, Answer] = {}
+        """Answers in flight, by id; an answer leaves when it finishes."""
+        self.status: VideoStatus | None = None
+        self.errors: deque[ServerError] = deque(maxlen=max_errors)
+        self.source_error: ServerError | None = None
+        """The latest error that ended a source: why a ``failed`` status failed."""
+        self.fatal: ServerError | None = None
+        self.closed: SessionClosed | None = None
+        self._status_event = asyncio.Event()
+
+    def dispatch(self, message: Mapping[str, Any]) -> None:
+        """Take one server message; raises :class:`ProtocolViolation` for a malformed one."""
+        kind = message["type"]
+        if kind == "answer.delta":
+            id, text = message.get("id"), message.get("text")
+            if not isinstance(id, str) or not isinstance(text, str):
+                raise ProtocolViolation("answer.delta: 'id' and 'text' must be strings")
+            if (answer := self.answers.get(id)) is not None:
+                answer._delta(text)
+        elif kind == "answer.done":
+            done = parse_done(message)
+            id = message.get("id")
+            if isinstance(id, str) and (answer := self.answers.pop(id, None)) is not None:
+                answer._done(done)
+        elif kind == "video.status":
+            self.status = parse_status(message)
+            # Wake every waiter of this status; later waiters get a fresh event.
+            event, self._status_event = self._status_event, asyncio.Event()
+            event.set()
+            _call(self.on_status, self.status)
+        elif kind == "error":
+            self._error(parse_error(message))
+        else:
+            # A later protocol version's message (or a stray 'ready'): ignored, by design.
+            logger.debug("ignoring a %r message", kind)
+
+    def _error(self, error: ServerError) -> None:
+        if error.fatal:
+            self.fatal = error
+        id = error.id
+        if id is not None and error.code not in _NOT_ABOUT_ANSWER and id in self.answers:
+            final = error.code not in _ANSWER_CONTINUES
+            answer = self.answers.pop(id) if final else self.answers[id]
+            answer._fail(error, final=final)
+            return
+        self.errors.append(error)
+        if error.code in SOURCE_ENDING:
+            self.source_error = error
+        _call(self.on_error, error)
+
+    async def next_status(self) -> None:
+        """Return at the next ``video.status``; raise :class:`SessionClosed` once closed."""
+        if self.closed is not None:
+            raise self.closed
+        await self._status_event.wait()
+        if self.closed is not None:
+            raise self.closed
+
+    def shutdown(self, closed: SessionClosed) -> None:
+        """Nothing more will arrive: fail every pending answer and wake every waiter."""
+        if self.closed is None:
+            self.closed = closed
+        for answer in self.answers.values():
+            answer._fail(self.closed)
+        self.answers.clear()
+        self._status_event.set()
+
+
+def _call(callback: Callable[[Any], object] | None, value: object) -> None:
+    if callback is None:
+        return
+    try:
+        callback(value)
+    except Exception:  # a user's callback must not kill the receive task
+        logger.exception("a streamchat client callback failed")

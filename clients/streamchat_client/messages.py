@@ -1,0 +1,245 @@
+"""Protocol v1 as the client sees it: encoding requests, parsing replies.
+
+This is the only module of the client that touches the wire format (see
+``docs/protocol.md``). Client messages are plain maps; server messages are
+parsed into frozen dataclasses so the rest of the client, and its users, get
+attributes and types instead of dictionary look-ups. Fields a later protocol
+version adds are ignored; a documented field that is missing or mistyped is
+a :class:`~streamchat_client.errors.ProtocolViolation`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+
+from .errors import ProtocolViolation, ServerError
+
+__all__ = [
+    "Done",
+    "Encoding",
+    "Limits",
+    "Ready",
+    "Usage",
+    "VideoStatus",
+    "decode",
+    "encode",
+    "parse_done",
+    "parse_error",
+    "parse_ready",
+    "parse_status",
+]
+
+Encoding = Literal["msgpack", "json"]
+"""``msgpack`` travels in binary frames, ``json`` in text frames (byte fields as base64)."""
+
+ENCODINGS: frozenset[str] = frozenset({"msgpack", "json"})
+
+
+def encode(message: Mapping[str, Any], encoding: Encoding) -> bytes | str:
+    """One client message as a binary (msgpack) or text (JSON) frame payload."""
+    if encoding == "msgpack":
+        packed: bytes = msgpack.packb(dict(message), use_bin_type=True)
+        return packed
+    payload = {
+        key: base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
+        for key, value in message.items()
+    }
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+
+
+def decode(frame: bytes | str) -> dict[str, Any]:
+    """A server frame as a map with a string ``type``, whichever encoding it came in."""
+    try:
+        if isinstance(frame, str):
+            value = json.loads(frame)
+        else:
+            value = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolViolation(f"undecodable server message: {exc}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise ProtocolViolation("a server message must be a map with a string 'type'")
+    return value
+
+
+# --- typed server messages -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """The session's effective limits, from ``ready``."""
+
+    fps: float
+    window_frames: int
+    window_bytes: int
+    min_pixels: int
+    max_pixels: int
+    frame_factor: int
+    max_message_bytes: int
+    """No message may be larger; the client cuts video chunks to fit."""
+    video_buffer_bytes: int
+    max_concurrent_asks: int
+    max_question_chars: int
+    max_tokens: int
+    max_tokens_limit: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ready:
+    """The server's answer to ``hello``."""
+
+    session: str
+    model: str
+    protocol: int
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VideoStatus:
+    """Where decoding stands; sent while frames arrive and when a source ends."""
+
+    source: int
+    state: str
+    """``decoding``, ``ended`` or ``failed``."""
+    frames: int
+    span: float
+    first_pts: float | None
+    last_pts: float | None
+    decode_lag: float
+    frames_decoded: int
+    frames_dropped: int
+    bytes_received: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    video_tokens: int
+    """Tokens the frames took in the prompt."""
+    frames: int
+    """Frames the answer saw."""
+    time_to_first_token: float | None
+    """Seconds from the ``ask`` to the first delta, measured by the server."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Done:
+    """How an answer ended: the ``answer.done`` message."""
+
+    finish_reason: str
+    """``stop``, ``length``, ``cancelled`` or ``error``."""
+    usage: Usage
+
+
+class _Fields:
+    """Checked access to a server map; a bad field names itself in the error."""
+
+    def __init__(self, raw: Mapping[str, Any], context: str) -> None:
+        self.raw = raw
+        self.context = context
+
+    def _bad(self, name: str, what: str) -> ProtocolViolation:
+        return ProtocolViolation(f"{self.context}: '{name}' must be {what}")
+
+    def text(self, name: str) -> str:
+        value = self.raw.get(name)
+        if not isinstance(value, str):
+            raise self._bad(name, "a string")
+        return value
+
+    def opt_text(self, name: str) -> str | None:
+        return None if self.raw.get(name) is None else self.text(name)
+
+    def integer(self, name: str) -> int:
+        value = self.raw.get(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(name, "an integer")
+        return value
+
+    def number(self, name: str) -> float:
+        value = self.raw.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._bad(name, "a number")
+        return float(value)
+
+    def opt_number(self, name: str) -> float | None:
+        return None if self.raw.get(name) is None else self.number(name)
+
+    def flag(self, name: str) -> bool:
+        value = self.raw.get(name, False)
+        if not isinstance(value, bool):
+            raise self._bad(name, "a boolean")
+        return value
+
+    def nested(self, name: str) -> _Fields:
+        value = self.raw.get(name)
+        if not isinstance(value, dict):
+            raise self._bad(name, "a map")
+        return _Fields(value, f"{self.context}.{name}")
+
+
+def parse_ready(raw: Mapping[str, Any]) -> Ready:
+    f = _Fields(raw, "ready")
+    lim = f.nested("limits")
+    limits = Limits(
+        fps=lim.number("fps"),
+        window_frames=lim.integer("window_frames"),
+        window_bytes=lim.integer("window_bytes"),
+        min_pixels=lim.integer("min_pixels"),
+        max_pixels=lim.integer("max_pixels"),
+        frame_factor=lim.integer("frame_factor"),
+        max_message_bytes=lim.integer("max_message_bytes"),
+        video_buffer_bytes=lim.integer("video_buffer_bytes"),
+        max_concurrent_asks=lim.integer("max_concurrent_asks"),
+        max_question_chars=lim.integer("max_question_chars"),
+        max_tokens=lim.integer("max_tokens"),
+        max_tokens_limit=lim.integer("max_tokens_limit"),
+    )
+    return Ready(
+        session=f.text("session"),
+        model=f.text("model"),
+        protocol=f.integer("protocol"),
+        limits=limits,
+    )
+
+
+def parse_status(raw: Mapping[str, Any]) -> VideoStatus:
+    f = _Fields(raw, "video.status")
+    return VideoStatus(
+        source=f.integer("source"),
+        state=f.text("state"),
+        frames=f.integer("frames"),
+        span=f.number("span"),
+        first_pts=f.opt_number("first_pts"),
+        last_pts=f.opt_number("last_pts"),
+        decode_lag=f.number("decode_lag"),
+        frames_decoded=f.integer("frames_decoded"),
+        frames_dropped=f.integer("frames_dropped"),
+        bytes_received=f.integer("bytes_received"),
+    )
+
+
+def parse_done(raw: Mapping[str, Any]) -> Done:
+    f = _Fields(raw, "answer.done")
+    u = f.nested("usage")
+    usage = Usage(
+        prompt_tokens=u.integer("prompt_tokens"),
+        completion_tokens=u.integer("completion_tokens"),
+        video_tokens=u.integer("video_tokens"),
+        frames=u.integer("frames"),
+        time_to_first_token=u.opt_number("time_to_first_token"),
+    )
+    return Done(finish_reason=f.text("finish_reason"), usage=usage)
+
+
+def parse_error(raw: Mapping[str, Any]) -> ServerError:
+    f = _Fields(raw, "error")
+    return ServerError(
+        f.text("code"), f.text("message"), id=f.opt_text("id"), fatal=f.flag("fatal")
+    )

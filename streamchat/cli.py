@@ -1,0 +1,172 @@
+"""``streamchat serve``: flags -> Settings (+ vLLM engine args) -> uvicorn.
+
+streamchat's own flags cover the session window and limits. Every other flag
+is handed to vLLM's own engine-argument parser, so ``--model``,
+``--max-model-len``, ``--tensor-parallel-size`` and the rest mean exactly
+what they mean to ``vllm serve``. ``--tiny-model`` builds (once, offline) and
+serves the small random test model: a smoke run that needs no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import DEFAULT_MODEL, Settings
+
+__all__ = ["main", "settings_from_args"]
+
+logger = logging.getLogger("streamchat.cli")
+
+DEFAULT_TINY_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / (
+    "streamchat/tiny-qwen2-vl"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamchat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"streamchat {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="start the server",
+        epilog="Any other flag is a vLLM engine argument (see --help-engine), e.g. "
+        "--max-model-len 4096 --tensor-parallel-size 2.",
+    )
+    serve.add_argument("--model", default=None, help=f"model path or name ({DEFAULT_MODEL})")
+    serve.add_argument(
+        "--tiny-model",
+        action="store_true",
+        help="serve a tiny random model built offline (a smoke run, no download)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=("vllm", "fake"),
+        default="vllm",
+        help="'fake' answers from a script: protocol demos and ingest benchmarks",
+    )
+    serve.add_argument("--help-engine", action="store_true", help="list vLLM's engine flags")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info")
+    group = serve.add_argument_group("session limits")
+    defaults = Settings()
+    for name, kind, help_text in (
+        ("fps", float, "default frames sampled per second of video"),
+        ("max_fps", float, "largest fps a client may ask for"),
+        ("window_frames", int, "default frames kept per session"),
+        ("max_window_frames", int, "largest window a client may ask for"),
+        ("window_bytes", int, "pixel bytes kept per session"),
+        ("max_pixels", int, "pixel budget per frame given to the model"),
+        ("min_pixels", int, "smallest frame given to the model"),
+        ("frame_factor", int, "frame sides are multiples of this"),
+        ("max_decode_pixels", int, "refuse source video larger than this"),
+        ("max_message_bytes", int, "largest client message"),
+        ("feed_bytes", int, "undecoded bytes buffered per source"),
+        ("video_read_timeout", float, "seconds a source may stall"),
+        ("max_concurrent_asks", int, "answers in flight per session"),
+        ("max_tokens", int, "default generated tokens per answer"),
+        ("max_tokens_limit", int, "largest max_tokens a client may ask for"),
+        ("history_turns", int, "earlier turns replayed with each question"),
+        ("fetch_timeout", float, "seconds a URL fetch may wait for the server"),
+        ("fetch_max_bytes", int, "largest video fetched from a URL"),
+    ):
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=getattr(defaults, name),
+            help=f"{help_text} (default: %(default)s)",
+        )
+    group.add_argument(
+        "--allowed-file-dir",
+        type=Path,
+        default=None,
+        help="serve file: URLs from below this directory (off by default)",
+    )
+
+    tiny = commands.add_parser("build-tiny-model", help="build the tiny random test model")
+    tiny.add_argument("path", type=Path, nargs="?", default=DEFAULT_TINY_DIR)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, model: str) -> Settings:
+    fields = {name for name in Settings.__dataclass_fields__ if name != "model"}
+    return Settings(model=model, **{k: v for k, v in vars(args).items() if k in fields})
+
+
+def _engine_factory(args: argparse.Namespace, model: str, rest: Sequence[str]) -> Any:
+    if args.engine == "fake":
+        from .engine.fake import FakeEngine
+
+        @contextlib.asynccontextmanager
+        async def fake() -> AsyncIterator[FakeEngine]:
+            yield FakeEngine(model_name=model)
+
+        return fake
+
+    from .engine.vllm import engine_args_from_cli, open_vllm_engine
+
+    engine_args = engine_args_from_cli([*rest, "--model", model])
+    return lambda: open_vllm_engine(engine_args)
+
+
+def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    if args.help_engine:
+        from .engine.vllm import engine_args_from_cli
+
+        engine_args_from_cli(["--help"])
+        return 0
+    if args.engine == "fake" and rest:
+        print(f"streamchat: unknown flags {' '.join(rest)}", file=sys.stderr)
+        return 2
+    model = args.model or DEFAULT_MODEL
+    if args.tiny_model:
+        from .tiny_model import build_tiny_model
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        model = str(build_tiny_model(DEFAULT_TINY_DIR))
+    settings = settings_from_args(args, model)
+
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(settings, engine_factory=_engine_factory(args, model, rest))
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ws_max_size=settings.transport_max_bytes,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "build-tiny-model":
+        from .tiny_model import build_tiny_model
+
+        print(build_tiny_model(args.path))
+        return 0
+    if args.command == "serve":
+        return _serve(args, rest)
+    parser.error(f"unknown command {args.command}")  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,696 @@
+"""The PyAV worker: container bytes in, sampled and resized frames out.
+
+:func:`decode_stream` blocks and runs in a worker thread, never on the event
+loop (PyAV releases the GIL while decoding, so worker threads scale). It reads
+a live, non-seekable byte stream (a :class:`~streamchat.feed.ByteFeed`, or any
+object with ``read(n)``), demuxes the first video stream, keeps frames at
+``fps`` by presentation time (:class:`FrameSampler`), and converts only the
+kept frames, already resized to the model's pixel budget (:func:`target_size`),
+in one swscale call each.
+
+Timestamps: an emitted frame's ``pts`` is in seconds from the first decoded
+frame, so every source starts at 0 whatever its container's start time. It
+never goes backwards: when the source clock jumps back by more than half a
+second or forward by more than an hour (a restarted encoder, concatenated
+recordings), the timeline continues one frame interval after the last frame
+instead; smaller backward jitter is clamped. Frames without a timestamp are
+placed one nominal frame interval after the previous one.
+
+Failures surface as :mod:`streamchat.errors` video errors with messages meant
+for the client; :func:`decode_image` does the same for single JPEG/PNG images.
+
+Measured pitfalls this module works around (see ``NOTES-pyav.md``):
+
+* PyAV sets its I/O buffer's ``max_packet_size`` to the buffer size, so FFmpeg
+  keeps nothing to seek back into once it refills the buffer; the MP4 demuxer
+  seeks back within each video sample entry, and an MP4 header split by a
+  short read then fails to parse. MP4 headers are therefore collected whole
+  (up to the end of ``moov``) and handed to FFmpeg in a single read.
+* FFmpeg's ``max_pixels`` given to ``av.open`` only reaches the probing
+  decoders; the decoder that produces our frames gets it as a codec option.
+* Arrays from ``to_ndarray`` are views of a PyAV frame; frames are copied once
+  into arrays that own their memory.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import av
+import av.error
+import numpy as np
+import numpy.typing as npt
+from av.container import InputContainer
+from av.packet import Packet
+from av.video.frame import VideoFrame
+from av.video.stream import VideoStream
+
+from .errors import StreamchatError, VideoDecodeError, VideoTooLarge, VideoUnsupported
+from .window import Frame
+
+__all__ = [
+    "DecodeReport",
+    "DecoderOptions",
+    "FrameSampler",
+    "Source",
+    "decode_image",
+    "decode_stream",
+    "target_size",
+]
+
+logger = logging.getLogger("streamchat.decoder")
+
+DEFAULT_FACTOR = 28
+DEFAULT_MIN_PIXELS = 4 * 28 * 28
+DEFAULT_MAX_PIXELS = 256 * 28 * 28  # 448 x 448
+DEFAULT_MAX_DECODE_PIXELS = 4096 * 2160
+
+_CONTAINERS = {"webm": "webm", "matroska": "matroska", "mp4": "mp4", "mpegts": "mpegts"}
+_INTERPOLATION = "AREA"  # as fast as bilinear in swscale, and averages when shrinking
+_BACKWARD_JUMP = 0.5  # seconds of backward source time still treated as jitter
+_FORWARD_JUMP = 3600.0  # a longer leap of the source clock is a discontinuity, not a gap
+_MAX_LEADING_SKIPS = 300  # non-key packets dropped while waiting for a first keyframe
+
+
+class Source(Protocol):
+    """What :func:`decode_stream` reads: a ``ByteFeed``, an open file, ``BytesIO``."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+# -- sizes and sampling (pure) ----------------------------------------------------
+
+
+def target_size(
+    width: int,
+    height: int,
+    *,
+    factor: int = DEFAULT_FACTOR,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[int, int]:
+    """``(width, height)`` to resize a ``width`` x ``height`` picture to for the model.
+
+    Qwen2-VL's "smart resize": both sides become multiples of ``factor`` (the
+    vision patch size times the merge size, so no patch is cut), the area lands
+    within ``[min_pixels, max_pixels]`` and the aspect ratio is kept as closely
+    as rounding allows. Unlike the reference, extreme shapes are not refused:
+    sides never drop below ``factor``, and if that alone would break
+    ``max_pixels``, the long side gives way.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"invalid picture size {width}x{height}")
+    if factor < 1 or max_pixels < factor * factor or min_pixels > max_pixels:
+        raise ValueError("need factor >= 1 and factor**2 <= max_pixels and min <= max pixels")
+    w = max(factor, round(width / factor) * factor)
+    h = max(factor, round(height / factor) * factor)
+    if w * h > max_pixels:
+        w, h = _shrink(width, height, max_pixels, factor)
+    elif w * h < min_pixels:
+        w, h = _grow(width, height, min_pixels, factor)
+        if w * h > max_pixels:  # rounding up overshot a narrow budget
+            w, h = _shrink(width, height, max_pixels, factor)
+    if w * h > max_pixels:  # only for extreme aspect ratios, once sides are clamped
+        if w >= h:
+            w = max(factor, max_pixels // h // factor * factor)
+        else:
+            h = max(factor, max_pixels // w // factor * factor)
+    return w, h
+
+
+# Same arithmetic as the reference, so results agree to the last float rounding.
+def _shrink(width: int, height: int, max_pixels: int, factor: int) -> tuple[int, int]:
+    beta = math.sqrt(width * height / max_pixels)
+    w = max(factor, math.floor(width / beta / factor) * factor)
+    return w, max(factor, math.floor(height / beta / factor) * factor)
+
+
+def _grow(width: int, height: int, min_pixels: int, factor: int) -> tuple[int, int]:
+    beta = math.sqrt(min_pixels / (width * height))
+    w = max(factor, math.ceil(width * beta / factor) * factor)
+    return w, max(factor, math.ceil(height * beta / factor) * factor)
+
+
+class FrameSampler:
+    """Decides which decoded frames to keep so that kept frames come at ``fps``.
+
+    Kept frames sit on a grid of ``1/fps`` slots anchored at the first frame:
+    a frame is kept when it is the first in a new slot. Anchoring on a grid
+    rather than on the last kept frame keeps the average rate exact when the
+    source rate is not a multiple of ``fps`` (25 fps sampled at 3 fps stays
+    at 3, not 2.8); spacing between kept frames is ``1/fps`` minus at most one
+    source frame interval. A gap (more than one empty slot, including a source
+    slower than ``fps``) re-anchors the grid at the next frame, so frames after
+    a gap are not kept too close together. Timestamps only need to be
+    non-decreasing; a small tolerance absorbs jitter and float error at slot
+    boundaries.
+    """
+
+    def __init__(self, fps: float) -> None:
+        if not fps > 0:
+            raise ValueError("fps must be positive")
+        self.interval = 1.0 / fps
+        self._tolerance = self.interval * 1e-3
+        self._anchor: float | None = None
+        self._slot = 0
+
+    def take(self, pts: float) -> bool:
+        """True if the frame at ``pts`` seconds is to be kept."""
+        if self._anchor is None:
+            self._anchor = pts
+            self._slot = 0
+            return True
+        slot = math.floor((pts - self._anchor + self._tolerance) / self.interval)
+        if slot <= self._slot:
+            return False
+        if slot > self._slot + 1:  # a gap: restart the grid here
+            self._anchor = pts
+            self._slot = 0
+        else:
+            self._slot = slot
+        return True
+
+
+class _Timeline:
+    """Source frame times -> seconds from the first frame, never going backwards."""
+
+    def __init__(self) -> None:
+        self._offset: float | None = None
+        self.last: float | None = None
+
+    def place(self, source_time: float | None, frame_interval: float) -> float:
+        if source_time is None:  # no timestamp: assume the nominal frame rate
+            pts = 0.0 if self.last is None else self.last + frame_interval
+        elif self._offset is None:
+            self._offset = -source_time
+            pts = 0.0
+        else:
+            pts = source_time + self._offset
+            if self.last is not None and not -_BACKWARD_JUMP <= pts - self.last <= _FORWARD_JUMP:
+                # A new clock (restarted encoder, concatenated recordings, or a
+                # reset that the MPEG-TS demuxer took for a wrap-around):
+                # continue just after the last frame.
+                logger.info("video timestamps jumped by %.3f s", pts - self.last)
+                self._offset += self.last + frame_interval - pts
+                pts = self.last + frame_interval
+            elif self.last is not None and pts < self.last:  # jitter
+                pts = self.last
+        self.last = pts
+        return pts
+
+
+# -- options and report ------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderOptions:
+    """How :func:`decode_stream` decodes one source.
+
+    * ``fps``: frames kept per second of video (:class:`FrameSampler`).
+    * ``factor``, ``min_pixels``, ``max_pixels``: the model's resize rule
+      (:func:`target_size`).
+    * ``container``: demuxer hint, ``"webm"``, ``"matroska"``, ``"mp4"`` or
+      ``"mpegts"``, or ``None`` to probe. A hint saves probing and turns
+      garbage into a clear "not a valid ... stream" error.
+    * ``max_decode_pixels``: the largest source frame (width x height) decoded
+      at all. FFmpeg enforces it inside the decoder, so a resolution bomb costs
+      no memory; a larger frame is ``VideoTooLarge``.
+    * ``keyframes_only``: drop non-key packets before the decoder: many times
+      faster, about one frame per keyframe interval.
+    * ``probesize`` (bytes), ``analyzeduration`` (microseconds): how much FFmpeg
+      reads before the first frame; small values cut start-up latency on a
+      live stream. ``analyzeduration`` must be positive: FFmpeg reads 0 as
+      "default" (5 s), which held back the first frame of live H.264 in
+      MPEG-TS or fragmented MP4 until 5 s of media had arrived.
+    * ``max_decode_errors``: consecutive undecodable packets skipped before
+      the decode fails.
+    * ``max_header_bytes``: limit on an MP4 header, which is read whole before
+      opening; its index grows with the sample count, a cheap memory bomb.
+    """
+
+    fps: float = 2.0
+    factor: int = DEFAULT_FACTOR
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    container: str | None = None
+    max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS
+    keyframes_only: bool = False
+    probesize: int = 32_768
+    analyzeduration: int = 100_000
+    max_decode_errors: int = 30
+    max_header_bytes: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        if self.container is not None and self.container not in _CONTAINERS:
+            raise ValueError(f"unknown container hint {self.container!r}")
+        if not self.fps > 0:
+            raise ValueError("fps must be positive")
+        if self.max_decode_pixels < 1 or self.analyzeduration < 1 or self.max_decode_errors < 0:
+            raise ValueError(
+                "max_decode_pixels and analyzeduration must be positive, "
+                "max_decode_errors not negative"
+            )
+        # Validates the resize budget: raises ValueError for an impossible one.
+        target_size(
+            self.factor,
+            self.factor,
+            factor=self.factor,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+        )
+
+
+@dataclass(kw_only=True)
+class DecodeReport:
+    """What one :func:`decode_stream` call did.
+
+    ``width``/``height`` are the source's last frame size (its declared size if
+    no frame was decoded); ``codec`` and ``container`` are FFmpeg's names.
+    ``stopped`` is true when the stop event ended the decode early.
+    """
+
+    frames_decoded: int = 0
+    frames_emitted: int = 0
+    packets: int = 0
+    errors_skipped: int = 0
+    width: int = 0
+    height: int = 0
+    codec: str = ""
+    container: str = ""
+    stopped: bool = False
+
+
+# -- streams -------------------------------------------------------------------------
+
+
+def decode_stream(
+    source: Source,
+    options: DecoderOptions,
+    emit: Callable[[Frame], None],
+    stop: threading.Event,
+) -> DecodeReport:
+    """Decode ``source`` until it ends or ``stop`` is set, calling ``emit`` for kept frames.
+
+    Blocking: run it in a worker thread. ``emit`` is called in that thread with
+    frames of increasing ``pts`` (seconds from the first decoded frame) whose
+    images own their memory and are sized by :func:`target_size` from the
+    current source size (recomputed when the resolution changes mid-stream).
+
+    ``stop`` is checked between packets and between reads; a reader blocked in
+    a ``ByteFeed`` is released by aborting the feed, which this function then
+    reports as a normal stop. A stopped decode returns its report; otherwise:
+
+    * ``VideoUnsupported``: unrecognised container (when probing), no video
+      stream, or a codec FFmpeg cannot decode; a non-streamable MP4 (index at
+      the end) or an MP4 fragment without its header.
+    * ``VideoDecodeError``: data that is not a valid stream of the hinted
+      container, a broken header, more than ``max_decode_errors`` undecodable
+      packets in a row, or a stream that ends before any frame decodes.
+    * ``VideoTooLarge``: a declared or decoded frame size above
+      ``max_decode_pixels``, or an MP4 header above ``max_header_bytes``.
+    * Errors raised by ``source.read`` (e.g. ``VideoTimeout`` from a stalled
+      ``ByteFeed``) are re-raised as they are if they are ``StreamchatError``
+      instances, and wrapped in ``VideoDecodeError`` otherwise.
+    """
+    reader = _Reader(source, stop)
+    report = DecodeReport()
+    try:
+        with _open(reader, options) as container:
+            _decode_container(container, options, emit, stop, report)
+    except (av.error.FFmpegError, StreamchatError) as exc:
+        if stop.is_set():
+            return _stopped(report)
+        # The source's own failure (a timeout, an abort) is the root cause of
+        # whatever FFmpeg made of the early end of its input.
+        failure = reader.failure()
+        if failure is not None:
+            raise failure from failure.__cause__  # FFmpeg's view of it is noise
+        if isinstance(exc, StreamchatError):
+            raise
+        raise _ffmpeg_failure(exc, options) from exc
+    if stop.is_set():
+        return _stopped(report)
+    failure = reader.failure()
+    if failure is not None:
+        raise failure
+    if report.frames_decoded == 0:
+        raise VideoDecodeError("the video ended before any frame could be decoded")
+    logger.info(
+        "video ended: %d frames decoded, %d kept, %d packets, %d skipped",
+        report.frames_decoded,
+        report.frames_emitted,
+        report.packets,
+        report.errors_skipped,
+    )
+    return report
+
+
+def _stopped(report: DecodeReport) -> DecodeReport:
+    report.stopped = True
+    logger.info("video decode stopped after %d frames", report.frames_decoded)
+    return report
+
+
+def _open(reader: _Reader, options: DecoderOptions) -> InputContainer:
+    """Open the container on ``reader``; MP4 headers are first collected whole."""
+    hint = _CONTAINERS.get(options.container or "")
+    buffer_size = 32_768
+    head = reader.read_exactly(8)
+    if not head:
+        raise VideoDecodeError("the video stream ended before any data arrived")
+    reader.unread(head)
+    if hint in (None, "mp4"):
+        header = _mp4_header(reader, options.max_header_bytes, required=hint == "mp4")
+        if header is not None:
+            hint = "mp4"
+            buffer_size = max(buffer_size, len(header))
+    limits = {
+        "probesize": str(max(32, options.probesize)),
+        "analyzeduration": str(options.analyzeduration),
+        "max_pixels": str(options.max_decode_pixels),
+    }
+    return av.open(reader, "r", format=hint, options=limits, buffer_size=buffer_size)
+
+
+def _decode_container(
+    container: InputContainer,
+    options: DecoderOptions,
+    emit: Callable[[Frame], None],
+    stop: threading.Event,
+    report: DecodeReport,
+) -> None:
+    stream = _video_stream(container, options)
+    report.container = container.format.name
+    report.codec = stream.codec_context.name
+    report.width, report.height = stream.width, stream.height
+    logger.info(
+        "video opened: %s %s %dx%d", report.container, report.codec, stream.width, stream.height
+    )
+    rate = stream.average_rate or stream.guessed_rate
+    frame_interval = 1.0 / float(rate) if rate else 1.0 / 30
+    sampler = FrameSampler(options.fps)
+    timeline = _Timeline()
+    sizes = _SizeCache(options)
+    gate = _PacketGate(options.keyframes_only)
+    errors_in_row = 0
+    for packet in container.demux(stream):
+        if stop.is_set():
+            return
+        if packet.size:
+            report.packets += 1
+        if not gate.admit(packet):
+            continue
+        try:
+            frames = stream.decode(packet)
+        except av.error.FFmpegError as exc:
+            _check_refusal(exc, stream, options.max_decode_pixels)
+            report.errors_skipped += 1
+            errors_in_row += 1
+            logger.debug("skipped an undecodable packet: %s", exc)
+            if errors_in_row > options.max_decode_errors:
+                raise VideoDecodeError(
+                    f"the video is corrupt: {errors_in_row} packets in a row failed to decode"
+                ) from exc
+            continue
+        errors_in_row = 0
+        for frame in frames:
+            report.frames_decoded += 1
+            report.width, report.height = frame.width, frame.height
+            pts = timeline.place(frame.time, frame_interval)
+            if sampler.take(pts):
+                emit(Frame(pts=pts, image=_to_image(frame, sizes.target(frame))))
+                report.frames_emitted += 1
+
+
+class _PacketGate:
+    """Which packets reach the decoder.
+
+    Non-key packets before the first keyframe are dropped (up to a bound, for
+    streams that never flag one): a decoder joined mid-GOP fails (VP8/VP9) or
+    shows garbage until a keyframe. With ``keyframes_only``, all non-key
+    packets are dropped. Empty packets (the end-of-stream flush) always pass.
+    """
+
+    def __init__(self, keyframes_only: bool) -> None:
+        self._keyframes_only = keyframes_only
+        self._skips_left = _MAX_LEADING_SKIPS
+
+    def admit(self, packet: Packet[VideoStream]) -> bool:
+        if packet.is_keyframe or not packet.size:
+            self._skips_left = 0
+            return True
+        if self._keyframes_only:
+            return False
+        if self._skips_left > 0:
+            self._skips_left -= 1
+            return False
+        return True
+
+
+def _video_stream(container: InputContainer, options: DecoderOptions) -> VideoStream:
+    """The first video stream, prepared for decoding; unsupported or too large ones refused."""
+    if not container.streams.video:
+        raise VideoUnsupported("the container has no video stream")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise VideoUnsupported(f"no decoder for the video codec {stream.codec.name!r}")
+    _check_pixels(stream.width, stream.height, options.max_decode_pixels)
+    stream.thread_type = "AUTO"
+    # The decoder itself enforces the limit, also after a mid-stream size change.
+    stream.codec_context.options = {"max_pixels": str(options.max_decode_pixels)}
+    return stream
+
+
+def _check_refusal(exc: av.error.FFmpegError, stream: VideoStream, limit: int) -> None:
+    """After a decode error: raise ``VideoTooLarge`` if the decoder refused a frame size.
+
+    With ``max_pixels`` in force, H.264 fails with "invalid data" but shows
+    the refused size in its context; VP8/VP9 fail with EINVAL (an
+    ``ArgumentError``, which corrupt data never caused in our tests) and keep
+    no size at all.
+    """
+    context = stream.codec_context
+    _check_pixels(context.width, context.height, limit)
+    if isinstance(exc, av.error.ArgumentError):
+        raise VideoTooLarge(
+            f"the decoder refused the video's frame size (limit: {limit} pixels per frame)"
+        ) from exc
+
+
+def _check_pixels(width: int, height: int, limit: int) -> None:
+    if width * height > limit:
+        raise VideoTooLarge(
+            f"video frames of {width}x{height} exceed the limit of {limit} pixels per frame"
+        )
+
+
+class _SizeCache:
+    """Target size per source size: recomputed only when the source size changes."""
+
+    def __init__(self, options: DecoderOptions) -> None:
+        self._options = options
+        self._source: tuple[int, int] = (0, 0)
+        self._target: tuple[int, int] = (0, 0)
+
+    def target(self, frame: VideoFrame) -> tuple[int, int]:
+        source = (frame.width, frame.height)
+        if source != self._source:
+            _check_pixels(*source, self._options.max_decode_pixels)
+            self._target = target_size(
+                *source,
+                factor=self._options.factor,
+                min_pixels=self._options.min_pixels,
+                max_pixels=self._options.max_pixels,
+            )
+            if self._source != (0, 0):
+                logger.info("video size changed from %dx%d to %dx%d", *self._source, *source)
+            self._source = source
+        return self._target
+
+
+def _to_image(frame: VideoFrame, size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """RGB at ``size``, resized inside swscale, copied once into an array of its own.
+
+    ``to_ndarray`` returns a view of PyAV's converted frame, with row padding
+    unless ``width * 3`` is a multiple of the row alignment: the copy makes it
+    contiguous and independent of any FFmpeg buffer.
+    """
+    width, height = size
+    view = frame.to_ndarray(
+        format="rgb24", width=width, height=height, interpolation=_INTERPOLATION
+    )
+    return np.array(view, dtype=np.uint8, order="C", copy=True)
+
+
+def _ffmpeg_failure(exc: av.error.FFmpegError, options: DecoderOptions) -> StreamchatError:
+    """A client-facing error for an FFmpeg error raised while opening or demuxing."""
+    if isinstance(exc, av.error.EOFError):
+        return VideoDecodeError("the video ended before a valid header was found")
+    if isinstance(exc, av.error.InvalidDataError) and options.container is None:
+        return VideoUnsupported("unrecognised video format (or corrupt data)")
+    if isinstance(exc, av.error.InvalidDataError):
+        return VideoDecodeError(f"the data is not a valid {options.container} video stream")
+    return VideoDecodeError(f"the video could not be read (corrupt or truncated): {exc.strerror}")
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+class _Reader:
+    """The file-like object FFmpeg reads: the source, made safe for FFmpeg.
+
+    * Errors from the source are stored and end the stream (``b""``) instead
+      of propagating through FFmpeg, which would log them as dropped and may
+      read again; :meth:`failure` re-raises them after the demux loop.
+    * A set stop event ends the stream at the next read.
+    * Bytes read ahead (the MP4 header) are served first, in one piece.
+    * A source that returns more than asked is cut to size: PyAV copies the
+      result into a buffer of the requested size.
+    """
+
+    def __init__(self, source: Source, stop: threading.Event) -> None:
+        self._source = source
+        self._stop = stop
+        self._pending = b""
+        self._error: BaseException | None = None
+
+    def read(self, n: int) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending[:n], self._pending[n:]
+            return data
+        if self._error is not None or self._stop.is_set():
+            return b""
+        try:
+            data = bytes(self._source.read(n))
+        except Exception as exc:  # every source failure ends the stream
+            self._error = exc
+            return b""
+        if len(data) > n:
+            data, self._pending = data[:n], data[n:]
+        return data
+
+    def read_exactly(self, n: int) -> bytes:
+        """``n`` bytes, or fewer only at the end of the stream."""
+        pieces = []
+        while n > 0:
+            piece = self.read(n)
+            if not piece:
+                break
+            pieces.append(piece)
+            n -= len(piece)
+        return b"".join(pieces)
+
+    def unread(self, data: bytes) -> None:
+        self._pending = data + self._pending
+
+    def failure(self) -> StreamchatError | None:
+        """The source's error, if it failed, as a client-facing error."""
+        if self._error is None or isinstance(self._error, StreamchatError):
+            return self._error
+        error = VideoDecodeError("reading the video failed")
+        error.__cause__ = self._error
+        return error
+
+
+# Top-level boxes that may precede ``moov`` in a streamable MP4.
+_MP4_PREFIX_BOXES = {b"ftyp", b"styp", b"free", b"skip", b"wide", b"pdin", b"uuid", b"sidx"}
+_MP4_MEDIA_BOXES = {b"mdat", b"moof"}
+
+
+def _mp4_header(reader: _Reader, limit: int, *, required: bool) -> bytes | None:
+    """Read an MP4 stream's top-level boxes up to the end of ``moov``, and push them back.
+
+    Returns the header, or ``None`` (nothing consumed) if the stream does not
+    start like an MP4, which is an error only when ``required``. Media before
+    the index (a plain MP4 with ``moov`` at the end, or a fragment joined
+    without its header) cannot be decoded from a stream: ``VideoUnsupported``.
+    """
+    head = reader.read_exactly(8)
+    if len(head) < 8 or head[4:8] not in _MP4_PREFIX_BOXES | _MP4_MEDIA_BOXES | {b"moov"}:
+        reader.unread(head)
+        if required:
+            raise VideoDecodeError("the data is not a valid mp4 video stream")
+        return None
+    header = bytearray()
+    while True:
+        size, kind = struct.unpack(">I4s", head)
+        if size == 1:  # a 64-bit size follows
+            head += _read_all(reader, 8)
+            (size,) = struct.unpack(">Q", head[8:])
+        if kind in _MP4_MEDIA_BOXES:
+            raise VideoUnsupported(
+                "this MP4 cannot be decoded as a stream: media comes before its index "
+                "(send fragmented MP4 from its start, or a +faststart MP4)"
+            )
+        if kind not in _MP4_PREFIX_BOXES | {b"moov"} or size < len(head):
+            raise VideoDecodeError("the data is not a valid mp4 video stream")
+        if len(header) + size > limit:
+            raise VideoTooLarge(f"the MP4 header exceeds the limit of {limit} bytes")
+        header += head + _read_all(reader, size - len(head))
+        if kind == b"moov":
+            reader.unread(bytes(header))
+            return bytes(header)
+        head = _read_all(reader, 8)
+
+
+def _read_all(reader: _Reader, n: int) -> bytes:
+    data = reader.read_exactly(n)
+    if len(data) < n:
+        raise VideoDecodeError("the video ended inside its MP4 header")
+    return data
+
+
+# -- images --------------------------------------------------------------------------
+
+_IMAGE_FORMATS = {b"\x89PNG\r\n\x1a\n": "png_pipe", b"\xff\xd8\xff": "jpeg_pipe"}
+
+
+def decode_image(
+    data: bytes,
+    *,
+    factor: int = DEFAULT_FACTOR,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
+) -> npt.NDArray[np.uint8]:
+    """A JPEG or PNG image as an owned ``(H, W, 3)`` uint8 RGB array sized by :func:`target_size`.
+
+    Raises ``VideoUnsupported`` for anything but JPEG/PNG, ``VideoTooLarge``
+    for more than ``max_decode_pixels`` (FFmpeg refuses such a picture before
+    allocating it), ``VideoDecodeError`` for corrupt data. A truncated JPEG may
+    decode with its missing part grey, as browsers show it. EXIF orientation is
+    not applied.
+    """
+    fmt = next((f for magic, f in _IMAGE_FORMATS.items() if data.startswith(magic)), None)
+    if fmt is None:
+        raise VideoUnsupported("the image is not a JPEG or PNG file")
+    limits = {"max_pixels": str(max_decode_pixels)}
+    try:
+        with av.open(io.BytesIO(data), "r", format=fmt, options=limits) as container:
+            if not container.streams.video:
+                raise VideoDecodeError("the image could not be decoded")
+            stream = container.streams.video[0]
+            _check_pixels(stream.width, stream.height, max_decode_pixels)
+            stream.codec_context.options = limits
+            for frame in container.decode(stream):
+                _check_pixels(frame.width, frame.height, max_decode_pixels)
+                size = target_size(
+                    frame.width,
+                    frame.height,
+                    factor=factor,
+                    min_pixels=min_pixels,
+                    max_pixels=max_pixels,
+                )
+                return _to_image(frame, size)
+    except av.error.ArgumentError as exc:  # EINVAL: the decoder refused the size
+        raise VideoTooLarge(f"the image exceeds the limit of {max_decode_pixels} pixels") from exc
+    except av.error.FFmpegError as exc:
+        raise VideoDecodeError("the image is corrupt or truncated") from exc
+    raise VideoDecodeError("the image contains no picture")

@@ -1,0 +1,325 @@
+"""The async shell of one session: decoder threads, URL fetches, answers.
+
+:class:`Session` feeds client messages and background events into the pure
+:class:`~streamchat.protocol.SessionProtocol` and carries out the actions it
+returns. It owns three kinds of background work, all stopped by
+:meth:`Session.aclose`:
+
+* per video source, a decoder thread (PyAV never runs on the event loop) fed
+  by a bounded :class:`~streamchat.feed.ByteFeed`, plus a fetch task for URLs;
+* per question, an answer task streaming deltas from the shared engine;
+* outgoing messages, queued in a bounded outbox that the endpoint drains.
+
+Frames cross from the decoder thread to the loop with
+``call_soon_threadsafe``; the window is only touched on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from .config import Settings
+from .decoder import DecoderOptions, decode_image, decode_stream
+from .engine.base import Engine, EngineError, GenerationRequest, Usage
+from .errors import EngineFailure, StreamchatError
+from .feed import ByteFeed
+from .fetch import fetch_into
+from .messages import AnswerDelta, ClientMessage, ServerMessage, VideoStatus
+from .protocol import (
+    Action,
+    CancelAnswer,
+    DecodeImage,
+    EndSource,
+    FeedChunk,
+    FeedLevel,
+    Send,
+    SessionProtocol,
+    SourceKind,
+    StartAnswer,
+    StartSource,
+    StopSource,
+)
+from .window import Frame
+
+__all__ = ["Session"]
+
+logger = logging.getLogger("streamchat.session")
+
+SOURCE_STOP_GRACE = 5.0
+"""Seconds :meth:`Session.aclose` waits for a decoder thread to notice it must stop."""
+
+
+@dataclass(eq=False)
+class _RunningSource:
+    number: int
+    feed: ByteFeed
+    stop: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    """A fetch failure, reported in preference to the decoder's own."""
+    decoding: asyncio.Task[None] | None = None
+    fetching: asyncio.Task[None] | None = None
+
+    def level(self) -> FeedLevel:
+        return FeedLevel(lag=self.feed.lag, backlog_bytes=self.feed.backlog_bytes)
+
+    def end(self) -> None:
+        """No more bytes: a fetch stops where it is, the decoder drains the rest."""
+        if self.fetching is not None:
+            self.fetching.cancel()
+        self.feed.close()
+
+    def halt(self) -> None:
+        """Stop now; the decoder thread notices at its next read or packet."""
+        self.stop.set()
+        self.feed.abort()
+        if self.fetching is not None:
+            self.fetching.cancel()
+
+
+class Session:
+    """One connected client."""
+
+    def __init__(self, settings: Settings, engine: Engine, *, session_id: str) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.id = session_id
+        self.protocol = SessionProtocol(settings, session_id=session_id, model=engine.model_name)
+        self.outbox: asyncio.Queue[ServerMessage] = asyncio.Queue(settings.outbox_messages)
+        self._loop = asyncio.get_running_loop()
+        self._sources: dict[int, _RunningSource] = {}
+        self._answers: dict[str, asyncio.Task[None]] = {}
+        self._closing = False
+        self._status_timer: asyncio.TimerHandle | None = None
+        self.log = logging.LoggerAdapter(logger, {"session": session_id})
+
+    # -- input --------------------------------------------------------------
+
+    async def handle(self, message: ClientMessage) -> None:
+        await self._run(self.protocol.receive(message, now=self._loop.time()))
+
+    async def report(self, exc: BaseException) -> None:
+        """Tell the client about an error found before the protocol saw a message."""
+        await self._run([self.protocol.error(exc)])
+
+    # -- actions ------------------------------------------------------------
+
+    async def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Send(message):
+                    await self.outbox.put(message)
+                case StartSource():
+                    self._start_source(action)
+                case StopSource(number):
+                    self._halt_source(number)
+                case FeedChunk(number, data):
+                    await self._feed(number, data)
+                case EndSource(number):
+                    if (source := self._sources.get(number)) is not None:
+                        source.end()
+                case DecodeImage(data, pts):
+                    await self._decode_image(data, pts)
+                case StartAnswer(id, request):
+                    self._answers[id] = asyncio.create_task(
+                        self._answer(id, request), name=f"answer-{self.id}-{id}"
+                    )
+                case CancelAnswer(id):
+                    task = self._answers.get(id)
+                    if task is not None:
+                        task.cancel()
+
+    def _send_soon(self, actions: list[Action]) -> None:
+        """Carry out actions from a synchronous callback.
+
+        Only status updates arrive this way; when the outbox is full they are
+        skipped (the next one supersedes them) rather than queued unbounded.
+        """
+        for action in actions:
+            if isinstance(action, Send):
+                if isinstance(action.message, VideoStatus) and self.outbox.full():
+                    continue
+                self.outbox.put_nowait(action.message)
+
+    # -- video sources ------------------------------------------------------
+
+    def _decoder_options(self, container: str | None) -> DecoderOptions:
+        s, o = self.settings, self.protocol.options
+        return DecoderOptions(
+            fps=o.fps,
+            min_pixels=min(s.min_pixels, o.max_pixels),
+            max_pixels=o.max_pixels,
+            factor=s.frame_factor,
+            container=container,
+            max_decode_pixels=s.max_decode_pixels,
+        )
+
+    def _start_source(self, action: StartSource) -> None:
+        feed = ByteFeed(
+            max_bytes=self.settings.feed_bytes, read_timeout=self.settings.video_read_timeout
+        )
+        source = _RunningSource(action.number, feed)
+        self._sources[action.number] = source
+        options = self._decoder_options(action.container)
+        source.decoding = asyncio.create_task(
+            self._decode(source, options), name=f"decode-{self.id}-{action.number}"
+        )
+        if action.kind is SourceKind.URL:
+            assert action.url is not None
+            source.fetching = asyncio.create_task(
+                self._fetch(source, action.url), name=f"fetch-{self.id}-{action.number}"
+            )
+
+    def _halt_source(self, number: int) -> None:
+        source = self._sources.get(number)
+        if source is not None:
+            source.halt()
+
+    async def _feed(self, number: int, data: bytes) -> None:
+        source = self._sources.get(number)
+        if source is None:
+            return
+        try:
+            source.feed.put_nowait(data)
+        except StreamchatError as exc:
+            await self._run([self.protocol.error(exc)])
+
+    async def _fetch(self, source: _RunningSource, url: str) -> None:
+        try:
+            await fetch_into(url, source.feed, self.settings)
+        except StreamchatError as exc:
+            source.error = exc
+            source.feed.abort()
+        except Exception as exc:
+            self.log.exception("fetch failed")
+            source.error = exc
+            source.feed.abort()
+
+    async def _decode(self, source: _RunningSource, options: DecoderOptions) -> None:
+        """Run the decoder thread for ``source`` and report how it ended."""
+        done: asyncio.Future[BaseException | None] = self._loop.create_future()
+
+        def on_frame(frame: Frame) -> None:
+            now = self._loop.time()
+            self._send_soon(
+                self.protocol.frame_decoded(source.number, frame, now=now, level=source.level())
+            )
+            if self.protocol.status_pending and self._status_timer is None:
+                self._status_timer = self._loop.call_later(
+                    self.settings.status_interval, self._flush_status
+                )
+
+        def emit(frame: Frame) -> None:  # decoder thread
+            try:
+                self._loop.call_soon_threadsafe(on_frame, frame)
+            except RuntimeError:  # the loop is closed: nobody wants frames any more
+                source.stop.set()
+
+        def finish(result: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(result)
+
+        def work() -> None:  # decoder thread
+            result: BaseException | None = None
+            try:
+                decode_stream(source.feed, options, emit, source.stop)
+            except BaseException as exc:  # reported on the loop, never lost
+                result = exc
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(finish, result)
+
+        thread = threading.Thread(
+            target=work, name=f"decoder-{self.id}-{source.number}", daemon=True
+        )
+        thread.start()
+        try:
+            error = await done
+        finally:
+            self._sources.pop(source.number, None)
+        if source.stop.is_set():
+            return
+        error = source.error or error
+        if error is not None and not isinstance(error, StreamchatError):
+            self.log.error("decoder failed", exc_info=error)
+        await self._run(self.protocol.source_ended(source.number, error, level=source.level()))
+
+    def _flush_status(self) -> None:
+        self._status_timer = None
+        self._send_soon(self.protocol.flush_status(now=self._loop.time()))
+
+    async def _decode_image(self, data: bytes, pts: float) -> None:
+        s, o = self.settings, self.protocol.options
+        try:
+            image = await asyncio.to_thread(
+                decode_image,
+                data,
+                factor=s.frame_factor,
+                min_pixels=min(s.min_pixels, o.max_pixels),
+                max_pixels=o.max_pixels,
+                max_decode_pixels=s.max_decode_pixels,
+            )
+        except StreamchatError as exc:
+            await self._run([self.protocol.error(exc)])
+            return
+        await self._run(self.protocol.image_decoded(Frame(pts, image)))
+
+    # -- answers ------------------------------------------------------------
+
+    async def _answer(self, id: str, request: GenerationRequest) -> None:
+        start = self._loop.time()
+        ttft: float | None = None
+        parts: list[str] = []
+        reason = "error"
+        usage: Usage | None = None
+        try:
+            async with contextlib.aclosing(self.engine.generate(request)) as stream:
+                async for delta in stream:
+                    if delta.text:
+                        if ttft is None:
+                            ttft = round(self._loop.time() - start, 4)
+                        parts.append(delta.text)
+                        await self.outbox.put(AnswerDelta(id=id, text=delta.text))
+                    if delta.finish_reason is not None:
+                        reason, usage = delta.finish_reason, delta.usage
+        except asyncio.CancelledError:
+            if self._closing:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            reason = "cancelled"
+        except EngineError as exc:
+            self.log.warning("engine failed on %s: %s", request.request_id, exc)
+            await self._run([self.protocol.error(EngineFailure(f"the model failed: {exc}", id=id))])
+        except Exception:
+            self.log.exception("answer %s failed", request.request_id)
+            await self._run([self.protocol.error(EngineFailure("the answer failed", id=id))])
+        finally:
+            self._answers.pop(id, None)
+        await self._run(self.protocol.answer_finished(id, "".join(parts), reason, usage, ttft))
+
+    # -- shutdown -----------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop everything: abort answers in the engine, stop decoders and fetches."""
+        self._closing = True
+        self.protocol.close()
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        answers = list(self._answers.values())
+        for task in answers:
+            task.cancel()
+        sources = list(self._sources.values())
+        for source in sources:
+            source.halt()
+        await asyncio.gather(*answers, return_exceptions=True)
+        tasks = [t for s in sources for t in (s.decoding, s.fetching) if t is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=SOURCE_STOP_GRACE)
+            if pending:
+                self.log.warning("%d decoder(s) did not stop in time", len(pending))
+                for task in pending:
+                    task.cancel()

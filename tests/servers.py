@@ -1,0 +1,55 @@
+"""Real uvicorn servers on loopback ports, in the test's own event loop.
+
+The listening socket is bound and listening before uvicorn starts, so a client
+may connect at once: the kernel queues the connection until uvicorn accepts
+it, and no test waits (or sleeps) for a "started" flag. Serving in the test's
+loop lets the server share the session-wide vLLM engine, which is bound to
+that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvicorn
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
+
+from streamchat.app import SESSION_PATH
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    app: ASGIApp, *, ws_max_size: int = 16 * 1024 * 1024, lifespan: str = "on"
+) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 and yield its ``http://host:port`` base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", ws_max_size=ws_max_size, lifespan=lifespan)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def ws_url(base: str) -> str:
+    return base.replace("http://", "ws://") + SESSION_PATH
+
+
+@contextlib.asynccontextmanager
+async def serve_files(root: Path) -> AsyncIterator[str]:
+    """A plain static HTTP server for URL sources."""
+    app = StaticFiles(directory=root)
+    async with serve(app, lifespan="off") as base:
+        yield base
