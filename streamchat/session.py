@@ -58,8 +58,6 @@ class _RunningSource:
     number: int
     feed: ByteFeed
     stop: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-    """A fetch failure, reported in preference to the decoder's own."""
     decoding: asyncio.Task[None] | None = None
     fetching: asyncio.Task[None] | None = None
 
@@ -188,15 +186,14 @@ class Session:
             await self._run([self.protocol.error(exc)])
 
     async def _fetch(self, source: _RunningSource, url: str) -> None:
+        """Fetch ``url`` into the source's feed; a failure ends the decoder with it."""
         try:
             await fetch_into(url, source.feed, self.settings)
         except StreamchatError as exc:
-            source.error = exc
-            source.feed.abort()
+            source.feed.abort(exc)
         except Exception as exc:
             self.log.exception("fetch failed")
-            source.error = exc
-            source.feed.abort()
+            source.feed.abort(exc)
 
     async def _decode(self, source: _RunningSource, options: DecoderOptions) -> None:
         """Run the decoder thread for ``source`` and report how it ended."""
@@ -241,7 +238,6 @@ class Session:
             self._sources.pop(source.number, None)
         if source.stop.is_set():
             return
-        error = source.error or error
         if error is not None and not isinstance(error, StreamchatError):
             self.log.error("decoder failed", exc_info=error)
         await self._run(self.protocol.source_ended(source.number, error, level=source.level()))

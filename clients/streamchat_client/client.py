@@ -315,19 +315,24 @@ class Session:
         """
 
         def enough(status: VideoStatus) -> bool:
-            if status.frames >= n or status.state == "ended":
-                return True
-            if status.state == "failed":
-                raise self._inbox.source_error or ServerError(
-                    "video_failed", "the video source failed without an error message"
-                )
-            return False
+            return status.frames >= n or self._source_over(status)
 
         return await self._wait_status(enough, timeout)
 
     async def wait_ended(self, *, timeout: float | None = None) -> VideoStatus:
-        """Wait until the current source has ended or failed; return its last status."""
-        return await self._wait_status(lambda s: s.state in ("ended", "failed"), timeout)
+        """Wait until the current source has ended; return its last status.
+
+        Raises :class:`ServerError` (the source's error) if it failed: frames
+        decoded before the failure stay in the server's window.
+        """
+        return await self._wait_status(self._source_over, timeout)
+
+    def _source_over(self, status: VideoStatus) -> bool:
+        if status.state == "failed":
+            raise self._inbox.source_error or ServerError(
+                "video_failed", "the video source failed without an error message"
+            )
+        return status.state == "ended"
 
     # -- questions ----------------------------------------------------------
 

@@ -280,8 +280,10 @@ async def test_bad_video_is_a_session_error(server: LiveServer) -> None:
     async with connect(server.url, on_error=seen.append) as session:
         await session.send_bytes(b"\x00not a video" * 2000, format="webm")
         await session.end_video()
-        status = await session.wait_ended(timeout=TIMEOUT)
-        assert status.state == "failed"
+        with pytest.raises(ServerError) as ended:
+            await session.wait_ended(timeout=TIMEOUT)
+        assert session.status is not None and session.status.state == "failed"
+        assert ended.value is seen[0]
         assert [e.code for e in session.errors] == [e.code for e in seen]
         assert seen and seen[0].code in ("video_unsupported", "video_decode_failed")
         assert seen[0].id is None
