@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 import streamchat_client
 import streamchat_client.messages
+from streamchat.config import Settings
 from streamchat_client import (
     Answer,
     ConnectError,
@@ -29,8 +31,6 @@ from streamchat_client import (
 from streamchat_client.cli import main
 from streamchat_client.inbox import Inbox
 from streamchat_client.messages import Done, Usage
-
-from streamchat.config import Settings
 from tests.client.live import CLIP_SECONDS, LiveServer, StartServer
 from tests.media import encode_image, encode_video
 from tests.servers import serve_files
