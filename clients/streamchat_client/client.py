@@ -240,29 +240,27 @@ class Session:
         With ``realtime``, bytes are paced to the media's duration (probed with
         PyAV), so a 10 s file takes about 10 s, like a live camera: each chunk
         leaves when the media it holds would have been recorded. Otherwise
-        the file goes as fast as the connection takes it, except that for files
-        larger than half the server's ``video_buffer_bytes`` the client waits
-        for decoding to catch up (estimated from ``video.status``) rather than
-        overflow the server's buffer, which would drop a chunk and corrupt the
-        stream. ``format`` defaults to a guess from the file suffix. A pushed
-        source still open is ended first, since a second file appended to it
-        would not be a valid stream; this one is ended too unless ``end`` is
-        false.
+        the file goes as fast as the server decodes it: once half the server's
+        ``video_buffer_bytes`` are undecoded (told by ``video.status``), the
+        client waits for decoding to catch up rather than overflow the buffer,
+        which would drop a chunk and corrupt the stream. ``format`` defaults to
+        a guess from the file suffix. A pushed source still open is ended
+        first, since a second file appended to it would not be a valid stream;
+        this one is ended too unless ``end`` is false.
         """
         path = Path(path)
         size = path.stat().st_size
         hint = format or guess_format(path)
         step = self._chunk_size(chunk_bytes)
         duration: float | None = None
-        if realtime or size > self.limits.video_buffer_bytes // 2:
-            duration = await asyncio.to_thread(probe_duration, path)
-        if not realtime and duration is not None:
-            # Small steps, so one chunk cannot jump from the budget past the buffer's end.
-            step = min(step, max(1, self.limits.video_buffer_bytes // 8))
         if realtime:
+            duration = await asyncio.to_thread(probe_duration, path)
             if duration is None:
                 raise ValueError(f"cannot pace {path}: PyAV found no duration")
             step = min(step, max(1, int(size * PACE_SECONDS / duration)))
+        else:
+            # Small steps, so one chunk cannot jump from the budget past the buffer's end.
+            step = min(step, max(1, self.limits.video_buffer_bytes // 8))
         if self._pushing:  # a file is a source of its own
             await self.end_video()
         loop = asyncio.get_running_loop()
@@ -275,8 +273,8 @@ class Session:
                     delay = started + duration * (sent + len(piece)) / size - loop.time()
                     if delay > 0:
                         await asyncio.sleep(delay)  # pacing is the feature
-                elif duration is not None:
-                    await self._await_decoding(sent + len(piece), size, duration)
+                else:
+                    await self._await_decoding(sent + len(piece))
                 await self._send_chunk(piece, hint)
                 sent += len(piece)
         if end:
@@ -481,24 +479,22 @@ class Session:
             room = room // 4 * 3  # base64
         return max(1, min(chunk_bytes, room))
 
-    async def _await_decoding(self, sent: int, size: int, duration: float) -> None:
-        """Hold a fast push until ``sent`` bytes would leave the server's backlog at most half full.
+    async def _await_decoding(self, sent: int) -> None:
+        """Hold a fast push until ``sent`` bytes leave the server's backlog at most half full.
 
-        The decoded share of the file is estimated from ``last_pts`` (media
-        time decoded, from zero) over the file's duration. Without status
-        progress for :data:`FLOW_STALL_SECONDS` it sends anyway: the server
+        The server reports what it has received and what it has not decoded
+        yet in ``video.status``; what it has decoded is the difference. With
+        no status for :data:`FLOW_STALL_SECONDS` it sends anyway: the server
         refuses what does not fit, which is no worse than not waiting.
         """
         budget = self.limits.video_buffer_bytes // 2
         while True:
             status = self.status
-            current = status is not None and status.source >= self._sources_started
             decoded = 0
-            if current and status is not None:
+            if status is not None and status.source >= self._sources_started:
                 if status.state != "decoding":
                     return
-                if status.last_pts is not None:
-                    decoded = int(size * min(1.0, status.last_pts / duration))
+                decoded = status.bytes_received - status.backlog_bytes
             if sent - decoded <= budget:
                 return
             try:

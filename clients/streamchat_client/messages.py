@@ -111,6 +111,8 @@ class VideoStatus:
     first_pts: float | None
     last_pts: float | None
     decode_lag: float
+    backlog_bytes: int
+    """Bytes received by the server but not yet decoded."""
     frames_decoded: int
     frames_dropped: int
     bytes_received: int
@@ -219,6 +221,7 @@ def parse_status(raw: Mapping[str, Any]) -> VideoStatus:
         first_pts=f.opt_number("first_pts"),
         last_pts=f.opt_number("last_pts"),
         decode_lag=f.number("decode_lag"),
+        backlog_bytes=f.integer("backlog_bytes"),
         frames_decoded=f.integer("frames_decoded"),
         frames_dropped=f.integer("frames_dropped"),
         bytes_received=f.integer("bytes_received"),
