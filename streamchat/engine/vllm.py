@@ -1,0 +1,322 @@
+"""The :class:`~streamchat.engine.base.Engine` on vLLM's ``AsyncLLMEngine``.
+
+One engine serves every session of a server. A request becomes the model's own
+prompt (its chat template renders :func:`streamchat.prompt.build_messages`, so
+the video placeholder tokens are the model's) plus the frames as the prompt's
+single video, and streams back as ``RequestOutputKind.DELTA`` outputs, each
+forwarded at once. A generator closed early, or whose consumer is cancelled,
+aborts its request in the engine before it returns: a session relies on that
+for ``cancel`` and disconnects, and :meth:`VllmEngine.engine_unfinished` lets
+tests check it through the engine itself.
+
+vLLM is imported here and only here; :mod:`.cpu_compat` is installed first so
+the import works on CPU-only installs (and in vLLM's spawned processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..prompt import build_messages, video_metadata
+from ..window import Frame
+from . import cpu_compat
+from .base import Delta, EngineError, FinishReason, GenerationRequest, Usage
+
+cpu_compat.install()
+
+from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
+
+__all__ = [
+    "DEFAULT_KV_CACHE_BYTES",
+    "DEFAULT_MAX_MODEL_LEN",
+    "DEFAULT_MAX_NUM_SEQS",
+    "VllmEngine",
+    "engine_args_from_cli",
+    "engine_defaults",
+    "make_engine_args",
+    "open_vllm_engine",
+]
+
+logger = logging.getLogger("streamchat.engine")
+
+DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_MAX_NUM_SEQS = 8
+DEFAULT_KV_CACHE_BYTES = 64 * 1024 * 1024
+"""Enough for a few short conversations with a tiny model; real models want more
+(``VLLM_CPU_KVCACHE_SPACE``, in whole GiB, overrides it on CPU)."""
+
+_METADATA_MODEL_TYPES = frozenset({"qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
+"""Model types whose processors require ``(frames, metadata)`` for a video."""
+
+_FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "abort": "cancelled",
+    "repetition": "stop",
+}
+
+
+def make_engine_args(model: str | os.PathLike[str], **overrides: Any) -> AsyncEngineArgs:
+    """Engine arguments for ``model`` with :func:`engine_defaults`; ``overrides`` win."""
+    return AsyncEngineArgs(**(engine_defaults() | {"model": os.fspath(model)} | overrides))
+
+
+def engine_args_from_cli(argv: Sequence[str]) -> AsyncEngineArgs:
+    """vLLM's own engine flags (those of ``vllm serve``) with :func:`engine_defaults`.
+
+    ``["--help"]`` prints vLLM's help and exits, as argparse does.
+    """
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(
+        FlexibleArgumentParser(  # type: ignore[no-untyped-call]
+            prog="streamchat serve", description="vLLM engine flags"
+        )
+    )
+    parser.set_defaults(**engine_defaults())
+    args: AsyncEngineArgs = AsyncEngineArgs.from_cli_args(parser.parse_args(list(argv)))
+    return args
+
+
+def engine_defaults() -> dict[str, Any]:
+    """Settings that work on CPU as well as GPU for a video chat model.
+
+    Eager mode (no graph capture or compilation: start-up dominates on CPU),
+    one video and one image per prompt (what :mod:`streamchat.prompt` builds),
+    and a fixed KV cache size rather than a fraction of device memory, so the
+    footprint is predictable.
+    """
+    return {
+        "dtype": "bfloat16",
+        "max_model_len": DEFAULT_MAX_MODEL_LEN,
+        "max_num_seqs": DEFAULT_MAX_NUM_SEQS,
+        "kv_cache_memory_bytes": DEFAULT_KV_CACHE_BYTES,
+        "enforce_eager": True,
+        "limit_mm_per_prompt": {"video": 1, "image": 1},
+        "seed": 0,
+        "disable_log_stats": True,
+    }
+
+
+@asynccontextmanager
+async def open_vllm_engine(engine_args: AsyncEngineArgs) -> AsyncIterator[VllmEngine]:
+    """Start vLLM (15-60 s on CPU), yield the adapter, shut vLLM down on exit.
+
+    The engine is built in the running event loop, as vLLM's own API server
+    does: start-up blocks the loop, which is fine during an app's lifespan
+    start-up and keeps vLLM's loop-bound objects on this loop.
+    """
+    logger.info("starting vLLM engine for %s", engine_args.model)
+    started = time.perf_counter()
+    try:
+        engine = VllmEngine(AsyncLLMEngine.from_engine_args(engine_args))
+    except Exception as exc:
+        raise EngineError(f"vLLM failed to start: {exc}") from exc
+    logger.info("vLLM engine ready in %.1f s", time.perf_counter() - started)
+    try:
+        yield engine
+    finally:
+        await engine.aclose()
+
+
+class VllmEngine:
+    """Adapter from a started ``AsyncLLMEngine`` to streamchat's ``Engine``.
+
+    Owns the engine: :meth:`aclose` shuts it down. Build it with
+    :func:`open_vllm_engine` rather than directly.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+        self._running: set[str] = set()
+        self._closed = False
+        model_config = llm.model_config
+        hf_config = model_config.hf_config
+        self._model_name = str(model_config.served_model_name or model_config.model)
+        self._needs_metadata = hf_config.model_type in _METADATA_MODEL_TYPES
+        self._tokenizer = llm.get_tokenizer()
+        self._video_token_id = _video_token_id(hf_config, self._tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    def running(self) -> frozenset[str]:
+        """Ids whose answer generator is open (until it ends or is closed)."""
+        return frozenset(self._running)
+
+    def engine_unfinished(self) -> int:
+        """Requests vLLM's front end still tracks (0 when nothing is in flight).
+
+        Unlike :meth:`running`, this asks vLLM itself, so tests can prove that
+        an aborted or cancelled request is really gone from the engine.
+        """
+        return 0 if self._closed else int(self._llm.get_num_unfinished_requests())
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """Stream the answer; the last delta carries the finish reason and usage."""
+        llm = self._live()
+        if request.request_id in self._running:
+            raise ValueError(f"request {request.request_id!r} is already running")
+        self._running.add(request.request_id)
+        outputs: AsyncGenerator[Any, None] | None = None
+        try:
+            engine_input = await self._render(request)
+            outputs = llm.generate(engine_input, _sampling_params(request), request.request_id)
+            answer = _Answer(request, self._video_token_id)
+            try:
+                async for output in outputs:
+                    if (delta := answer.delta(output)) is not None:
+                        yield delta
+            except EngineError:
+                raise
+            except Exception as exc:
+                logger.exception("request %s failed in vLLM", request.request_id)
+                raise EngineError(f"the engine failed: {exc}") from exc
+            if not answer.finished:
+                raise EngineError("the engine ended the answer without a final output")
+        finally:
+            if outputs is not None:
+                # vLLM's generator aborts its request if it is not finished.
+                await outputs.aclose()
+            self._running.discard(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._running and not self._closed:
+            logger.debug("aborting request %s", request_id)
+            await self._llm.abort(request_id)
+
+    async def aclose(self) -> None:
+        """Abort what is in flight and shut vLLM down (its processes exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._running:
+            await self._llm.abort(list(self._running))
+        logger.info("shutting down vLLM engine")
+        self._llm.shutdown()
+        # Drop vLLM now: its __del__ shuts down again, which fails if it only
+        # runs at interpreter exit.
+        self._llm = None
+
+    # -- helpers --------------------------------------------------------------
+
+    def _live(self) -> Any:
+        """vLLM's engine, or ``EngineError`` once :meth:`aclose` began."""
+        if self._closed:
+            raise EngineError("the engine is shut down")
+        return self._llm
+
+    async def _render(self, request: GenerationRequest) -> Any:
+        """The prompt as vLLM's renderer turns it into engine input."""
+        try:
+            prompt = self._prompt(request)
+            (engine_input,) = await self._live().renderer.render_cmpl_async([prompt])
+        except Exception as exc:
+            raise EngineError(f"could not prepare the prompt: {exc}") from exc
+        return engine_input
+
+    def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
+        """Prompt text from the model's chat template, with the frames as its video."""
+        messages = build_messages(
+            request.question, request.frames, request.history, fps=request.fps
+        )
+        text = self._tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        prompt: dict[str, Any] = {"prompt": text}
+        if request.frames:
+            # One frame is shown twice: a video is made of two-frame temporal
+            # patches, and Qwen3-VL's processor refuses fewer frames than that
+            # (the others pad to two themselves, so the tokens are the same).
+            frames = list(request.frames) * (2 if len(request.frames) == 1 else 1)
+            video: Any = _stack_frames(frames)
+            if self._needs_metadata:
+                video = (video, video_metadata(frames, request.fps))
+            prompt["multi_modal_data"] = {"video": video}
+        return prompt
+
+
+class _Answer:
+    """Turns one request's DELTA outputs into deltas, counting tokens for usage."""
+
+    def __init__(self, request: GenerationRequest, video_token_id: int) -> None:
+        self.request = request
+        self.video_token_id = video_token_id
+        self.prompt_ids: Sequence[int] = ()
+        self.completion_tokens = 0
+        self.finished = False
+
+    def delta(self, output: Any) -> Delta | None:
+        """The delta for ``output``; ``None`` for an output with no new text."""
+        if output.prompt_token_ids is not None:
+            self.prompt_ids = output.prompt_token_ids
+        completion = output.outputs[0]
+        self.completion_tokens += len(completion.token_ids)
+        if not output.finished:
+            return Delta(text=completion.text) if completion.text else None
+        self.finished = True
+        reason = _finish_reason(completion.finish_reason)
+        usage = Usage(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.completion_tokens,
+            video_tokens=sum(1 for t in self.prompt_ids if t == self.video_token_id),
+            frames=len(self.request.frames),
+        )
+        logger.debug("request %s finished: %s, %s", self.request.request_id, reason, usage)
+        return Delta(text=completion.text, finish_reason=reason, usage=usage)
+
+
+def _stack_frames(frames: Sequence[Frame]) -> npt.NDArray[np.uint8]:
+    """Frames as one ``(T, H, W, 3)`` uint8 video, at the newest frame's size.
+
+    A stream can change resolution mid-window; the few frames of another size
+    are resized (nearest neighbour, cheap and good enough for patches of 14
+    pixels) rather than refused.
+    """
+    height, width = frames[-1].image.shape[:2]
+    return np.stack([_resize_nearest(frame.image, height, width) for frame in frames])
+
+
+def _resize_nearest(image: npt.NDArray[np.uint8], height: int, width: int) -> npt.NDArray[np.uint8]:
+    if image.shape[:2] == (height, width):
+        return image
+    rows = np.arange(height) * image.shape[0] // height
+    cols = np.arange(width) * image.shape[1] // width
+    resized: npt.NDArray[np.uint8] = image[rows[:, None], cols]
+    return resized
+
+
+def _sampling_params(request: GenerationRequest) -> Any:
+    options = request.sampling
+    return SamplingParams(
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        seed=options.seed,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _finish_reason(reason: str | None) -> FinishReason:
+    """vLLM's finish reason in streamchat's terms; an engine error raises."""
+    mapped = _FINISH_REASONS.get(reason or "")
+    if mapped is None:
+        raise EngineError(f"the engine finished the answer with {reason!r}")
+    return mapped
+
+
+def _video_token_id(hf_config: Any, tokenizer: Any) -> int:
+    token_id = getattr(hf_config, "video_token_id", None)
+    if token_id is None:
+        token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    return int(token_id)

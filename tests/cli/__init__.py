@@ -1,0 +1,1 @@
+"""The README commands run as processes."""

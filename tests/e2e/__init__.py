@@ -1,0 +1,1 @@
+"""End-to-end tests against a live server on the real engine."""

@@ -1,0 +1,1 @@
+"""Engine tests: a package, so the engine fixture is torn down when they end."""

@@ -1,0 +1,216 @@
+"""The vLLM adapter streams answers about frames and cleans up every request.
+
+These run the real engine on tiny random models (see ``conftest.py``); every
+claim about cleanup is checked through vLLM itself (``engine_unfinished``),
+never by waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+from streamchat.engine.base import (
+    ChatTurn,
+    Delta,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    SamplingOptions,
+)
+from streamchat.window import Frame
+
+if TYPE_CHECKING:
+    from streamchat.engine.vllm import VllmEngine
+
+pytestmark = pytest.mark.engine
+
+LONG = 1500
+"""Enough tokens that a request is still running when the test acts on it."""
+
+
+def make_frames(count: int, *, seed: int = 0, size: tuple[int, int] = (84, 112)) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    return [
+        Frame(pts=i * 0.5, image=rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        for i in range(count)
+    ]
+
+
+def ask(
+    request_id: str,
+    frames: Sequence[Frame],
+    *,
+    max_tokens: int = 16,
+    question: str = "What happens in the video?",
+    history: Sequence[ChatTurn] = (),
+) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id,
+        question=question,
+        frames=frames,
+        history=history,
+        sampling=SamplingOptions(max_tokens=max_tokens, temperature=0.0),
+    )
+
+
+async def collect(deltas: AsyncIterator[Delta]) -> list[Delta]:
+    return [delta async for delta in deltas]
+
+
+def assert_idle(engine: VllmEngine) -> None:
+    assert engine.running() == frozenset()
+    assert engine.engine_unfinished() == 0
+
+
+async def test_is_an_engine(vllm_engine: VllmEngine) -> None:
+    """The adapter satisfies the seam sessions use and names its model."""
+    assert isinstance(vllm_engine, Engine)
+    assert vllm_engine.model_name
+
+
+async def test_streams_deltas_then_a_final_delta_with_usage(vllm_engine: VllmEngine) -> None:
+    """An answer comes as several text deltas, the last with finish reason and usage."""
+    frames = make_frames(3)  # odd: the processor pads the temporal patch
+    deltas = await collect(vllm_engine.generate(ask("stream", frames)))
+
+    *pieces, last = deltas
+    assert len(pieces) >= 2
+    assert all(d.text and d.finish_reason is None and d.usage is None for d in pieces)
+    assert last.finish_reason == "length"
+    usage = last.usage
+    assert usage is not None
+    assert usage.completion_tokens == 16
+    assert usage.frames == 3
+    assert usage.video_tokens > 0
+    assert usage.prompt_tokens > usage.video_tokens
+    assert "".join(d.text for d in deltas).strip()
+    assert_idle(vllm_engine)
+
+
+async def test_same_request_gives_the_same_answer(vllm_engine: VllmEngine) -> None:
+    """Greedy decoding is deterministic, and history and frames change the prompt size."""
+    frames = make_frames(4, seed=1)
+    first = await collect(vllm_engine.generate(ask("again-1", frames)))
+    second = await collect(vllm_engine.generate(ask("again-2", frames)))
+    assert [d.text for d in first] == [d.text for d in second]
+    with_history = await collect(
+        vllm_engine.generate(ask("again-3", frames, history=[ChatTurn("Hi?", "Hello.")]))
+    )
+    first_usage, history_usage = first[-1].usage, with_history[-1].usage
+    assert first_usage is not None and history_usage is not None
+    assert history_usage.prompt_tokens > first_usage.prompt_tokens
+    assert history_usage.video_tokens == first_usage.video_tokens
+
+
+async def test_a_single_frame_is_a_video(vllm_engine: VllmEngine) -> None:
+    """A window holding one frame can be asked about (Qwen3-VL wants two)."""
+    deltas = await collect(vllm_engine.generate(ask("single", make_frames(1))))
+    usage = deltas[-1].usage
+    assert usage is not None
+    assert usage.frames == 1
+    assert usage.video_tokens > 0
+
+
+async def test_question_without_frames_has_no_video(vllm_engine: VllmEngine) -> None:
+    """With no frames the prompt is text only and the usage says so."""
+    deltas = await collect(vllm_engine.generate(ask("text-only", [])))
+    usage = deltas[-1].usage
+    assert usage is not None
+    assert (usage.frames, usage.video_tokens) == (0, 0)
+
+
+async def test_frames_of_different_sizes_are_one_video(vllm_engine: VllmEngine) -> None:
+    """A resolution change inside the window does not fail the question."""
+    frames = make_frames(2, size=(56, 84)) + make_frames(2, seed=2)
+    deltas = await collect(vllm_engine.generate(ask("resized", frames)))
+    assert deltas[-1].finish_reason == "length"
+
+
+async def test_two_concurrent_requests(vllm_engine: VllmEngine) -> None:
+    """Two answers stream at the same time, each complete and separately accounted."""
+    first = vllm_engine.generate(ask("one", make_frames(2, seed=3), max_tokens=24))
+    second = vllm_engine.generate(ask("two", make_frames(5, seed=4), max_tokens=20))
+    heads = [await anext(first), await anext(second)]
+    assert vllm_engine.running() == {"one", "two"}
+
+    rest_one, rest_two = await asyncio.gather(collect(first), collect(second))
+    for head, rest, max_tokens, count in ((heads[0], rest_one, 24, 2), (heads[1], rest_two, 20, 5)):
+        usage = rest[-1].usage
+        assert head.finish_reason is None
+        assert usage is not None
+        assert (usage.completion_tokens, usage.frames) == (max_tokens, count)
+    assert_idle(vllm_engine)
+
+
+async def test_closing_the_generator_aborts_the_request(vllm_engine: VllmEngine) -> None:
+    """A consumer that stops reading leaves nothing running in vLLM."""
+    deltas = vllm_engine.generate(ask("closed", make_frames(2), max_tokens=LONG))
+    assert (await anext(deltas)).finish_reason is None
+    assert vllm_engine.engine_unfinished() == 1
+    await deltas.aclose()
+    assert_idle(vllm_engine)
+    await assert_still_serves(vllm_engine)
+
+
+async def test_cancelling_the_consumer_aborts_the_request(vllm_engine: VllmEngine) -> None:
+    """Cancelling the task that reads an answer aborts it in vLLM."""
+    first_delta = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in vllm_engine.generate(ask("cancelled", make_frames(2), max_tokens=LONG)):
+            first_delta.set()
+
+    task = asyncio.create_task(consume())
+    await first_delta.wait()
+    assert vllm_engine.engine_unfinished() == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_idle(vllm_engine)
+    await assert_still_serves(vllm_engine)
+
+
+async def test_abort_ends_the_answer_as_cancelled(vllm_engine: VllmEngine) -> None:
+    """``abort`` stops a running answer; its stream ends with ``cancelled``."""
+    deltas = vllm_engine.generate(ask("aborted", make_frames(2), max_tokens=LONG))
+    await anext(deltas)
+    await vllm_engine.abort("aborted")
+    assert vllm_engine.engine_unfinished() == 0
+    rest = await collect(deltas)
+    assert rest[-1].finish_reason == "cancelled"
+    usage = rest[-1].usage
+    assert usage is not None and usage.completion_tokens < LONG
+    assert_idle(vllm_engine)
+
+
+async def test_abort_of_an_unknown_id_is_ignored(vllm_engine: VllmEngine) -> None:
+    """Aborting something that is not running is a no-op."""
+    await vllm_engine.abort("never-started")
+    assert_idle(vllm_engine)
+
+
+async def test_engine_rejection_is_an_engine_error(vllm_engine: VllmEngine) -> None:
+    """A request vLLM refuses (longer than the model's context) raises ``EngineError``."""
+    with pytest.raises(EngineError):
+        await collect(vllm_engine.generate(ask("too-long", [], question="word " * 4000)))
+    assert_idle(vllm_engine)
+
+
+async def test_duplicate_running_id_is_refused(vllm_engine: VllmEngine) -> None:
+    """Two requests may not share an id while the first runs (abort would hit both)."""
+    deltas = vllm_engine.generate(ask("dup", [], max_tokens=LONG))
+    await anext(deltas)
+    with pytest.raises(ValueError, match="already running"):
+        await anext(vllm_engine.generate(ask("dup", [])))
+    await deltas.aclose()
+    assert_idle(vllm_engine)
+
+
+async def assert_still_serves(engine: VllmEngine) -> None:
+    deltas = await collect(engine.generate(ask("after", make_frames(2), max_tokens=4)))
+    assert deltas[-1].finish_reason == "length"
