@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -91,7 +92,10 @@ def create_app(
             if served is None:
                 assert engine_factory is not None
                 served = await stack.enter_async_context(engine_factory())
-            app.state.streamchat = ServerState(settings, served)
+            resolved = settings
+            if settings.frame_factor is None and served.frame_factor is not None:
+                resolved = dataclasses.replace(settings, frame_factor=served.frame_factor)
+            app.state.streamchat = ServerState(resolved, served)
             yield
 
     return Starlette(

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         ("window_bytes", int, "pixel bytes kept per session"),
         ("max_pixels", int, "pixel budget per frame given to the model"),
         ("min_pixels", int, "smallest frame given to the model"),
-        ("frame_factor", int, "frame sides are multiples of this"),
+        ("frame_factor", int, "frame sides are multiples of this; default: the model's"),
         ("max_decode_pixels", int, "refuse source video larger than this"),
         ("max_message_bytes", int, "largest client message"),
         ("feed_bytes", int, "undecoded bytes buffered per source"),

@@ -50,8 +50,9 @@ class Settings:
     window_bytes: int = DEFAULT_WINDOW_BYTES
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
-    frame_factor: int = DEFAULT_FRAME_FACTOR
-    """Frame sides are multiples of this (Qwen2-VL: patch 14 x merge 2)."""
+    frame_factor: int | None = None
+    """Frame sides are multiples of this; None: the model's own (patch x merge:
+    28 for Qwen2-VL and Qwen2.5-VL, 32 for Qwen3-VL), else 28."""
     max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS
     """Source frames larger than this are refused by FFmpeg before it allocates."""
 
@@ -73,6 +74,11 @@ class Settings:
     """``file:`` URLs are served only from below this directory (off when None)."""
     fetch_max_bytes: int = DEFAULT_FETCH_MAX_BYTES
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+
+    @property
+    def factor(self) -> int:
+        """The frame factor in force (after the app resolved it from the model)."""
+        return self.frame_factor or DEFAULT_FRAME_FACTOR
 
     @property
     def transport_max_bytes(self) -> int:

@@ -300,7 +300,7 @@ class SessionProtocol:
             "window_bytes": s.window_bytes,
             "min_pixels": s.min_pixels,
             "max_pixels": o.max_pixels,
-            "frame_factor": s.frame_factor,
+            "frame_factor": s.factor,
             "max_message_bytes": s.max_message_bytes,
             "video_buffer_bytes": s.feed_bytes,
             "max_concurrent_asks": s.max_concurrent_asks,

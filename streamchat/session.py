@@ -150,7 +150,7 @@ class Session:
             fps=o.fps,
             min_pixels=min(s.min_pixels, o.max_pixels),
             max_pixels=o.max_pixels,
-            factor=s.frame_factor,
+            factor=s.factor,
             container=container,
             max_decode_pixels=s.max_decode_pixels,
         )
@@ -252,7 +252,7 @@ class Session:
             image = await asyncio.to_thread(
                 decode_image,
                 data,
-                factor=s.frame_factor,
+                factor=s.factor,
                 min_pixels=min(s.min_pixels, o.max_pixels),
                 max_pixels=o.max_pixels,
                 max_decode_pixels=s.max_decode_pixels,

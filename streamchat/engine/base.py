@@ -91,6 +91,11 @@ class Engine(Protocol):
     @property
     def model_name(self) -> str: ...
 
+    @property
+    def frame_factor(self) -> int | None:
+        """Frame sides the model wants as multiples of this (patch x merge), if known."""
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Stream the answer to ``request`` as deltas.
 

@@ -36,6 +36,10 @@ class FakeEngine:
     def model_name(self) -> str:
         return self._model_name
 
+    @property
+    def frame_factor(self) -> int | None:
+        return None
+
     def running(self) -> frozenset[str]:
         return frozenset(self._running)
 

@@ -145,6 +145,11 @@ class VllmEngine:
         self._needs_metadata = hf_config.model_type in _METADATA_MODEL_TYPES
         self._tokenizer = llm.get_tokenizer()
         self._video_token_id = _video_token_id(hf_config, self._tokenizer)
+        self._frame_factor = _frame_factor(hf_config)
+
+    @property
+    def frame_factor(self) -> int | None:
+        return self._frame_factor
 
     @property
     def model_name(self) -> str:
@@ -313,6 +318,16 @@ def _finish_reason(reason: str | None) -> FinishReason:
     if mapped is None:
         raise EngineError(f"the engine finished the answer with {reason!r}")
     return mapped
+
+
+def _frame_factor(hf_config: Any) -> int | None:
+    """Pixels per merged vision token side: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL."""
+    vision = getattr(hf_config, "vision_config", None)
+    patch = getattr(vision, "patch_size", None)
+    merge = getattr(vision, "spatial_merge_size", None)
+    if isinstance(patch, int) and isinstance(merge, int):
+        return patch * merge
+    return None
 
 
 def _video_token_id(hf_config: Any, tokenizer: Any) -> int:

@@ -34,6 +34,7 @@ async def test_pushed_video_answers_stream_with_usage(
 ) -> None:
     """Each container a browser or camera sends decodes, and the answer streams in deltas."""
     async with connect(live.url, fps=2) as session:
+        assert session.limits.frame_factor == 28  # resolved from the model's vision config
         await session.send_file(clip(tmp_path, container, codec, seconds=3.0))
         status = await session.wait_ended(timeout=60)
         assert (status.state, status.frames) == ("ended", 6)

@@ -73,6 +73,12 @@ async def test_is_an_engine(vllm_engine: VllmEngine) -> None:
     assert vllm_engine.model_name
 
 
+async def test_frame_factor_comes_from_the_vision_config(vllm_engine: VllmEngine) -> None:
+    """Qwen3-VL's 16-pixel patches merge to 32; the Qwen2 family's 14-pixel ones to 28."""
+    expected = 32 if "qwen3_vl" in vllm_engine.model_name else 28
+    assert vllm_engine.frame_factor == expected
+
+
 async def test_streams_deltas_then_a_final_delta_with_usage(vllm_engine: VllmEngine) -> None:
     """An answer comes as several text deltas, the last with finish reason and usage."""
     frames = make_frames(3)  # odd: the processor pads the temporal patch
