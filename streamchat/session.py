@@ -133,13 +133,13 @@ class Session:
     def _send_soon(self, actions: list[Action]) -> None:
         """Carry out actions from a synchronous callback.
 
-        Only status updates arrive this way; when the outbox is full they are
-        skipped (the next one supersedes them) rather than queued unbounded.
+        Only status updates arrive this way (``frame_decoded`` and
+        ``flush_status`` return nothing else); when the outbox is full they are
+        skipped, since the next one supersedes them, rather than queued unbounded.
         """
         for action in actions:
-            if isinstance(action, Send):
-                if isinstance(action.message, VideoStatus) and self.outbox.full():
-                    continue
+            assert isinstance(action, Send) and isinstance(action.message, VideoStatus)
+            if not self.outbox.full():
                 self.outbox.put_nowait(action.message)
 
     # -- video sources ------------------------------------------------------
