@@ -36,12 +36,9 @@ from __future__ import annotations
 
 import io
 import logging
-import math
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import av
 import av.error
@@ -53,157 +50,26 @@ from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
 from .errors import StreamchatError, VideoDecodeError, VideoTooLarge, VideoUnsupported
+from .reader import SafeReader, Source, mp4_header
+from .sampling import (
+    DEFAULT_FACTOR,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    FrameSampler,
+    Timeline,
+    target_size,
+)
 from .window import Frame
 
-__all__ = [
-    "DecodeReport",
-    "DecoderOptions",
-    "FrameSampler",
-    "Source",
-    "decode_image",
-    "decode_stream",
-    "target_size",
-]
+__all__ = ["DecodeReport", "DecoderOptions", "decode_image", "decode_stream"]
 
 logger = logging.getLogger("streamchat.decoder")
 
-DEFAULT_FACTOR = 28
-DEFAULT_MIN_PIXELS = 4 * 28 * 28
-DEFAULT_MAX_PIXELS = 256 * 28 * 28  # 448 x 448
 DEFAULT_MAX_DECODE_PIXELS = 4096 * 2160
 
 _CONTAINERS = {"webm": "webm", "matroska": "matroska", "mp4": "mp4", "mpegts": "mpegts"}
 _INTERPOLATION = "AREA"  # as fast as bilinear in swscale, and averages when shrinking
-_BACKWARD_JUMP = 0.5  # seconds of backward source time still treated as jitter
-_FORWARD_JUMP = 3600.0  # a longer leap of the source clock is a discontinuity, not a gap
 _MAX_LEADING_SKIPS = 300  # non-key packets dropped while waiting for a first keyframe
-
-
-class Source(Protocol):
-    """What :func:`decode_stream` reads: a ``ByteFeed``, an open file, ``BytesIO``."""
-
-    def read(self, n: int = -1, /) -> bytes: ...
-
-
-# -- sizes and sampling (pure) ----------------------------------------------------
-
-
-def target_size(
-    width: int,
-    height: int,
-    *,
-    factor: int = DEFAULT_FACTOR,
-    min_pixels: int = DEFAULT_MIN_PIXELS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[int, int]:
-    """``(width, height)`` to resize a ``width`` x ``height`` picture to for the model.
-
-    Qwen2-VL's "smart resize": both sides become multiples of ``factor`` (the
-    vision patch size times the merge size, so no patch is cut), the area lands
-    within ``[min_pixels, max_pixels]`` and the aspect ratio is kept as closely
-    as rounding allows. Unlike the reference, extreme shapes are not refused:
-    sides never drop below ``factor``, and if that alone would break
-    ``max_pixels``, the long side gives way.
-    """
-    if width < 1 or height < 1:
-        raise ValueError(f"invalid picture size {width}x{height}")
-    if factor < 1 or max_pixels < factor * factor or min_pixels > max_pixels:
-        raise ValueError("need factor >= 1 and factor**2 <= max_pixels and min <= max pixels")
-    w = max(factor, round(width / factor) * factor)
-    h = max(factor, round(height / factor) * factor)
-    if w * h > max_pixels:
-        w, h = _shrink(width, height, max_pixels, factor)
-    elif w * h < min_pixels:
-        w, h = _grow(width, height, min_pixels, factor)
-        if w * h > max_pixels:  # rounding up overshot a narrow budget
-            w, h = _shrink(width, height, max_pixels, factor)
-    if w * h > max_pixels:  # only for extreme aspect ratios, once sides are clamped
-        if w >= h:
-            w = max(factor, max_pixels // h // factor * factor)
-        else:
-            h = max(factor, max_pixels // w // factor * factor)
-    return w, h
-
-
-# Same arithmetic as the reference, so results agree to the last float rounding.
-def _shrink(width: int, height: int, max_pixels: int, factor: int) -> tuple[int, int]:
-    beta = math.sqrt(width * height / max_pixels)
-    w = max(factor, math.floor(width / beta / factor) * factor)
-    return w, max(factor, math.floor(height / beta / factor) * factor)
-
-
-def _grow(width: int, height: int, min_pixels: int, factor: int) -> tuple[int, int]:
-    beta = math.sqrt(min_pixels / (width * height))
-    w = max(factor, math.ceil(width * beta / factor) * factor)
-    return w, max(factor, math.ceil(height * beta / factor) * factor)
-
-
-class FrameSampler:
-    """Decides which decoded frames to keep so that kept frames come at ``fps``.
-
-    Kept frames sit on a grid of ``1/fps`` slots anchored at the first frame:
-    a frame is kept when it is the first in a new slot. Anchoring on a grid
-    rather than on the last kept frame keeps the average rate exact when the
-    source rate is not a multiple of ``fps`` (25 fps sampled at 3 fps stays
-    at 3, not 2.8); spacing between kept frames is ``1/fps`` minus at most one
-    source frame interval. A gap (more than one empty slot, including a source
-    slower than ``fps``) re-anchors the grid at the next frame, so frames after
-    a gap are not kept too close together. Timestamps only need to be
-    non-decreasing; a small tolerance absorbs jitter and float error at slot
-    boundaries.
-    """
-
-    def __init__(self, fps: float) -> None:
-        if not fps > 0:
-            raise ValueError("fps must be positive")
-        self.interval = 1.0 / fps
-        self._tolerance = self.interval * 1e-3
-        self._anchor: float | None = None
-        self._slot = 0
-
-    def take(self, pts: float) -> bool:
-        """True if the frame at ``pts`` seconds is to be kept."""
-        if self._anchor is None:
-            self._anchor = pts
-            self._slot = 0
-            return True
-        slot = math.floor((pts - self._anchor + self._tolerance) / self.interval)
-        if slot <= self._slot:
-            return False
-        if slot > self._slot + 1:  # a gap: restart the grid here
-            self._anchor = pts
-            self._slot = 0
-        else:
-            self._slot = slot
-        return True
-
-
-class _Timeline:
-    """Source frame times -> seconds from the first frame, never going backwards."""
-
-    def __init__(self) -> None:
-        self._offset: float | None = None
-        self.last: float | None = None
-
-    def place(self, source_time: float | None, frame_interval: float) -> float:
-        if source_time is None:  # no timestamp: assume the nominal frame rate
-            pts = 0.0 if self.last is None else self.last + frame_interval
-        elif self._offset is None:
-            self._offset = -source_time
-            pts = 0.0
-        else:
-            pts = source_time + self._offset
-            if self.last is not None and not -_BACKWARD_JUMP <= pts - self.last <= _FORWARD_JUMP:
-                # A new clock (restarted encoder, concatenated recordings, or a
-                # reset that the MPEG-TS demuxer took for a wrap-around):
-                # continue just after the last frame.
-                logger.info("video timestamps jumped by %.3f s", pts - self.last)
-                self._offset += self.last + frame_interval - pts
-                pts = self.last + frame_interval
-            elif self.last is not None and pts < self.last:  # jitter
-                pts = self.last
-        self.last = pts
-        return pts
 
 
 # -- options and report ------------------------------------------------------------
@@ -319,7 +185,7 @@ def decode_stream(
       ``ByteFeed``) are re-raised as they are if they are ``StreamchatError``
       instances, and wrapped in ``VideoDecodeError`` otherwise.
     """
-    reader = _Reader(source, stop)
+    reader = SafeReader(source, stop)
     report = DecodeReport()
     try:
         with _open(reader, options) as container:
@@ -358,7 +224,7 @@ def _stopped(report: DecodeReport) -> DecodeReport:
     return report
 
 
-def _open(reader: _Reader, options: DecoderOptions) -> InputContainer:
+def _open(reader: SafeReader, options: DecoderOptions) -> InputContainer:
     """Open the container on ``reader``; MP4 headers are first collected whole."""
     hint = _CONTAINERS.get(options.container or "")
     buffer_size = 32_768
@@ -367,7 +233,7 @@ def _open(reader: _Reader, options: DecoderOptions) -> InputContainer:
         raise VideoDecodeError("the video stream ended before any data arrived")
     reader.unread(head)
     if hint in (None, "mp4"):
-        header = _mp4_header(reader, options.max_header_bytes, required=hint == "mp4")
+        header = mp4_header(reader, options.max_header_bytes, required=hint == "mp4")
         if header is not None:
             hint = "mp4"
             buffer_size = max(buffer_size, len(header))
@@ -396,7 +262,7 @@ def _decode_container(
     rate = stream.average_rate or stream.guessed_rate
     frame_interval = 1.0 / float(rate) if rate else 1.0 / 30
     sampler = FrameSampler(options.fps)
-    timeline = _Timeline()
+    timeline = Timeline()
     sizes = _SizeCache(options)
     gate = _PacketGate(options.keyframes_only)
     errors_in_row = 0
@@ -538,113 +404,6 @@ def _ffmpeg_failure(exc: av.error.FFmpegError, options: DecoderOptions) -> Strea
     if isinstance(exc, av.error.InvalidDataError):
         return VideoDecodeError(f"the data is not a valid {options.container} video stream")
     return VideoDecodeError(f"the video could not be read (corrupt or truncated): {exc.strerror}")
-
-
-# -- reading -------------------------------------------------------------------------
-
-
-class _Reader:
-    """The file-like object FFmpeg reads: the source, made safe for FFmpeg.
-
-    * Errors from the source are stored and end the stream (``b""``) instead
-      of propagating through FFmpeg, which would log them as dropped and may
-      read again; :meth:`failure` re-raises them after the demux loop.
-    * A set stop event ends the stream at the next read.
-    * Bytes read ahead (the MP4 header) are served first, in one piece.
-    * A source that returns more than asked is cut to size: PyAV copies the
-      result into a buffer of the requested size.
-    """
-
-    def __init__(self, source: Source, stop: threading.Event) -> None:
-        self._source = source
-        self._stop = stop
-        self._pending = b""
-        self._error: BaseException | None = None
-
-    def read(self, n: int) -> bytes:
-        if self._pending:
-            data, self._pending = self._pending[:n], self._pending[n:]
-            return data
-        if self._error is not None or self._stop.is_set():
-            return b""
-        try:
-            data = bytes(self._source.read(n))
-        except Exception as exc:  # every source failure ends the stream
-            self._error = exc
-            return b""
-        if len(data) > n:
-            data, self._pending = data[:n], data[n:]
-        return data
-
-    def read_exactly(self, n: int) -> bytes:
-        """``n`` bytes, or fewer only at the end of the stream."""
-        pieces = []
-        while n > 0:
-            piece = self.read(n)
-            if not piece:
-                break
-            pieces.append(piece)
-            n -= len(piece)
-        return b"".join(pieces)
-
-    def unread(self, data: bytes) -> None:
-        self._pending = data + self._pending
-
-    def failure(self) -> StreamchatError | None:
-        """The source's error, if it failed, as a client-facing error."""
-        if self._error is None or isinstance(self._error, StreamchatError):
-            return self._error
-        error = VideoDecodeError("reading the video failed")
-        error.__cause__ = self._error
-        return error
-
-
-# Top-level boxes that may precede ``moov`` in a streamable MP4.
-_MP4_PREFIX_BOXES = {b"ftyp", b"styp", b"free", b"skip", b"wide", b"pdin", b"uuid", b"sidx"}
-_MP4_MEDIA_BOXES = {b"mdat", b"moof"}
-
-
-def _mp4_header(reader: _Reader, limit: int, *, required: bool) -> bytes | None:
-    """Read an MP4 stream's top-level boxes up to the end of ``moov``, and push them back.
-
-    Returns the header, or ``None`` (nothing consumed) if the stream does not
-    start like an MP4, which is an error only when ``required``. Media before
-    the index (a plain MP4 with ``moov`` at the end, or a fragment joined
-    without its header) cannot be decoded from a stream: ``VideoUnsupported``.
-    """
-    head = reader.read_exactly(8)
-    if len(head) < 8 or head[4:8] not in _MP4_PREFIX_BOXES | _MP4_MEDIA_BOXES | {b"moov"}:
-        reader.unread(head)
-        if required:
-            raise VideoDecodeError("the data is not a valid mp4 video stream")
-        return None
-    header = bytearray()
-    while True:
-        size, kind = struct.unpack(">I4s", head)
-        if size == 1:  # a 64-bit size follows
-            head += _read_all(reader, 8)
-            (size,) = struct.unpack(">Q", head[8:])
-        if kind in _MP4_MEDIA_BOXES:
-            raise VideoUnsupported(
-                "this MP4 cannot be decoded as a stream: media comes before its index "
-                "(send fragmented MP4 from its start, or a +faststart MP4)"
-            )
-        if kind not in _MP4_PREFIX_BOXES | {b"moov"} or size < len(head):
-            raise VideoDecodeError("the data is not a valid mp4 video stream")
-        if len(header) + size > limit:
-            raise VideoTooLarge(f"the MP4 header exceeds the limit of {limit} bytes")
-        header += head + _read_all(reader, size - len(head))
-        if kind == b"moov":
-            reader.unread(bytes(header))
-            return bytes(header)
-        head = _read_all(reader, 8)
-
-
-def _read_all(reader: _Reader, n: int) -> bytes:
-    data = reader.read_exactly(n)
-    if len(data) < n:
-        raise VideoDecodeError("the video ended inside its MP4 header")
-    return data
 
 
 # -- images --------------------------------------------------------------------------

@@ -20,14 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 
-from streamchat.decoder import (
-    DecodeReport,
-    DecoderOptions,
-    FrameSampler,
-    decode_image,
-    decode_stream,
-    target_size,
-)
+from streamchat.decoder import DecodeReport, DecoderOptions, decode_image, decode_stream
 from streamchat.errors import (
     VideoDecodeError,
     VideoTimeout,
@@ -35,6 +28,7 @@ from streamchat.errors import (
     VideoUnsupported,
 )
 from streamchat.feed import ByteFeed, FeedClosed
+from streamchat.sampling import FrameSampler, target_size
 from streamchat.window import Frame
 from tests.media import chunks, corrupt_payloads, encode_image, encode_video, frame_index
 

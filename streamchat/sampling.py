@@ -1,0 +1,150 @@
+"""Which frames to keep, at what size, at what time: the decoder's pure arithmetic.
+
+* :func:`target_size`: Qwen2-VL's "smart resize" (sides multiples of the
+  model's factor, area within the pixel budget, aspect kept).
+* :class:`FrameSampler`: frames at ``fps`` by presentation time.
+* :class:`Timeline`: source timestamps -> seconds from the first frame,
+  never going backwards.
+
+No PyAV here: these are unit-tested with plain numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+__all__ = [
+    "DEFAULT_FACTOR",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MIN_PIXELS",
+    "FrameSampler",
+    "Timeline",
+    "target_size",
+]
+
+logger = logging.getLogger("streamchat.decoder")
+
+DEFAULT_FACTOR = 28
+DEFAULT_MIN_PIXELS = 4 * 28 * 28
+DEFAULT_MAX_PIXELS = 256 * 28 * 28  # 448 x 448
+_BACKWARD_JUMP = 0.5  # seconds of backward source time still treated as jitter
+_FORWARD_JUMP = 3600.0  # a longer leap of the source clock is a discontinuity, not a gap
+
+
+def target_size(
+    width: int,
+    height: int,
+    *,
+    factor: int = DEFAULT_FACTOR,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[int, int]:
+    """``(width, height)`` to resize a ``width`` x ``height`` picture to for the model.
+
+    Qwen2-VL's "smart resize": both sides become multiples of ``factor`` (the
+    vision patch size times the merge size, so no patch is cut), the area lands
+    within ``[min_pixels, max_pixels]`` and the aspect ratio is kept as closely
+    as rounding allows. Unlike the reference, extreme shapes are not refused:
+    sides never drop below ``factor``, and if that alone would break
+    ``max_pixels``, the long side gives way.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"invalid picture size {width}x{height}")
+    if factor < 1 or max_pixels < factor * factor or min_pixels > max_pixels:
+        raise ValueError("need factor >= 1 and factor**2 <= max_pixels and min <= max pixels")
+    w = max(factor, round(width / factor) * factor)
+    h = max(factor, round(height / factor) * factor)
+    if w * h > max_pixels:
+        w, h = _shrink(width, height, max_pixels, factor)
+    elif w * h < min_pixels:
+        w, h = _grow(width, height, min_pixels, factor)
+        if w * h > max_pixels:  # rounding up overshot a narrow budget
+            w, h = _shrink(width, height, max_pixels, factor)
+    if w * h > max_pixels:  # only for extreme aspect ratios, once sides are clamped
+        if w >= h:
+            w = max(factor, max_pixels // h // factor * factor)
+        else:
+            h = max(factor, max_pixels // w // factor * factor)
+    return w, h
+
+
+# Same arithmetic as the reference, so results agree to the last float rounding.
+def _shrink(width: int, height: int, max_pixels: int, factor: int) -> tuple[int, int]:
+    beta = math.sqrt(width * height / max_pixels)
+    w = max(factor, math.floor(width / beta / factor) * factor)
+    return w, max(factor, math.floor(height / beta / factor) * factor)
+
+
+def _grow(width: int, height: int, min_pixels: int, factor: int) -> tuple[int, int]:
+    beta = math.sqrt(min_pixels / (width * height))
+    w = max(factor, math.ceil(width * beta / factor) * factor)
+    return w, max(factor, math.ceil(height * beta / factor) * factor)
+
+
+class FrameSampler:
+    """Decides which decoded frames to keep so that kept frames come at ``fps``.
+
+    Kept frames sit on a grid of ``1/fps`` slots anchored at the first frame:
+    a frame is kept when it is the first in a new slot. Anchoring on a grid
+    rather than on the last kept frame keeps the average rate exact when the
+    source rate is not a multiple of ``fps`` (25 fps sampled at 3 fps stays
+    at 3, not 2.8); spacing between kept frames is ``1/fps`` minus at most one
+    source frame interval. A gap (more than one empty slot, including a source
+    slower than ``fps``) re-anchors the grid at the next frame, so frames after
+    a gap are not kept too close together. Timestamps only need to be
+    non-decreasing; a small tolerance absorbs jitter and float error at slot
+    boundaries.
+    """
+
+    def __init__(self, fps: float) -> None:
+        if not fps > 0:
+            raise ValueError("fps must be positive")
+        self.interval = 1.0 / fps
+        self._tolerance = self.interval * 1e-3
+        self._anchor: float | None = None
+        self._slot = 0
+
+    def take(self, pts: float) -> bool:
+        """True if the frame at ``pts`` seconds is to be kept."""
+        if self._anchor is None:
+            self._anchor = pts
+            self._slot = 0
+            return True
+        slot = math.floor((pts - self._anchor + self._tolerance) / self.interval)
+        if slot <= self._slot:
+            return False
+        if slot > self._slot + 1:  # a gap: restart the grid here
+            self._anchor = pts
+            self._slot = 0
+        else:
+            self._slot = slot
+        return True
+
+
+class Timeline:
+    """Source frame times -> seconds from the first frame, never going backwards."""
+
+    def __init__(self) -> None:
+        self._offset: float | None = None
+        self.last: float | None = None
+
+    def place(self, source_time: float | None, frame_interval: float) -> float:
+        if source_time is None:  # no timestamp: assume the nominal frame rate
+            pts = 0.0 if self.last is None else self.last + frame_interval
+        elif self._offset is None:
+            self._offset = -source_time
+            pts = 0.0
+        else:
+            pts = source_time + self._offset
+            if self.last is not None and not -_BACKWARD_JUMP <= pts - self.last <= _FORWARD_JUMP:
+                # A new clock (restarted encoder, concatenated recordings, or a
+                # reset that the MPEG-TS demuxer took for a wrap-around):
+                # continue just after the last frame.
+                logger.info("video timestamps jumped by %.3f s", pts - self.last)
+                self._offset += self.last + frame_interval - pts
+                pts = self.last + frame_interval
+            elif self.last is not None and pts < self.last:  # jitter
+                pts = self.last
+        self.last = pts
+        return pts
