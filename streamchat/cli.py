@@ -21,7 +21,7 @@ from typing import Any
 from . import __version__
 from .config import DEFAULT_MODEL, Settings
 
-__all__ = ["main", "settings_from_args"]
+__all__ = ["build_parser", "main", "settings_from_args"]
 
 logger = logging.getLogger("streamchat.cli")
 
@@ -30,7 +30,7 @@ DEFAULT_TINY_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamchat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"streamchat {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -153,7 +153,7 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

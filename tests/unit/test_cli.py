@@ -1,0 +1,48 @@
+"""Flags map onto Settings and onto vLLM's own engine arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamchat.cli import build_parser, settings_from_args
+from streamchat.config import Settings
+from streamchat.engine.vllm import engine_args_from_cli
+
+
+def test_session_flags_become_settings() -> None:
+    args, rest = build_parser().parse_known_args(
+        [
+            "serve",
+            "--fps",
+            "4",
+            "--window-frames",
+            "8",
+            "--allowed-file-dir",
+            "/srv/media",
+            "--max-model-len",
+            "1024",
+        ]
+    )
+    settings = settings_from_args(args, "some/model")
+    assert settings == Settings(
+        model="some/model", fps=4.0, window_frames=8, allowed_file_dir=Path("/srv/media")
+    )
+    assert rest == ["--max-model-len", "1024"]
+
+
+def test_engine_flags_are_vllms_own_with_our_defaults() -> None:
+    """vLLM's flags mean what they mean to `vllm serve`; unset ones take streamchat's defaults."""
+    args = engine_args_from_cli(
+        ["--model", "m", "--max-model-len", "1024", "--tensor-parallel-size", "2"]
+    )
+    assert (args.model, args.max_model_len, args.tensor_parallel_size) == ("m", 1024, 2)
+    assert args.enforce_eager is True
+    assert args.limit_mm_per_prompt == {"video": 1, "image": 1}
+
+
+def test_unknown_engine_flag_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as info:
+        engine_args_from_cli(["--model", "m", "--no-such-flag"])
+    assert info.value.code == 2
