@@ -14,12 +14,14 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from . import __version__
 from .config import Settings
@@ -62,6 +64,16 @@ class ServerState:
             await self._changed.wait_for(lambda: len(self.sessions) == count)
 
 
+def _index_route() -> Route:
+    """The browser page (``static/index.html``), read once; its assets are under ``/static``."""
+    page = resources.files(__package__).joinpath("static", "index.html").read_text("utf-8")
+
+    async def index(request: Request) -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return Route("/", index)
+
+
 async def _health(request: Request) -> JSONResponse:
     state: ServerState = request.app.state.streamchat
     return JSONResponse(
@@ -100,8 +112,10 @@ def create_app(
 
     return Starlette(
         routes=[
+            _index_route(),
             Route("/health", _health),
             WebSocketRoute(SESSION_PATH, session_endpoint),
+            Mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static"),
         ],
         lifespan=lifespan,
     )

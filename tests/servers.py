@@ -14,6 +14,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import uvicorn
 from starlette.staticfiles import StaticFiles
@@ -24,7 +25,10 @@ from streamchat.app import SESSION_PATH
 
 @contextlib.asynccontextmanager
 async def serve(
-    app: ASGIApp, *, ws_max_size: int = 16 * 1024 * 1024, lifespan: str = "on"
+    app: ASGIApp,
+    *,
+    ws_max_size: int = 16 * 1024 * 1024,
+    lifespan: Literal["auto", "on", "off"] = "on",
 ) -> AsyncIterator[str]:
     """Serve ``app`` on 127.0.0.1 and yield its ``http://host:port`` base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
