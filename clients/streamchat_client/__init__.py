@@ -9,15 +9,24 @@
             print(delta, end="")
 
 Standalone: it speaks protocol v1 (``docs/protocol.md``) with websockets and
-msgpack only, and uses PyAV only to pace or probe local files.
+msgpack; PyAV is loaded only to pace or probe local files and to read live
+sources (cameras, streams) with :meth:`Session.stream_live`.
 """
 
 from __future__ import annotations
 
 from .answer import Answer
 from .client import DEFAULT_CHUNK_BYTES, DEFAULT_URL, Session, connect
-from .errors import ClientError, ConnectError, ProtocolViolation, ServerError, SessionClosed
+from .errors import (
+    ClientError,
+    ConnectError,
+    ProtocolViolation,
+    ServerError,
+    SessionClosed,
+    SourceError,
+)
 from .messages import Done, Encoding, Limits, Ready, Usage, VideoStatus
+from .sources import PushStats
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -29,10 +38,12 @@ __all__ = [
     "Encoding",
     "Limits",
     "ProtocolViolation",
+    "PushStats",
     "Ready",
     "ServerError",
     "Session",
     "SessionClosed",
+    "SourceError",
     "Usage",
     "VideoStatus",
     "connect",

@@ -3,20 +3,26 @@
 ::
 
     streamchat-client clip.mp4 --ask "What is moving?" --ask "What colour is it?"
-    streamchat-client https://example.com/v.webm --realtime --ask "What happens?" --json
+    streamchat-client https://example.com/v.webm --ask "What happens?" --json
+    streamchat-client --device /dev/video0 -i
+    streamchat-client --live rtsp://camera.local/stream --ask "Anyone at the door?"
 
-A local file is pushed as chunks (as fast as the server decodes, or with
-``--realtime`` paced like a live camera); an ``http(s)``/``file:`` URL is
-fetched by the server. Without ``--realtime`` the questions are asked once
-the whole video is decoded; with it, as soon as a couple of seconds of frames
-are in the window, while the video keeps streaming. Answers stream to stdout,
-progress goes to stderr; ``--json`` writes one JSON object per line to
-stdout instead (the protocol's own ``answer.delta``, ``answer.done``,
-``error`` and ``video.status`` maps, with ``answer.done`` also carrying the
-question and the whole text).
+Where the video comes from decides how it travels:
 
-Exit codes: 0 ok, 1 a server error or failed answer, 2 usage, 3 cannot
-connect, 130 interrupted.
+* a local file is pushed as it is (as fast as the server decodes, or with
+  ``--realtime`` paced like a live camera);
+* an ``http(s)``/``file:`` URL is fetched by the server (``video.url``), or,
+  with ``--push``, read here with PyAV and pushed;
+* ``--device DEV`` (a camera, ``v4l2`` by default on Linux) and ``--live SRC``
+  (anything PyAV opens: RTSP, HLS, a file played at its own pace) are read
+  here with PyAV, remuxed and pushed as they are produced.
+
+Without ``--realtime`` a file's questions are asked once it is all decoded;
+live sources, ``--realtime`` and ``-i/--interactive`` ask as soon as a
+couple of seconds of frames are in the window, while the video streams.
+Answers go to stdout, progress to stderr (``--quiet`` silences it);
+``--json`` writes one JSON object per line to stdout instead. Exit codes are
+listed in :data:`EPILOG`.
 """
 
 from __future__ import annotations
@@ -24,30 +30,51 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import sys
 from collections.abc import Awaitable, Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TypeVar
 
 from .client import DEFAULT_URL, Session, connect
-from .errors import ClientError, ConnectError, ServerError, SessionClosed
-from .messages import VideoStatus
+from .display import EXIT_CONNECT, EXIT_FAILED, EXIT_OK, EXIT_SOURCE, Display, print_answer
+from .errors import ClientError, ServerError, SessionClosed, SourceError
+from .interactive import LineReader, run_interactive
 
-__all__ = ["main"]
+__all__ = ["EXIT_USAGE", "EXIT_INTERRUPTED", "build_parser", "main"]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_CONNECT = 3
 EXIT_INTERRUPTED = 130
+assert (EXIT_OK, EXIT_FAILED, EXIT_CONNECT, EXIT_SOURCE) == (0, 1, 3, 4)
 
 BUFFER_SECONDS = 2.0
-"""With ``--realtime``, questions wait for this much video in the window (or the source's end)."""
+"""When asking while the video streams, questions wait for this much video in the window
+(or the source's end)."""
+
+EPILOG = """\
+sources:
+  FILE                  a local file, pushed as it is
+  http(s)://... file:   fetched by the server; with --push read here (PyAV) and pushed
+  --device DEV          a camera (v4l2 on Linux unless --input-format says otherwise)
+  --live SRC            anything PyAV opens (rtsp://, an HLS playlist, a file played at
+                        its own pace), remuxed here and pushed as it is produced
+
+interactive mode (-i): each line is a question, answered while the video streams;
+  an empty line or /cancel stops the answer in flight, /status shows the video
+  buffer, /quit or end of input ends.
+
+exit codes:
+  0    every answer finished
+  1    a server error or a failed answer
+  2    usage error (bad arguments, no such file)
+  3    cannot connect to the server (or it refused the session)
+  4    the video source failed: cannot be opened or read here, or the server
+       could not fetch or decode it
+  130  interrupted (Ctrl-C)
+"""
 
 _URL_SCHEMES = ("http://", "https://", "file:")
+_PUSHABLE_SCHEMES = ("http://", "https://")
 
 _T = TypeVar("_T")
 
@@ -56,17 +83,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamchat-client",
         description="Stream a video to a streamchat server and ask questions about it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", metavar="SOURCE", help="a local video file, or an http(s) URL")
+    parser.add_argument(
+        "source", metavar="SOURCE", nargs="?", help="a local video file, or an http(s) URL"
+    )
+    live = parser.add_argument_group("live sources (read with PyAV)")
+    live.add_argument("--device", metavar="DEV", help="a camera device, e.g. /dev/video0")
+    live.add_argument("--live", metavar="SRC", help="any input PyAV opens, pushed as it plays")
+    live.add_argument("--push", action="store_true", help="read an http(s) SOURCE here and push it")
+    live.add_argument(
+        "--input-format", metavar="FMT", help="PyAV/FFmpeg input format (v4l2, avfoundation, ...)"
+    )
+    live.add_argument(
+        "--input-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_key_value,
+        help="PyAV/FFmpeg input option, e.g. video_size=640x480 (repeatable)",
+    )
+    live.add_argument(
+        "--duration", type=_positive_float, metavar="SECONDS", help="stop after this much video"
+    )
     parser.add_argument("--url", default=DEFAULT_URL, help=f"session URL (default: {DEFAULT_URL})")
     parser.add_argument(
         "--ask", action="append", default=[], metavar="QUESTION", help="a question (repeatable)"
+    )
+    parser.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="read questions from stdin while the video streams",
     )
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument(
         "--realtime",
         action="store_true",
-        help="pace a local file like a live camera and ask while it streams",
+        help="pace a file like a live camera and ask while it streams",
     )
     pace.add_argument(
         "--fast", action="store_true", help="push as fast as possible, ask at the end (default)"
@@ -78,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format",
         choices=["webm", "matroska", "mp4", "mpegts"],
-        help="container hint (default: guessed from the file name, else probed)",
+        help="container hint for a pushed file or a URL (default: from the name, else probed)",
     )
     parser.add_argument(
         "--timeout",
@@ -86,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up waiting for video after this many seconds (default: wait)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return parser
 
 
@@ -109,6 +165,50 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE: {text!r}")
+    return key, value
+
+
+def _default_device_format() -> str | None:
+    if sys.platform.startswith("linux"):
+        return "v4l2"
+    if sys.platform == "darwin":
+        return "avfoundation"
+    if sys.platform == "win32":
+        return "dshow"
+    return None
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Why ``args`` make no sense together, or ``None``; fills in what the source implies."""
+    given = [name for name in ("source", "device", "live") if getattr(args, name)]
+    if len(given) != 1:
+        return "give exactly one of SOURCE, --device DEV or --live SRC"
+    args.kind = "file"
+    if args.device:
+        args.kind, args.live_source = "live", args.device
+        if args.input_format is None:
+            args.input_format = _default_device_format()
+    elif args.live:
+        args.kind, args.live_source = "live", args.live
+    elif args.source.startswith(_URL_SCHEMES):
+        args.kind = "url"
+        if args.push:
+            if not args.source.startswith(_PUSHABLE_SCHEMES):
+                return "--push takes an http(s) URL"
+            args.kind, args.live_source = "live", args.source
+    elif not Path(args.source).is_file():
+        return f"no such file: {args.source}"
+    if args.push and args.kind != "live":
+        return "--push takes an http(s) URL"
+    if args.kind != "live" and (args.input_format or args.input_option or args.duration):
+        return "--input-format, --input-option and --duration are for --device, --live, --push"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line client; return its exit code."""
     parser = build_parser()
@@ -116,93 +216,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if not args.source.startswith(_URL_SCHEMES) and not Path(args.source).is_file():
+    problem = _check(parser, args)
+    if problem is not None:
         parser.print_usage(sys.stderr)
-        print(f"streamchat-client: error: no such file: {args.source}", file=sys.stderr)
+        print(f"streamchat-client: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    display = Display(json_lines=args.json, quiet=args.quiet, redraw=not args.interactive)
     try:
-        return asyncio.run(_run(args, _Output(json_lines=args.json)))
+        return asyncio.run(_run(args, display))
     except KeyboardInterrupt:
         # asyncio.run cancelled _run first, so the session was closed on the way out.
         print("streamchat-client: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-class _Output:
-    """Where everything the client reports goes: stdout for answers, stderr for the rest."""
-
-    def __init__(self, *, json_lines: bool) -> None:
-        self.json_lines = json_lines
-        self.out: TextIO = sys.stdout
-        self.err: TextIO = sys.stderr
-        self.failed = False
-        self._live = self.err.isatty() and not json_lines
-        self._progress = False
-        self._last_state: tuple[int, str] | None = None
-
-    def _line(self, stream: TextIO, text: str) -> None:
-        if self._progress:
-            self.err.write("\n")
-            self._progress = False
-        stream.write(text + "\n")
-        stream.flush()
-
-    def emit(self, message: dict[str, Any]) -> None:
-        self._line(self.out, json.dumps(message, ensure_ascii=False, separators=(",", ":")))
-
-    def info(self, text: str) -> None:
-        if not self.json_lines:
-            self._line(self.err, text)
-
-    def problem(self, text: str) -> None:
-        """Something went wrong on the client's side (not a server ``error``)."""
-        self.failed = True
-        self._line(self.err, f"streamchat-client: {text}")
-
-    def error(self, error: ServerError) -> None:
-        self.failed = True
-        if self.json_lines:
-            self.emit(
-                {
-                    "type": "error",
-                    "code": error.code,
-                    "message": error.message,
-                    "id": error.id,
-                    "fatal": error.fatal,
-                }
-            )
-        else:
-            about = f" (answer {error.id})" if error.id else ""
-            self._line(self.err, f"server error{about}: {error.code}: {error.message}")
-
-    def status(self, status: VideoStatus) -> None:
-        if self.json_lines:
-            self.emit({"type": "video.status", **asdict(status)})
-            return
-        text = (
-            f"source {status.source} {status.state}: {status.frames} frames, "
-            f"{status.span:.1f} s in the window, decode lag {status.decode_lag:.2f} s"
-        )
-        if self._live:
-            self.err.write("\r\x1b[K" + text)
-            self.err.flush()
-            self._progress = True
-        elif (status.source, status.state) != self._last_state:
-            self._line(self.err, text)
-        self._last_state = (status.source, status.state)
-
-    def delta(self, id: str, text: str) -> None:
-        if self.json_lines:
-            self.emit({"type": "answer.delta", "id": id, "text": text})
-        else:
-            if self._progress:
-                self.err.write("\n")
-                self._progress = False
-            self.out.write(text)
-            self.out.flush()
-
-
-async def _run(args: argparse.Namespace, out: _Output) -> int:
+async def _run(args: argparse.Namespace, display: Display) -> int:
     generation = {"max_tokens": args.max_tokens} if args.max_tokens else None
     try:
         session = await connect(
@@ -211,51 +239,88 @@ async def _run(args: argparse.Namespace, out: _Output) -> int:
             window_frames=args.window_frames,
             max_pixels=args.max_pixels,
             generation=generation,
-            on_status=out.status,
-            on_error=out.error,
+            on_status=display.status,
+            on_error=display.error,
         )
-    except ConnectError as exc:
-        out.problem(str(exc))
-        return EXIT_CONNECT
     except ServerError as exc:
-        out.error(exc)
-        return EXIT_FAILED
+        display.error(exc)
+        display.fail(EXIT_CONNECT)
+        return EXIT_CONNECT
     except ClientError as exc:
-        out.problem(str(exc))
+        display.problem(str(exc), code=EXIT_CONNECT)
         return EXIT_CONNECT
     async with session:
         limits = session.limits
-        out.info(
+        display.info(
             f"session {session.session_id} on {session.ready.model}: "
             f"{limits.fps:g} fps, {limits.window_frames} frames in the window"
         )
         try:
-            await _stream_and_ask(session, args, out)
+            await _stream_and_ask(session, args, display)
         except ServerError as exc:
             if any(exc is known for known in session.errors):
-                out.failed = True  # already reported by the on_error callback
+                pass  # already reported by the on_error callback
             else:
-                out.error(exc)
+                display.error(exc)
+        except SourceError as exc:
+            display.problem(str(exc), code=EXIT_SOURCE)
         except SessionClosed as exc:
-            out.problem(str(exc))
+            display.problem(str(exc))
         except TimeoutError:
-            out.problem(f"no video after {args.timeout} s")
+            display.problem(f"no video after {args.timeout} s")
         except (OSError, ValueError) as exc:
-            out.problem(str(exc))
-    return EXIT_FAILED if out.failed else EXIT_OK
+            display.problem(str(exc))
+    return display.exit_code
 
 
-async def _stream_and_ask(session: Session, args: argparse.Namespace, out: _Output) -> None:
-    is_url = args.source.startswith(_URL_SCHEMES)
-    if is_url:
-        await session.send_url(args.source, format=args.format)
-        pusher: asyncio.Task[Any] | None = None
-    else:
-        pusher = asyncio.create_task(
-            session.send_file(args.source, realtime=args.realtime, format=args.format)
+def _start_push(
+    session: Session, args: argparse.Namespace, display: Display
+) -> asyncio.Task[object]:
+    if args.kind == "live":
+        pace = True if args.realtime else False if args.fast else None
+        return asyncio.create_task(
+            session.stream_live(
+                args.live_source,
+                input_format=args.input_format,
+                options=dict(args.input_option),
+                duration=args.duration,
+                pace=pace,
+                on_progress=display.pushed,
+            ),
+            name="push-live",
         )
+    return asyncio.create_task(
+        session.send_file(
+            args.source, realtime=args.realtime, format=args.format, on_progress=display.pushed
+        ),
+        name="push-file",
+    )
+
+
+async def _stream_and_ask(session: Session, args: argparse.Namespace, display: Display) -> None:
+    pusher: asyncio.Task[object] | None = None
+    if args.kind == "url":
+        await session.send_url(args.source, format=args.format)
+    else:
+        pusher = _start_push(session, args, display)
     try:
-        if args.realtime and args.ask:
+        if args.interactive:
+            reader = LineReader(sys.stdin)
+            reader.start()
+            await run_interactive(
+                session, display, reader, pusher=pusher, timeout=args.timeout, questions=args.ask
+            )
+            if pusher is not None and pusher.done() and not pusher.cancelled():
+                pusher.result()  # the source's failure, reported by the caller
+            return
+        # A pushed URL is treated like a file: asked about at its end unless --realtime.
+        streaming = args.realtime or (args.kind == "live" and not args.push)
+        if not args.ask:
+            if pusher is not None:
+                await pusher
+            await session.wait_ended(timeout=args.timeout)
+            return
+        if streaming:
             limits = session.limits
             wanted = max(1, min(limits.window_frames, math.ceil(limits.fps * BUFFER_SECONDS)))
             status = await _alongside(session.wait_frames(wanted, timeout=args.timeout), pusher)
@@ -264,11 +329,12 @@ async def _stream_and_ask(session: Session, args: argparse.Namespace, out: _Outp
                 await pusher
             status = await session.wait_ended(timeout=args.timeout)
         if status.frames == 0:
-            if args.ask:
-                out.problem("no frames were decoded: nothing to ask about")
+            display.problem("no frames were decoded: nothing to ask about")
             return
         for question in args.ask:
-            await _answer(session, question, out)
+            await print_answer(session.ask(question), display)
+        if pusher is not None and pusher.done() and not pusher.cancelled():
+            pusher.result()
     finally:
         if pusher is not None and not pusher.done():
             pusher.cancel()
@@ -276,7 +342,7 @@ async def _stream_and_ask(session: Session, args: argparse.Namespace, out: _Outp
                 await pusher
 
 
-async def _alongside(waiting: Awaitable[_T], pusher: asyncio.Task[Any] | None) -> _T:
+async def _alongside(waiting: Awaitable[_T], pusher: asyncio.Task[object] | None) -> _T:
     """Await ``waiting``, but fail as soon as ``pusher`` does (its error would never be seen)."""
     waiter = asyncio.ensure_future(waiting)
     try:
@@ -285,48 +351,9 @@ async def _alongside(waiting: Awaitable[_T], pusher: asyncio.Task[Any] | None) -
             if waiter.done():
                 break
         if pusher is not None and not pusher.cancelled():
-            failure = pusher.exception()
+            failure = pusher.exception() if pusher.done() else None
             if failure is not None:
                 raise failure
         return await waiter
     finally:
         waiter.cancel()
-
-
-async def _answer(session: Session, question: str, out: _Output) -> None:
-    answer = session.ask(question)
-    out.info(f"» {question}")
-    try:
-        async for delta in answer:
-            out.delta(answer.id, delta)
-    except ServerError as exc:
-        if not out.json_lines and answer.text:
-            out.out.write("\n")
-        out.error(exc)
-        if answer.done is None:
-            return
-    if answer.done is None:
-        return
-    done, usage = answer.done, answer.done.usage
-    if out.json_lines:
-        out.emit(
-            {
-                "type": "answer.done",
-                "id": answer.id,
-                "question": question,
-                "text": answer.text,
-                "finish_reason": done.finish_reason,
-                "usage": asdict(usage),
-            }
-        )
-        return
-    out.out.write("\n")
-    out.out.flush()
-    ttft = usage.time_to_first_token
-    out.info(
-        f"[{done.finish_reason}: {usage.completion_tokens} tokens, {usage.frames} frames, "
-        f"{usage.prompt_tokens} prompt tokens"
-        + (f", first token after {ttft:.2f} s]" if ttft is not None else "]")
-    )
-    if done.finish_reason not in ("stop", "length"):
-        out.failed = True

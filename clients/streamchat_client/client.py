@@ -34,7 +34,6 @@ from websockets.frames import CloseCode
 from .answer import DEFAULT_MAX_PIECES, Answer
 from .errors import ClientError, ConnectError, ProtocolViolation, ServerError, SessionClosed
 from .inbox import ErrorCallback, Inbox, StatusCallback
-from .media import guess_format, probe_duration
 from .messages import (
     ENCODINGS,
     Encoding,
@@ -46,6 +45,7 @@ from .messages import (
     parse_error,
     parse_ready,
 )
+from .sources import ChunkSink, ProgressCallback, PushStats, push_file, push_live
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_URL", "Session", "connect"]
 
@@ -58,8 +58,6 @@ DEFAULT_MAX_ERRORS = 100
 MAX_SERVER_MESSAGE_BYTES = 1024 * 1024
 """The server sends only small maps (statuses, deltas, errors); anything bigger is a fault."""
 CLOSE_TIMEOUT = 5.0
-PACE_SECONDS = 0.25
-"""In realtime mode a chunk holds at most this much media, so the server sees a steady stream."""
 FLOW_STALL_SECONDS = 2.0
 """Fast mode stops waiting for decode progress after this long without a status."""
 _ENVELOPE_BYTES = 256
@@ -234,6 +232,7 @@ class Session:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         format: str | None = None,
         end: bool = True,
+        on_progress: ProgressCallback | None = None,
     ) -> int:
         """Push a local video file's bytes as a new source; return how many were sent.
 
@@ -246,40 +245,67 @@ class Session:
         which would drop a chunk and corrupt the stream. ``format`` defaults to
         a guess from the file suffix. A pushed source still open is ended
         first, since a second file appended to it would not be a valid stream;
-        this one is ended too unless ``end`` is false.
+        this one is ended too unless ``end`` is false. ``on_progress`` is
+        called with a :class:`PushStats` after every chunk.
         """
-        path = Path(path)
-        size = path.stat().st_size
-        hint = format or guess_format(path)
-        step = self._chunk_size(chunk_bytes)
-        duration: float | None = None
-        if realtime:
-            duration = await asyncio.to_thread(probe_duration, path)
-            if duration is None:
-                raise ValueError(f"cannot pace {path}: PyAV found no duration")
-            step = min(step, max(1, int(size * PACE_SECONDS / duration)))
-        else:
-            # Small steps, so one chunk cannot jump from the budget past the buffer's end.
-            step = min(step, max(1, self.limits.video_buffer_bytes // 8))
+        sink = self._sink(chunk_bytes)
         if self._pushing:  # a file is a source of its own
             await self.end_video()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        sent = 0
-        with path.open("rb") as file:
-            while piece := file.read(step):
-                if realtime:
-                    assert duration is not None
-                    delay = started + duration * (sent + len(piece)) / size - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)  # pacing is the feature
-                else:
-                    await self._await_decoding(sent + len(piece))
-                await self._send_chunk(piece, hint)
-                sent += len(piece)
+        stats = await push_file(
+            sink, path, realtime=realtime, format=format, on_progress=on_progress
+        )
         if end:
             await self.end_video()
-        return sent
+        return stats.bytes_sent
+
+    async def stream_live(
+        self,
+        source: str,
+        *,
+        input_format: str | None = None,
+        options: Mapping[str, str] | None = None,
+        duration: float | None = None,
+        pace: bool | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        end: bool = True,
+        on_progress: ProgressCallback | None = None,
+    ) -> PushStats:
+        """Read ``source`` with PyAV and push its video as a new source, as it is produced.
+
+        ``source`` is anything ``av.open`` takes: a camera (``"/dev/video0"``
+        with ``input_format="v4l2"``), an RTSP or ``http(s)`` stream, a file.
+        The video stream is remuxed in a worker thread without re-encoding
+        when its codec fits (H.264 → MPEG-TS, VP8/VP9 → WebM), else re-encoded
+        to H.264, and sent as ``video.chunk`` messages as the muxer writes it.
+        ``pace`` (default: only for a local file) holds each packet until its
+        timestamp is due, so a file plays like a camera; unpaced pushes wait
+        for the server's decoder instead of overflowing its buffer.
+        ``options`` are PyAV/FFmpeg input options, ``duration`` stops after
+        that many seconds of media; otherwise it runs until the source ends or
+        the task is cancelled. Returns what was sent (a :class:`PushStats`);
+        raises :class:`SourceError` if the source cannot be opened or read.
+        The source is ended afterwards (also after a failure or cancellation)
+        unless ``end`` is false.
+        """
+        sink = self._sink(chunk_bytes)
+        if self._pushing:
+            await self.end_video()
+        try:
+            return await push_live(
+                sink,
+                source,
+                input_format=input_format,
+                options=options,
+                duration=duration,
+                pace=pace,
+                on_progress=on_progress,
+            )
+        finally:
+            # Also when the source fails or the push is cancelled: the server then
+            # decodes what it has and ends the source instead of waiting for more.
+            if end and self._pushing and not self.closed:
+                with contextlib.suppress(ClientError):
+                    await self.end_video()
 
     async def send_url(self, url: str, *, format: str | None = None) -> None:
         """Have the server fetch and decode ``url`` as a new source (replacing the current one)."""
@@ -469,6 +495,14 @@ class Session:
             if format is not None:
                 message["format"] = format
         await self._send(message)
+
+    def _sink(self, chunk_bytes: int) -> ChunkSink:
+        return ChunkSink(
+            send=self._send_chunk,
+            wait_decoded=self._await_decoding,
+            chunk_bytes=self._chunk_size(chunk_bytes),
+            buffer_bytes=self.limits.video_buffer_bytes,
+        )
 
     def _chunk_size(self, chunk_bytes: int) -> int:
         """The largest chunk data that fits ``max_message_bytes`` in this encoding."""

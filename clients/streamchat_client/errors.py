@@ -6,7 +6,8 @@
     ├── ConnectError            no session: refused, bad URL, handshake failed, no ``ready``
     ├── ServerError             the server sent an ``error``: code, message, id, fatal
     ├── SessionClosed           the connection is gone; pending answers and waits end with it
-    └── ProtocolViolation       the server sent something protocol v1 does not allow
+    ├── ProtocolViolation       the server sent something protocol v1 does not allow
+    └── SourceError             a local video source could not be opened or read (PyAV)
 
 Local misuse (an id that is too long, an image larger than the server takes)
 raises :class:`ValueError` before anything is sent, because no server was
@@ -21,6 +22,7 @@ __all__ = [
     "ProtocolViolation",
     "ServerError",
     "SessionClosed",
+    "SourceError",
 ]
 
 
@@ -79,3 +81,12 @@ class SessionClosed(ClientError):
 
 class ProtocolViolation(ClientError):
     """The server sent a message that is not valid protocol v1."""
+
+
+class SourceError(ClientError):
+    """A video source the client reads itself (a camera, a stream, a file) failed.
+
+    Raised by ``Session.stream_live`` when PyAV cannot open the source, finds
+    no video in it, or a read fails; the server's own verdict on what it was
+    sent arrives as a :class:`ServerError` instead.
+    """

@@ -453,16 +453,28 @@ async def test_cli_url_source(
     assert "you asked: Seen?" in out
 
 
-async def test_cli_bad_video_exits_1(
+async def test_cli_undecodable_video_exits_4(
     server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A server error (here an undecodable file) is exit code 1, reported on stderr."""
+    """A source the server cannot decode is exit code 4, with its error on stderr."""
     bad = tmp_path / "bad.webm"
     bad.write_bytes(b"\x00not a video" * 2000)
     code = await _cli(str(bad), "--url", server.url, "--ask", "What?")
     _, err = capsys.readouterr()
+    assert code == 4
+    assert "server error: video_" in err
+
+
+async def test_cli_engine_failure_exits_1(
+    server: LiveServer, clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An answer the model fails is exit code 1, with the partial text and the error shown."""
+    server.engine.fail_with = "out of memory"
+    code = await _cli(str(clip), "--url", server.url, "--ask", "Try")
+    out, err = capsys.readouterr()
     assert code == 1
-    assert "server error" in err
+    assert out.strip() == "I"
+    assert "engine_error" in err
 
 
 async def test_cli_cannot_connect_exits_3(
