@@ -59,7 +59,9 @@ async def vllm_engine(
             if child.pid not in before and not _is_resource_tracker(child)
         ]
         yield engine
-    leftover = [child for child in started if _is_alive(child)]
+    # Processes exit a moment after shutdown returns: wait for that (bounded), then check.
+    _, alive = psutil.wait_procs(started, timeout=30)
+    leftover = [child for child in alive if _is_alive(child)]
     assert not leftover, f"engine processes still running after shutdown: {leftover}"
 
 

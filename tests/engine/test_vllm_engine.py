@@ -103,7 +103,8 @@ async def test_same_request_gives_the_same_answer(vllm_engine: VllmEngine) -> No
     frames = make_frames(4, seed=1)
     first = await collect(vllm_engine.generate(ask("again-1", frames)))
     second = await collect(vllm_engine.generate(ask("again-2", frames)))
-    assert [d.text for d in first] == [d.text for d in second]
+    # The text is the same; how it is cut into deltas depends on scheduling.
+    assert "".join(d.text for d in first) == "".join(d.text for d in second)
     with_history = await collect(
         vllm_engine.generate(ask("again-3", frames, history=[ChatTurn("Hi?", "Hello.")]))
     )

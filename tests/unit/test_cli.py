@@ -32,17 +32,18 @@ def test_session_flags_become_settings() -> None:
     assert rest == ["--max-model-len", "1024"]
 
 
-def test_engine_flags_are_vllms_own_with_our_defaults() -> None:
+def test_engine_flags_are_vllms_own_with_our_defaults(tmp_path: Path) -> None:
     """vLLM's flags mean what they mean to `vllm serve`; unset ones take streamchat's defaults."""
+    model = str(tmp_path)  # a local path: nothing is looked up on a model hub
     args = engine_args_from_cli(
-        ["--model", "m", "--max-model-len", "1024", "--tensor-parallel-size", "2"]
+        ["--model", model, "--max-model-len", "1024", "--tensor-parallel-size", "2"]
     )
-    assert (args.model, args.max_model_len, args.tensor_parallel_size) == ("m", 1024, 2)
+    assert (args.model, args.max_model_len, args.tensor_parallel_size) == (model, 1024, 2)
     assert args.enforce_eager is True
     assert args.limit_mm_per_prompt == {"video": 1, "image": 1}
 
 
-def test_unknown_engine_flag_is_a_usage_error() -> None:
+def test_unknown_engine_flag_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
-        engine_args_from_cli(["--model", "m", "--no-such-flag"])
+        engine_args_from_cli(["--model", str(tmp_path), "--no-such-flag"])
     assert info.value.code == 2

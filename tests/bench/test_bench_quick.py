@@ -1,0 +1,96 @@
+"""The benchmarks' ``--quick`` modes still run and write complete results.
+
+Each benchmark runs as ``python -m bench.<name> --quick`` in a subprocess, as a
+person would run it, with its output under ``tmp_path``. Only the shape of the
+JSON result and the sign of its figures are checked, never timings: the
+figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 120
+
+
+def run_quick(name: str, out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result: dict[str, Any] = json.loads((out / f"{name}.json").read_text())
+    assert result["benchmark"] == name
+    assert result["quick"] is True
+    assert {"date", "cores", "pyav", "ffmpeg_tool"} <= result["machine"].keys()
+    return result
+
+
+def assert_summary(summary: dict[str, Any]) -> None:
+    assert summary["n"] >= 1
+    assert 0 < summary["min"] <= summary["median"] <= summary["max"]
+
+
+def test_ingest_quick(tmp_path: Path) -> None:
+    """Every clip has positive throughput in every streamchat mode, and ratios when ffmpeg ran."""
+    result = run_quick("ingest", tmp_path)
+    has_ffmpeg = shutil.which("ffmpeg") is not None
+    assert result["ffmpeg"]["available"] is has_ffmpeg
+    assert {c["clip"]["codec"] for c in result["clips"]} == {"h264", "vp8", "vp9"}
+    for clip in result["clips"]:
+        for mode in ("feed", "feed-keyframes", "push", "url"):
+            figures = clip["modes"][mode]
+            assert figures["available"] is True
+            for key in ("seconds", "fps", "realtime"):
+                assert_summary(figures[key])
+            ratio = clip["ratio_vs_ffmpeg"][mode]
+            if has_ffmpeg:
+                assert_summary(ratio)
+            else:
+                assert ratio is None
+        assert clip["modes"]["ffmpeg"]["available"] is has_ffmpeg
+
+
+def test_ingest_quick_without_ffmpeg(tmp_path: Path) -> None:
+    """With no ffmpeg on the PATH the run still completes and says the reference is missing."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    result = run_quick("ingest", tmp_path, env=env)
+    assert result["ffmpeg"] == {"available": False, "version": None}
+    for clip in result["clips"]:
+        assert clip["modes"]["ffmpeg"] == {"available": False}
+        assert clip["ratio_vs_ffmpeg"]["feed"] is None
+        assert_summary(clip["modes"]["feed"]["fps"])
+
+
+def test_memory_quick(tmp_path: Path) -> None:
+    """The long-stream run reports RSS at the window fill and at the end, and decoded video."""
+    result = run_quick("memory", tmp_path)
+    (run,) = result["runs"]
+    assert run["video_seconds"] > 0 and run["frames_decoded"] > 0
+    for key in ("rss_baseline_mib", "rss_window_full_mib", "rss_end_mib", "realtime"):
+        assert run[key] > 0
+        assert_summary(result["summary"][key])
+    assert "growth_mib" in run and "slope_mib_per_video_hour" in run
+    assert len(run["samples"]) >= 2
+
+
+def test_concurrency_quick(tmp_path: Path) -> None:
+    """The search measures each step's lag, CPU and RSS and reports the largest N held."""
+    result = run_quick("concurrency", tmp_path)
+    (search,) = result["searches"]
+    assert [s["sessions"] for s in search["steps"]] == [1, 2]  # the quick limit is 2
+    for step in search["steps"]:
+        assert step["server_cpu_cores"] > 0 and step["rss_peak_mib"] > 0
+        assert step["frames_per_session"]["median"] > 0
+    assert result["max_sessions_held"]["median"] >= 0
