@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,11 @@ from tests.servers import serve
 
 pytestmark = pytest.mark.engine
 
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "browser-page.png"
+ROOT = Path(__file__).resolve().parents[2]
+# Every run saves its screenshot under artifacts/ (git-ignored); with
+# STREAMCHAT_UPDATE_DOCS=1 it also replaces the one the README shows.
+SCREENSHOT = ROOT / "artifacts" / "browser-page.png"
+DOCS_SCREENSHOT = ROOT / "docs" / "images" / "browser-page.png"
 TIMEOUT_MS = 120_000  # frames and answers on a busy 2-core machine; waits end on an event
 
 
@@ -128,7 +133,11 @@ async def test_camera_video_is_decoded_and_answer_streams(opened: Opened) -> Non
     await expect(page.locator("#video-status")).to_contain_text("frames buffered")
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    SCREENSHOT.parent.mkdir(exist_ok=True)
     await page.screenshot(path=SCREENSHOT)
+    assert SCREENSHOT.stat().st_size > 0
+    if os.environ.get("STREAMCHAT_UPDATE_DOCS") == "1":
+        DOCS_SCREENSHOT.write_bytes(SCREENSHOT.read_bytes())
 
     await page.get_by_role("button", name="Stop video").click()
     await expect(page.locator("#video-status")).to_have_attribute(
