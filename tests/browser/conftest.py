@@ -9,22 +9,15 @@ A missing Chromium fails these tests: it is part of the test setup (``.ci/run``)
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import pytest
+from playwright.async_api import Browser, Playwright, async_playwright
 
-import pytest  # noqa: E402
-from playwright.async_api import Browser, Playwright, async_playwright  # noqa: E402
-
-from streamchat.app import create_app  # noqa: E402
-from streamchat.config import Settings  # noqa: E402
-from streamchat.engine.vllm import VllmEngine, make_engine_args, open_vllm_engine  # noqa: E402
-from streamchat.tiny_model import build_tiny_model  # noqa: E402
-from tests.e2e.live import Live  # noqa: E402
-from tests.servers import serve, ws_url  # noqa: E402
+from streamchat.config import Settings
+from streamchat.engine.vllm import VllmEngine
+from tests.live import Live, live_server, tiny_engine
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -55,17 +48,15 @@ FAKE_UI = "--use-fake-ui-for-media-stream"
 
 @pytest.fixture(scope="package")
 async def vllm_engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VllmEngine]:
-    model = build_tiny_model(tmp_path_factory.mktemp("browser") / "tiny-qwen2-vl")
-    args = make_engine_args(model, served_model_name="tiny-qwen2-vl")
-    async with open_vllm_engine(args) as engine:
+    directory = tmp_path_factory.mktemp("browser")
+    async with tiny_engine(directory, served_model_name="tiny-qwen2-vl") as engine:
         yield engine
 
 
 @pytest.fixture(scope="package")
 async def live(vllm_engine: VllmEngine) -> AsyncIterator[Live]:
-    app = create_app(SETTINGS, engine=vllm_engine)
-    async with serve(app, ws_max_size=SETTINGS.transport_max_bytes) as base:
-        yield Live(ws_url(base), base, vllm_engine, app)
+    async with live_server(SETTINGS, vllm_engine) as server:
+        yield server
 
 
 @pytest.fixture(scope="package")

@@ -23,7 +23,7 @@ from streamchat.app import create_app
 from streamchat.engine.vllm import VllmEngine
 from streamchat.session import Session
 from tests.browser.conftest import SETTINGS, launch
-from tests.e2e.live import Live
+from tests.live import Live
 from tests.media import encode_video
 from tests.servers import serve
 

@@ -1,14 +1,8 @@
-"""What the end-to-end tests share: the server's settings and a handle on it."""
+"""The settings of the end-to-end server (the server itself: ``tests/live.py``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from starlette.applications import Starlette
-
-from streamchat.app import ServerState
 from streamchat.config import Settings
-from streamchat.engine.vllm import VllmEngine
 
 SETTINGS = Settings(
     fps=2.0,
@@ -18,18 +12,3 @@ SETTINGS = Settings(
     max_message_bytes=256 * 1024,
     max_tokens=16,
 )
-
-
-@dataclass
-class Live:
-    url: str
-    """The session endpoint, ``ws://127.0.0.1:PORT/v1/session``."""
-    base: str
-    engine: VllmEngine
-    app: Starlette
-
-    @property
-    def state(self) -> ServerState:
-        """The server's shared state (created by the app's lifespan)."""
-        state: ServerState = self.app.state.streamchat
-        return state

@@ -10,7 +10,8 @@ import pytest
 import websockets
 
 from streamchat_client import ServerError, connect
-from tests.e2e.live import SETTINGS, Live
+from tests.e2e.live import SETTINGS
+from tests.live import Live
 from tests.media import corrupt_payloads, encode_video
 from tests.servers import serve_files
 

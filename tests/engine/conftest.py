@@ -9,18 +9,14 @@ cores), and none is left running when other packages start their own.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import psutil
+import pytest
 
-import psutil  # noqa: E402
-import pytest  # noqa: E402
-
-from streamchat.tiny_model import build_tiny_model  # noqa: E402
+from streamchat.tiny_model import build_tiny_model
 
 if TYPE_CHECKING:
     from streamchat.engine.vllm import VllmEngine
