@@ -28,11 +28,12 @@ import numpy.typing as npt
 from ..prompt import build_messages, video_metadata
 from ..window import Frame
 from . import cpu_compat
-from .base import Delta, EngineError, FinishReason, GenerationRequest, Usage
+from .base import ChatTurn, Delta, EngineError, FinishReason, GenerationRequest, Usage
 
 cpu_compat.install()
 
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 
 __all__ = [
@@ -222,19 +223,30 @@ class VllmEngine:
         return self._llm
 
     async def _render(self, request: GenerationRequest) -> Any:
-        """The prompt as vLLM's renderer turns it into engine input."""
-        try:
-            prompt = self._prompt(request)
-            (engine_input,) = await self._live().renderer.render_cmpl_async([prompt])
-        except Exception as exc:
-            raise EngineError(f"could not prepare the prompt: {exc}") from exc
-        return engine_input
+        """The prompt as vLLM's renderer turns it into engine input.
 
-    def _prompt(self, request: GenerationRequest) -> dict[str, Any]:
+        A long session's history can outgrow the model's context: then the
+        oldest turns are dropped, one at a time, until the prompt fits. A
+        question whose video alone is too long is an ``EngineError``.
+        """
+        history = list(request.history)
+        while True:
+            try:
+                prompt = self._prompt(request, history)
+                (engine_input,) = await self._live().renderer.render_cmpl_async([prompt])
+            except VLLMValidationError as exc:
+                if exc.parameter != "input_tokens" or not history:
+                    raise EngineError(f"could not prepare the prompt: {exc}") from exc
+                logger.info("request %s: history trimmed to fit", request.request_id)
+                history.pop(0)
+            except Exception as exc:
+                raise EngineError(f"could not prepare the prompt: {exc}") from exc
+            else:
+                return engine_input
+
+    def _prompt(self, request: GenerationRequest, history: Sequence[ChatTurn]) -> dict[str, Any]:
         """Prompt text from the model's chat template, with the frames as its video."""
-        messages = build_messages(
-            request.question, request.frames, request.history, fps=request.fps
-        )
+        messages = build_messages(request.question, request.frames, history, fps=request.fps)
         text = self._tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from streamchat.engine.base import (
     ChatTurn,
@@ -205,6 +207,23 @@ async def test_engine_rejection_is_an_engine_error(vllm_engine: VllmEngine) -> N
     """A request vLLM refuses (longer than the model's context) raises ``EngineError``."""
     with pytest.raises(EngineError):
         await collect(vllm_engine.generate(ask("too-long", [], question="word " * 4000)))
+    assert_idle(vllm_engine)
+
+
+async def test_history_beyond_the_context_is_trimmed_oldest_first(
+    vllm_engine: VllmEngine,
+) -> None:
+    """A long session still gets answers: the oldest turns give way to the new question."""
+    history = [ChatTurn(f"q{i} " + "word " * 300, "answer " * 300) for i in range(4)]
+    deltas = await collect(
+        vllm_engine.generate(ask("long-history", make_frames(4), history=history))
+    )
+    usage = deltas[-1].usage
+    assert usage is not None and deltas[-1].finish_reason in ("stop", "length")
+    assert usage.prompt_tokens <= 2048
+    tokenizer = Tokenizer.from_file(str(Path(vllm_engine.model_name) / "tokenizer.json"))
+    untrimmed = sum(len(tokenizer.encode(t.question + t.answer).ids) for t in history)
+    assert untrimmed > 2048, "the whole history could not have fit"
     assert_idle(vllm_engine)
 
 
