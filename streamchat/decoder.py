@@ -49,6 +49,7 @@ from av.packet import Packet
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
+from .config import DEFAULT_FPS, DEFAULT_MAX_DECODE_PIXELS
 from .errors import StreamchatError, VideoDecodeError, VideoTooLarge, VideoUnsupported
 from .reader import SafeReader, Source, mp4_header
 from .sampling import (
@@ -65,7 +66,6 @@ __all__ = ["DecodeReport", "DecoderOptions", "decode_image", "decode_stream"]
 
 logger = logging.getLogger("streamchat.decoder")
 
-DEFAULT_MAX_DECODE_PIXELS = 4096 * 2160
 
 _CONTAINERS = {"webm": "webm", "matroska": "matroska", "mp4": "mp4", "mpegts": "mpegts"}
 _INTERPOLATION = "AREA"  # as fast as bilinear in swscale, and averages when shrinking
@@ -101,7 +101,7 @@ class DecoderOptions:
       opening; its index grows with the sample count, a cheap memory bomb.
     """
 
-    fps: float = 2.0
+    fps: float = DEFAULT_FPS
     factor: int = DEFAULT_FACTOR
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 
+from .config import DEFAULT_FRAME_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
 __all__ = [
     "DEFAULT_FACTOR",
     "DEFAULT_MAX_PIXELS",
@@ -25,9 +27,8 @@ __all__ = [
 
 logger = logging.getLogger("streamchat.decoder")
 
-DEFAULT_FACTOR = 28
-DEFAULT_MIN_PIXELS = 4 * 28 * 28
-DEFAULT_MAX_PIXELS = 256 * 28 * 28  # 448 x 448
+# One set of defaults for the whole server: config.py's.
+DEFAULT_FACTOR = DEFAULT_FRAME_FACTOR
 _BACKWARD_JUMP = 0.5  # seconds of backward source time still treated as jitter
 _FORWARD_JUMP = 3600.0  # a longer leap of the source clock is a discontinuity, not a gap
 
