@@ -30,6 +30,19 @@ DEFAULT_STATUS_INTERVAL = 0.5
 DEFAULT_OUTBOX_MESSAGES = 256
 DEFAULT_FETCH_MAX_BYTES = 2 * 1024 * 1024 * 1024
 DEFAULT_FETCH_TIMEOUT = 30.0
+DEFAULT_FETCH_MAX_REDIRECTS = 5
+DEFAULT_MAX_SOURCE_SECONDS = 4 * 3600.0
+DEFAULT_MAX_SOURCE_FRAMES = 1_000_000
+DEFAULT_MAX_SESSIONS = 64
+DEFAULT_MAX_SESSIONS_PER_CLIENT = 8
+DEFAULT_MESSAGES_PER_SECOND = 100.0
+DEFAULT_MESSAGE_BURST = 200
+DEFAULT_VIDEO_BYTES_PER_SECOND = 8 * 1024 * 1024
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_SEND_TIMEOUT = 10.0
+DEFAULT_PING_INTERVAL = 20.0
+DEFAULT_PING_TIMEOUT = 20.0
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +87,40 @@ class Settings:
     """``file:`` URLs are served only from below this directory (off when None)."""
     fetch_max_bytes: int = DEFAULT_FETCH_MAX_BYTES
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+    fetch_max_redirects: int = DEFAULT_FETCH_MAX_REDIRECTS
+    fetch_allow_private: bool = False
+    """Let URLs reach loopback, private, link-local and other non-global addresses."""
+    fetch_allowed_domains: tuple[str, ...] = ()
+    """When not empty, URLs may only name these hosts (or their subdomains)."""
+    max_source_seconds: float = DEFAULT_MAX_SOURCE_SECONDS
+    """A source (URL or pushed stream) longer than this, in video time, ends with an error."""
+    max_source_frames: int = DEFAULT_MAX_SOURCE_FRAMES
+    """A source with more frames than this ends with an error."""
+
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    """Sessions open at once; more are refused at the handshake (HTTP 503)."""
+    max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
+    """Sessions open at once per client identity (API key, else address)."""
+    messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND
+    message_burst: int = DEFAULT_MESSAGE_BURST
+    """Messages a session may send at once; the allowance refills at ``messages_per_second``."""
+    video_bytes_per_second: int = DEFAULT_VIDEO_BYTES_PER_SECOND
+    """Pushed video bytes per second per session (a burst of ``feed_bytes`` is allowed)."""
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    """A session with no message from its client and nothing in flight is closed after this."""
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    """A client that reads nothing for this long while messages wait for it is disconnected."""
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    ping_timeout: float = DEFAULT_PING_TIMEOUT
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    """On SIGTERM, answers in flight get this long to finish before they are aborted."""
+
+    api_keys: frozenset[str] = frozenset()
+    """Keys accepted from clients; with none (and no file) auth is off."""
+    api_keys_file: Path | None = None
+    """One key per line; re-read when it changes, so keys are revoked without a restart."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed to open sessions; empty: same origin only; ``*``: any."""
 
     @property
     def factor(self) -> int:

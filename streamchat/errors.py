@@ -9,7 +9,14 @@
     │   ├── InvalidField                invalid_field: a field missing, mistyped or out of range
     │   ├── MessageTooLarge             message_too_large
     │   ├── HelloRequired               hello_required: anything before ``hello``
-    │   └── DuplicateHello              duplicate_hello
+    │   ├── DuplicateHello              duplicate_hello
+    │   └── RateLimited                 rate_limited: messages or video bytes too fast
+    ├── AccessError                     the session may not go on
+    │   ├── Unauthorized                unauthorized: no API key, or a wrong one
+    │   ├── OriginNotAllowed            origin_not_allowed: a browser page from elsewhere
+    │   ├── ServerBusy                  server_busy: too many sessions (server or client)
+    │   ├── IdleTimeout                 idle_timeout: nothing from the client for too long
+    │   └── ServerShutdown              server_shutdown: the server is stopping
     ├── AskError                        a question that cannot be answered now
     │   ├── NoFrames                    no_frames: nothing decoded (yet) in the asked range
     │   ├── UnknownId                   unknown_id: ``cancel`` of an answer not in flight
@@ -19,6 +26,7 @@
     │   ├── VideoDecodeError            video_decode_failed: corrupt data
     │   ├── VideoUnsupported            video_unsupported: no video stream, unknown codec/container
     │   ├── VideoTooLarge               video_too_large: frames beyond the decode size limit
+    │   ├── VideoTooLong                video_too_long: more video time or frames than allowed
     │   ├── VideoTimeout                video_timeout: no bytes, or no progress, in time
     │   ├── VideoBacklogFull            video_backlog_full: pushed faster than decoded
     │   ├── SourceBusy                  source_busy: chunks while a URL source is active
@@ -37,6 +45,7 @@ from enum import IntEnum
 from typing import ClassVar
 
 __all__ = [
+    "AccessError",
     "AskError",
     "BadMessage",
     "CloseCode",
@@ -44,13 +53,19 @@ __all__ = [
     "DuplicateId",
     "EngineFailure",
     "HelloRequired",
+    "IdleTimeout",
     "InvalidField",
     "MessageTooLarge",
     "NoFrames",
+    "OriginNotAllowed",
     "ProtocolError",
+    "RateLimited",
+    "ServerBusy",
+    "ServerShutdown",
     "SourceBusy",
     "StreamchatError",
     "TooManyAsks",
+    "Unauthorized",
     "UnknownId",
     "UnknownType",
     "UrlFetchFailed",
@@ -60,6 +75,7 @@ __all__ = [
     "VideoError",
     "VideoTimeout",
     "VideoTooLarge",
+    "VideoTooLong",
     "VideoUnsupported",
     "to_error_fields",
 ]
@@ -75,6 +91,11 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
+    # Application codes (4000-4999), after the HTTP status they resemble.
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
+    IDLE_TIMEOUT = 4408
+    RATE_LIMITED = 4429
 
 
 class StreamchatError(Exception):
@@ -120,6 +141,42 @@ class DuplicateHello(ProtocolError):
     code = "duplicate_hello"
 
 
+class RateLimited(ProtocolError):
+    code = "rate_limited"
+    close_code = CloseCode.RATE_LIMITED
+
+
+class AccessError(StreamchatError):
+    code = "access_error"
+    fatal = True
+    close_code = CloseCode.POLICY_VIOLATION
+
+
+class Unauthorized(AccessError):
+    code = "unauthorized"
+    close_code = CloseCode.UNAUTHORIZED
+
+
+class OriginNotAllowed(AccessError):
+    code = "origin_not_allowed"
+    close_code = CloseCode.FORBIDDEN
+
+
+class ServerBusy(AccessError):
+    code = "server_busy"
+    close_code = CloseCode.TRY_AGAIN_LATER
+
+
+class IdleTimeout(AccessError):
+    code = "idle_timeout"
+    close_code = CloseCode.IDLE_TIMEOUT
+
+
+class ServerShutdown(AccessError):
+    code = "server_shutdown"
+    close_code = CloseCode.GOING_AWAY
+
+
 class AskError(StreamchatError):
     code = "ask_error"
 
@@ -154,6 +211,10 @@ class VideoUnsupported(VideoError):
 
 class VideoTooLarge(VideoError):
     code = "video_too_large"
+
+
+class VideoTooLong(VideoError):
+    code = "video_too_long"
 
 
 class VideoTimeout(VideoError):
