@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from .config import DEFAULT_MODEL, Settings
 __all__ = ["build_parser", "main", "settings_from_args"]
 
 logger = logging.getLogger("streamchat.cli")
+
+API_KEYS_ENV = "STREAMCHAT_API_KEYS"
 
 DEFAULT_TINY_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / (
     "streamchat/tiny-qwen2-vl"
@@ -78,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("history_turns", int, "earlier turns replayed with each question"),
         ("fetch_timeout", float, "seconds a URL fetch may wait for the server"),
         ("fetch_max_bytes", int, "largest video fetched from a URL"),
+        ("fetch_max_redirects", int, "redirects followed per URL, each one checked"),
+        ("max_source_seconds", float, "longest video per source, in video time"),
+        ("max_source_frames", int, "most frames per source"),
+        ("max_sessions", int, "sessions open at once; more get HTTP 503"),
+        ("max_sessions_per_client", int, "sessions open at once per API key or address"),
+        ("messages_per_second", float, "sustained client messages per second per session"),
+        ("message_burst", int, "client messages allowed at once"),
+        ("video_bytes_per_second", int, "pushed video bytes per second per session"),
+        ("idle_timeout", float, "seconds a session may sit with nothing to do"),
+        ("send_timeout", float, "seconds a client may leave messages unread"),
+        ("ping_interval", float, "seconds between WebSocket pings"),
+        ("ping_timeout", float, "seconds a ping may wait for its pong"),
+        ("shutdown_timeout", float, "seconds answers may finish after SIGTERM"),
     ):
         group.add_argument(
             "--" + name.replace("_", "-"),
@@ -91,15 +106,51 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve file: URLs from below this directory (off by default)",
     )
+    group.add_argument(
+        "--fetch-allow-private",
+        action="store_true",
+        help="let URLs reach loopback, private and other non-global addresses",
+    )
+    group.add_argument(
+        "--fetch-allowed-domain",
+        dest="fetch_allowed_domains",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="only fetch URLs from this host and its subdomains (repeatable)",
+    )
+    access = serve.add_argument_group("access")
+    access.add_argument(
+        "--api-keys-file",
+        type=Path,
+        default=None,
+        help="require one of the keys in this file (one per line, re-read on change); "
+        f"keys may also come from ${API_KEYS_ENV} (comma-separated)",
+    )
+    access.add_argument(
+        "--allow-origin",
+        dest="allowed_origins",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="browser origin allowed to open sessions, or '*' (repeatable; default: same origin)",
+    )
 
     tiny = commands.add_parser("build-tiny-model", help="build the tiny random test model")
     tiny.add_argument("path", type=Path, nargs="?", default=DEFAULT_TINY_DIR)
     return parser
 
 
-def settings_from_args(args: argparse.Namespace, model: str) -> Settings:
+def settings_from_args(
+    args: argparse.Namespace, model: str, environ: Mapping[str, str] = os.environ
+) -> Settings:
     fields = {name for name in Settings.__dataclass_fields__ if name != "model"}
-    return Settings(model=model, **{k: v for k, v in vars(args).items() if k in fields})
+    values: dict[str, Any] = {k: v for k, v in vars(args).items() if k in fields}
+    for name in ("fetch_allowed_domains", "allowed_origins"):
+        values[name] = tuple(values.get(name, ()))
+    keys = environ.get(API_KEYS_ENV, "")
+    values["api_keys"] = frozenset(k.strip() for k in keys.split(",") if k.strip())
+    return Settings(model=model, **values)
 
 
 def _engine_factory(args: argparse.Namespace, model: str, rest: Sequence[str]) -> Any:
@@ -146,8 +197,8 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
         port=args.port,
         log_level=args.log_level,
         ws_max_size=settings.transport_max_bytes,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.ping_timeout,
     )
     return 0
 
