@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -24,9 +26,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from . import __version__
+from .access import KeyStore
 from .config import Settings
 from .endpoint import session_endpoint
 from .engine.base import Engine
+from .errors import CloseCode, ServerBusy
 
 if TYPE_CHECKING:
     from .session import Session
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["SESSION_PATH", "ServerState", "create_app"]
 
 SESSION_PATH = "/v1/session"
+
+logger = logging.getLogger("streamchat.app")
 
 EngineFactory = Callable[[], AbstractAsyncContextManager[Engine]]
 
@@ -44,8 +50,54 @@ class ServerState:
 
     settings: Settings
     engine: Engine
+    keys: KeyStore = field(default_factory=KeyStore)
     sessions: set[Session] = field(default_factory=set)
+    closing: bool = False
+    """Shutting down: new sessions are refused."""
+    _per_client: Counter[str] = field(default_factory=Counter)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def reserve(self, identity: str) -> None:
+        """Count a new session against the limits, or raise :class:`ServerBusy`.
+
+        Synchronous, so the check and the count cannot be split by another
+        handshake; :meth:`release` gives the place back.
+        """
+        s = self.settings
+        if self.closing:
+            raise ServerBusy("the server is shutting down")
+        if self._per_client.total() >= s.max_sessions:
+            raise ServerBusy(f"the server is full ({s.max_sessions} sessions): try again later")
+        if self._per_client[identity] >= s.max_sessions_per_client:
+            raise ServerBusy(
+                f"at most {s.max_sessions_per_client} sessions per client: close one first"
+            )
+        self._per_client[identity] += 1
+
+    def release(self, identity: str) -> None:
+        self._per_client[identity] -= 1
+        if self._per_client[identity] <= 0:
+            del self._per_client[identity]
+
+    async def drain(self, timeout: float) -> None:
+        """Stop gracefully: refuse new sessions, tell open ones, let answers finish.
+
+        Answers still running after ``timeout`` end with ``finish_reason``
+        ``shutdown``; then every session is closed with 1001 (going away).
+        """
+        self.closing = True
+        sessions = list(self.sessions)
+        logger.info("shutting down: %d session(s) open", len(sessions))
+        reason = "the server is shutting down"
+        for session in sessions:
+            session.going_away(reason, timeout)
+        await asyncio.gather(*(s.wait_answers(timeout) for s in sessions))
+        for session in sessions:
+            await session.abort_answers("shutdown")
+            await session.close_soon(CloseCode.GOING_AWAY, reason)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.send_timeout + 1.0):
+                await self.wait_sessions(0)
 
     async def add(self, session: Session) -> None:
         async with self._changed:
@@ -107,7 +159,7 @@ def create_app(
             resolved = settings
             if settings.frame_factor is None and served.frame_factor is not None:
                 resolved = dataclasses.replace(settings, frame_factor=served.frame_factor)
-            app.state.streamchat = ServerState(resolved, served)
+            app.state.streamchat = ServerState(resolved, served, KeyStore.from_settings(resolved))
             yield
 
     return Starlette(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -189,9 +190,10 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
     import uvicorn
 
     from .app import create_app
+    from .serving import GracefulServer
 
     app = create_app(settings, engine_factory=_engine_factory(args, model, rest))
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -199,7 +201,9 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
         ws_max_size=settings.transport_max_bytes,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
+        timeout_graceful_shutdown=math.ceil(settings.send_timeout) + 5,
     )
+    GracefulServer(config, app).run()
     return 0
 
 

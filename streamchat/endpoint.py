@@ -1,9 +1,19 @@
-"""The WebSocket loop: receive -> decode -> session; outbox -> encode -> send.
+"""The WebSocket connection: admit -> (read | write) -> close.
 
-Receiving never stops while a session lives, so a disconnect is seen the
-moment it happens (not when an answer next tries to send) and the session's
-engine requests are aborted at once. A single writer task sends everything,
-in the encoding (msgpack or JSON) of the client's most recent message.
+A handshake is checked before anything is accepted (origin, API key,
+capacity; see :mod:`streamchat.access`) and refused with an HTTP status and a
+JSON body naming the error. An admitted connection runs two tasks:
+
+* the **reader** never stops receiving while the session lives, so a
+  disconnect is seen the moment it happens and the session's engine requests
+  are aborted at once. It enforces message size, rate limits and the idle
+  timeout, and decodes each message for the session;
+* the **writer** sends the session's outbox in the encoding (msgpack or JSON)
+  of the client's most recent message. Each send must finish within
+  ``send_timeout``: a client that stops reading is disconnected rather than
+  left to stall its session (the outbox in front of it is bounded).
+
+Whichever task ends first ends the connection; the session is then closed.
 """
 
 from __future__ import annotations
@@ -14,11 +24,23 @@ import logging
 import uuid
 from typing import TYPE_CHECKING
 
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .errors import MessageTooLarge, StreamchatError
-from .messages import decode_client, encode_server
-from .session import Session
+from .access import Grant, admit, check_token
+from .config import Settings
+from .errors import (
+    AccessError,
+    IdleTimeout,
+    MessageTooLarge,
+    OriginNotAllowed,
+    ServerBusy,
+    StreamchatError,
+    Unauthorized,
+)
+from .limits import RateLimiter
+from .messages import ClientMessage, Hello, VideoChunk, decode_client, encode_server
+from .session import Close, Session
 
 if TYPE_CHECKING:
     from .app import ServerState
@@ -27,72 +49,168 @@ __all__ = ["session_endpoint"]
 
 logger = logging.getLogger("streamchat.endpoint")
 
+_HTTP_STATUS: dict[type[AccessError], int] = {
+    Unauthorized: 401,
+    OriginNotAllowed: 403,
+    ServerBusy: 503,
+}
+
 
 async def session_endpoint(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.streamchat
-    await websocket.accept()
-    session = Session(state.settings, state.engine, session_id=uuid.uuid4().hex[:12])
-    await state.add(session)
-    logger.info("session %s opened", session.id)
-    wire = _Wire(websocket)
-    writer = asyncio.create_task(wire.drain(session), name=f"writer-{session.id}")
+    client = websocket.client.host if websocket.client else None
     try:
-        await _receive_loop(websocket, session, wire, state.settings.max_message_bytes)
+        grant = admit(
+            websocket.headers,
+            websocket.scope.get("subprotocols", ()),
+            client,
+            keys=state.keys,
+            allowed_origins=state.settings.allowed_origins,
+        )
+        state.reserve(grant.identity)
+    except AccessError as exc:
+        logger.info("session refused (%s): %s", exc.code, exc.message)
+        await _deny(websocket, exc)
+        return
+    try:
+        await websocket.accept(subprotocol=grant.subprotocol)
+        session = Session(state.settings, state.engine, session_id=uuid.uuid4().hex[:12])
+        await state.add(session)
+        session.log.info("session %s opened (%s)", session.id, grant.identity)
+        try:
+            await _Connection(websocket, session, state, grant).run()
+        finally:
+            await session.aclose()
+            await state.discard(session)
+            session.log.info("session %s closed", session.id)
     finally:
-        await session.aclose()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-        await state.discard(session)
-        logger.info("session %s closed", session.id)
+        state.release(grant.identity)
 
 
-class _Wire:
-    """Encodes outgoing messages the way the client last spoke to us."""
+async def _deny(websocket: WebSocket, exc: AccessError) -> None:
+    """Refuse the handshake with an HTTP status, or a close code if HTTP is not possible."""
+    status = _HTTP_STATUS.get(type(exc), 403)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 503:
+        headers = {"Retry-After": "5"}
+    response = JSONResponse({"code": exc.code, "message": exc.message}, status, headers)
+    try:
+        await websocket.send_denial_response(response)
+    except RuntimeError:  # the server has no denial-response extension
+        await websocket.close(exc.close_code, exc.message[:120])
 
-    def __init__(self, websocket: WebSocket) -> None:
+
+class _Connection:
+    def __init__(
+        self, websocket: WebSocket, session: Session, state: ServerState, grant: Grant
+    ) -> None:
         self.websocket = websocket
+        self.session = session
+        self.state = state
+        self.settings: Settings = state.settings
+        self.keys = state.keys
+        self.needs_token = grant.needs_token
+        self.limits = RateLimiter(state.settings)
         self.binary = True
+        self.failed = False
 
-    async def drain(self, session: Session) -> None:
+    async def run(self) -> None:
+        id = self.session.id
+        reader = asyncio.create_task(self._read(), name=f"reader-{id}")
+        writer = asyncio.create_task(self._write(), name=f"writer-{id}")
         try:
-            while True:
-                message = await session.outbox.get()
-                payload = encode_server(message, binary=self.binary)
-                if isinstance(payload, bytes):
-                    await self.websocket.send_bytes(payload)
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            for task in (reader, writer):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # -- writer -------------------------------------------------------------
+
+    async def _write(self) -> None:
+        websocket, session = self.websocket, self.session
+        while True:
+            item = await session.outbox.get()
+            try:
+                async with asyncio.timeout(self.settings.send_timeout):
+                    if isinstance(item, Close):
+                        await websocket.close(item.code, item.reason)
+                        return
+                    payload = encode_server(item, binary=self.binary)
+                    if isinstance(payload, bytes):
+                        await websocket.send_bytes(payload)
+                    else:
+                        await websocket.send_text(payload)
+            except TimeoutError:
+                session.log.warning(
+                    "session %s: client read nothing for %g s, disconnecting",
+                    session.id,
+                    self.settings.send_timeout,
+                )
+                return
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                # The peer is gone; the reader sees the disconnect too.
+                session.log.debug("session %s: send failed, peer gone", session.id)
+                return
+
+    # -- reader -------------------------------------------------------------
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(self.settings.idle_timeout):
+                    event = await self.websocket.receive()
+            except TimeoutError:
+                if self.session.busy or self.failed:
+                    continue
+                await self._fail(
+                    IdleTimeout(f"nothing to do for {self.settings.idle_timeout:g} s: closing")
+                )
+                continue
+            if event["type"] == "websocket.disconnect":
+                return
+            data: bytes | str | None = event.get("bytes")
+            if data is None:
+                data = event.get("text")
+            if data is None or self.failed:
+                continue
+            self.binary = isinstance(data, bytes)
+            try:
+                message = self._decode(data, loop.time())
+            except StreamchatError as exc:
+                if exc.fatal:
+                    await self._fail(exc)
                 else:
-                    await self.websocket.send_text(payload)
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            # The peer is gone; the receive loop sees the disconnect and ends the session.
-            logger.debug("session %s: send failed, peer gone", session.id)
+                    await self.session.report(exc)
+                continue
+            try:
+                await self.session.handle(message)
+            except Exception as exc:  # a bug: tell the client, keep the session
+                self.session.log.exception("session %s: %s failed", self.session.id, message.type)
+                await self.session.report(exc)
 
-
-async def _receive_loop(
-    websocket: WebSocket, session: Session, wire: _Wire, max_bytes: int
-) -> None:
-    while True:
-        event = await websocket.receive()
-        if event["type"] == "websocket.disconnect":
-            return
-        data: bytes | str | None = event.get("bytes")
-        if data is None:
-            data = event.get("text")
-        if data is None:
-            continue
-        wire.binary = isinstance(data, bytes)
+    def _decode(self, data: bytes | str, now: float) -> ClientMessage:
+        """Check one incoming message against every limit, then parse it."""
+        self.limits.admit_message(now)
+        max_bytes = self.settings.max_message_bytes
         if len(data) > max_bytes:
-            await session.report(
-                MessageTooLarge(f"a message is limited to {max_bytes} bytes; send smaller chunks")
-            )
-            continue
-        try:
-            message = decode_client(data)
-        except StreamchatError as exc:
-            await session.report(exc)
-            continue
-        try:
-            await session.handle(message)
-        except Exception as exc:  # a bug: tell the client, keep the session
-            logger.exception("session %s: %s failed", session.id, message.type)
-            await session.report(exc)
+            raise MessageTooLarge(f"a message is limited to {max_bytes} bytes; send smaller chunks")
+        message = decode_client(data)
+        if isinstance(message, VideoChunk):
+            self.limits.admit_video(now, len(message.data))
+        if self.needs_token:
+            if not isinstance(message, Hello):
+                raise Unauthorized(f"send 'hello' with your API key before '{message.type}'")
+            identity = check_token(message.token, self.keys)
+            self.needs_token = False
+            self.session.log.info("session %s: authenticated as %s", self.session.id, identity)
+        return message
+
+    async def _fail(self, exc: StreamchatError) -> None:
+        """Send the fatal error, then close; messages read meanwhile are ignored."""
+        self.failed = True
+        self.session.log.info("session %s: %s", self.session.id, exc.code)
+        await self.session.fail(exc)

@@ -11,17 +11,18 @@
     │   ├── HelloRequired               hello_required: anything before ``hello``
     │   ├── DuplicateHello              duplicate_hello
     │   └── RateLimited                 rate_limited: messages or video bytes too fast
+    │       └── Flooding                    rate_limited (fatal): went on after being told
     ├── AccessError                     the session may not go on
     │   ├── Unauthorized                unauthorized: no API key, or a wrong one
     │   ├── OriginNotAllowed            origin_not_allowed: a browser page from elsewhere
     │   ├── ServerBusy                  server_busy: too many sessions (server or client)
-    │   ├── IdleTimeout                 idle_timeout: nothing from the client for too long
-    │   └── ServerShutdown              server_shutdown: the server is stopping
+    │   └── IdleTimeout                 idle_timeout: nothing from the client for too long
     ├── AskError                        a question that cannot be answered now
     │   ├── NoFrames                    no_frames: nothing decoded (yet) in the asked range
     │   ├── UnknownId                   unknown_id: ``cancel`` of an answer not in flight
     │   ├── DuplicateId                 duplicate_id: ``ask`` with the id of an answer in flight
-    │   └── TooManyAsks                 too_many_asks
+    │   ├── TooManyAsks                 too_many_asks
+    │   └── ServerShutdown              server_shutdown: the server is stopping, no new questions
     ├── VideoError                      a video source failed; frames already decoded stay
     │   ├── VideoDecodeError            video_decode_failed: corrupt data
     │   ├── VideoUnsupported            video_unsupported: no video stream, unknown codec/container
@@ -52,6 +53,7 @@ __all__ = [
     "DuplicateHello",
     "DuplicateId",
     "EngineFailure",
+    "Flooding",
     "HelloRequired",
     "IdleTimeout",
     "InvalidField",
@@ -146,6 +148,10 @@ class RateLimited(ProtocolError):
     close_code = CloseCode.RATE_LIMITED
 
 
+class Flooding(RateLimited):
+    fatal = True
+
+
 class AccessError(StreamchatError):
     code = "access_error"
     fatal = True
@@ -172,11 +178,6 @@ class IdleTimeout(AccessError):
     close_code = CloseCode.IDLE_TIMEOUT
 
 
-class ServerShutdown(AccessError):
-    code = "server_shutdown"
-    close_code = CloseCode.GOING_AWAY
-
-
 class AskError(StreamchatError):
     code = "ask_error"
 
@@ -195,6 +196,10 @@ class DuplicateId(AskError):
 
 class TooManyAsks(AskError):
     code = "too_many_asks"
+
+
+class ServerShutdown(AskError):
+    code = "server_shutdown"
 
 
 class VideoError(StreamchatError):

@@ -32,6 +32,7 @@ __all__ = [
     "ClientMessage",
     "Error",
     "Generation",
+    "GoingAway",
     "Hello",
     "Image",
     "Ready",
@@ -48,6 +49,7 @@ PROTOCOL_VERSION = 1
 
 CONTAINER_FORMATS = frozenset({"webm", "matroska", "mp4", "mpegts"})
 MAX_ID_CHARS = 128
+MAX_TOKEN_CHARS = 512
 
 
 # --- client -> server ------------------------------------------------------
@@ -70,6 +72,8 @@ class Hello:
     window_frames: int | None = None
     max_pixels: int | None = None
     generation: Generation = field(default_factory=Generation)
+    token: str | None = field(default=None, repr=False)
+    """An API key, for clients that can give it neither as a header nor a subprotocol."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,7 +176,16 @@ class Error:
     fatal: bool = False
 
 
-ServerMessage = Ready | VideoStatus | AnswerDelta | AnswerDone | Error
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GoingAway:
+    """The server is stopping: no new questions; answers in flight get ``timeout`` seconds."""
+
+    type: ClassVar[str] = "going_away"
+    reason: str
+    timeout: float
+
+
+ServerMessage = Ready | VideoStatus | AnswerDelta | AnswerDone | Error | GoingAway
 
 
 def encode_server(message: ServerMessage, *, binary: bool) -> bytes | str:
@@ -253,7 +266,10 @@ class _Fields:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._fail(name, "must be a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a JSON integer beyond any double
+            raise self._fail(name, "must be finite") from None
         if not math.isfinite(value):
             raise self._fail(name, "must be finite")
         if (low is not None and value < low) or (high is not None and value > high):
@@ -315,6 +331,7 @@ def _hello(f: _Fields) -> Hello:
         window_frames=f.integer("window_frames", low=1, high=1 << 20),
         max_pixels=f.integer("max_pixels", low=1, high=1 << 40),
         generation=f.nested("generation", _generation, Generation()),
+        token=f.string("token", max_chars=MAX_TOKEN_CHARS),
     )
 
 

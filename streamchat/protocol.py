@@ -23,6 +23,7 @@ from .errors import (
     HelloRequired,
     InvalidField,
     NoFrames,
+    ServerShutdown,
     SourceBusy,
     StreamchatError,
     TooManyAsks,
@@ -37,6 +38,7 @@ from .messages import (
     ClientMessage,
     Error,
     Generation,
+    GoingAway,
     Hello,
     Image,
     Ready,
@@ -223,6 +225,8 @@ class SessionProtocol:
         self._status = _StatusClock(settings.status_interval)
         self._image_clock_origin: float | None = None
         self._level = FeedLevel()
+        self.draining = False
+        """The server is stopping: answers in flight go on, new questions are refused."""
 
     # -- client messages ----------------------------------------------------
 
@@ -353,6 +357,8 @@ class SessionProtocol:
 
     def _ask(self, ask: Ask) -> list[Action]:
         s = self.settings
+        if self.draining:
+            raise ServerShutdown("the server is shutting down: no new questions", id=ask.id)
         if ask.id in self.answers:
             raise DuplicateId(f"an answer with id {ask.id!r} is in flight", id=ask.id)
         if len(self.answers) >= s.max_concurrent_asks:
@@ -487,6 +493,11 @@ class SessionProtocol:
             frames_dropped=self.window.evicted,
             bytes_received=source.bytes_received if source else 0,
         )
+
+    def going_away(self, reason: str, timeout: float) -> list[Action]:
+        """The server is stopping: say so, and refuse new questions from now on."""
+        self.draining = True
+        return [Send(GoingAway(reason=reason, timeout=timeout))]
 
     def close(self) -> list[Action]:
         """The connection is gone: stop everything that still runs."""

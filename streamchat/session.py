@@ -8,7 +8,8 @@ returns. It owns three kinds of background work, all stopped by
 * per video source, a decoder thread (PyAV never runs on the event loop) fed
   by a bounded :class:`~streamchat.feed.ByteFeed`, plus a fetch task for URLs;
 * per question, an answer task streaming deltas from the shared engine;
-* outgoing messages, queued in a bounded outbox that the endpoint drains.
+* outgoing messages, queued in a bounded outbox that the endpoint drains; a
+  :class:`Close` queued behind them ends the connection once they are sent.
 
 Frames cross from the decoder thread to the loop with
 ``call_soon_threadsafe``; the window is only touched on the loop.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from .config import Settings
 from .decoder import DecoderOptions, decode_image, decode_stream
 from .engine.base import Engine, EngineError, GenerationRequest, Usage
-from .errors import EngineFailure, StreamchatError
+from .errors import EngineFailure, StreamchatError, to_error_fields
 from .feed import ByteFeed
 from .fetch import fetch_into
 from .messages import AnswerDelta, ClientMessage, ServerMessage, VideoStatus
@@ -45,12 +46,20 @@ from .protocol import (
 )
 from .window import Frame
 
-__all__ = ["Session"]
+__all__ = ["Close", "Session"]
 
 logger = logging.getLogger("streamchat.session")
 
 SOURCE_STOP_GRACE = 5.0
 """Seconds :meth:`Session.aclose` waits for a decoder thread to notice it must stop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Queued after the last message to send: then close with ``code``."""
+
+    code: int
+    reason: str
 
 
 @dataclass(eq=False)
@@ -86,11 +95,12 @@ class Session:
         self.engine = engine
         self.id = session_id
         self.protocol = SessionProtocol(settings, session_id=session_id, model=engine.model_name)
-        self.outbox: asyncio.Queue[ServerMessage] = asyncio.Queue(settings.outbox_messages)
+        self.outbox: asyncio.Queue[ServerMessage | Close] = asyncio.Queue(settings.outbox_messages)
         self._loop = asyncio.get_running_loop()
         self._sources: dict[int, _RunningSource] = {}
         self._answers: dict[str, asyncio.Task[None]] = {}
         self._closing = False
+        self._abort_reason = "cancelled"
         self._status_timer: asyncio.TimerHandle | None = None
         self.log = logging.LoggerAdapter(logger, {"session": session_id})
 
@@ -102,6 +112,46 @@ class Session:
     async def report(self, exc: BaseException) -> None:
         """Tell the client about an error found before the protocol saw a message."""
         await self._run([self.protocol.error(exc)])
+
+    async def fail(self, exc: StreamchatError) -> None:
+        """Tell the client about a fatal error, then close with the error's code."""
+        _, message, _ = to_error_fields(exc)
+        await self._run([self.protocol.error(exc)])
+        await self.close_soon(exc.close_code, message)
+
+    async def close_soon(self, code: int, reason: str) -> None:
+        """Close once what is queued has been sent (given up if the client reads nothing)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.send_timeout):
+                await self.outbox.put(Close(code, _close_reason(reason)))
+
+    @property
+    def busy(self) -> bool:
+        """Work is in flight (an answer, a source), so silence from the client is not idleness."""
+        return bool(self._answers) or bool(self._sources)
+
+    def going_away(self, reason: str, timeout: float) -> None:
+        """The server is stopping: tell the client (if there is room) and refuse new questions."""
+        for action in self.protocol.going_away(reason, timeout):
+            assert isinstance(action, Send)
+            if not self.outbox.full():
+                self.outbox.put_nowait(action.message)
+
+    async def wait_answers(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the answers in flight; whether they all finished."""
+        tasks = list(self._answers.values())
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending
+
+    async def abort_answers(self, reason: str) -> None:
+        """End the answers in flight now; each ends with ``finish_reason`` ``reason``."""
+        self._abort_reason = reason
+        tasks = list(self._answers.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- actions ------------------------------------------------------------
 
@@ -153,6 +203,8 @@ class Session:
             factor=s.factor,
             container=container,
             max_decode_pixels=s.max_decode_pixels,
+            max_source_seconds=s.max_source_seconds,
+            max_source_frames=s.max_source_frames,
         )
 
     def _start_source(self, action: StartSource) -> None:
@@ -286,7 +338,7 @@ class Session:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            reason = "cancelled"
+            reason = self._abort_reason
         except EngineError as exc:
             self.log.warning("engine failed on %s: %s", request.request_id, exc)
             await self._run([self.protocol.error(EngineFailure(f"the model failed: {exc}", id=id))])
@@ -319,3 +371,11 @@ class Session:
                 self.log.warning("%d decoder(s) did not stop in time", len(pending))
                 for task in pending:
                     task.cancel()
+
+
+def _close_reason(message: str) -> str:
+    """A close frame's reason is limited to 123 bytes of UTF-8."""
+    encoded = message.encode()
+    if len(encoded) <= 123:
+        return message
+    return encoded[:120].decode(errors="ignore") + "..."

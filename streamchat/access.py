@@ -1,0 +1,198 @@
+"""Who may open a session: API keys, browser origins and client identities.
+
+Checked once, at the WebSocket handshake, before anything is accepted:
+
+* **Origin**: a browser always sends ``Origin``; a page from another site must
+  not be able to drive a user's session (cross-site WebSocket hijacking). With
+  no allowlist only the server's own origin passes; ``*`` lets any through.
+  Clients that are not browsers send no ``Origin`` and are judged by key alone.
+* **API key**, when keys are configured, given one of three ways: an
+  ``Authorization: Bearer <key>`` header; the WebSocket subprotocol
+  ``streamchat.key.<key>`` offered beside ``streamchat.v1`` (browsers cannot
+  set headers); or the ``token`` field of ``hello`` (any client). A key given
+  at the handshake is checked there (HTTP 401 when wrong); otherwise the
+  session must start with a ``hello`` carrying one.
+
+Keys are compared in constant time, and never logged: a session is known by a
+short hash of its key (its *identity*, also what per-client session limits
+count), or by its address when it has none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .config import Settings
+from .errors import OriginNotAllowed, Unauthorized
+
+__all__ = [
+    "KEY_SUBPROTOCOL_PREFIX",
+    "SUBPROTOCOL",
+    "Grant",
+    "KeyStore",
+    "admit",
+    "check_token",
+    "key_identity",
+]
+
+SUBPROTOCOL = "streamchat.v1"
+KEY_SUBPROTOCOL_PREFIX = "streamchat.key."
+
+logger = logging.getLogger("streamchat.access")
+
+
+def key_identity(key: str) -> str:
+    """A stable name for a key that reveals nothing about it (for logs and limits)."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+class KeyStore:
+    """The accepted API keys: fixed ones plus a file, re-read when it changes.
+
+    Re-reading on change (checked by modification time and size at each
+    handshake, a single ``stat``) revokes a key without a restart. If the
+    file disappears or cannot be read, its keys are dropped: failing closed.
+    """
+
+    def __init__(self, keys: Iterable[str] = (), file: Path | None = None) -> None:
+        self._fixed = frozenset(k for k in keys if k)
+        self._file = file
+        self._stamp: tuple[int, int] | None = None
+        self._from_file: frozenset[str] = frozenset()
+        if file is not None:
+            self._reload()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyStore:
+        return cls(settings.api_keys, settings.api_keys_file)
+
+    @property
+    def enabled(self) -> bool:
+        """Auth is on when any key is configured, or a key file is named (even empty)."""
+        return bool(self._fixed) or self._file is not None
+
+    def keys(self) -> frozenset[str]:
+        self._reload()
+        return self._fixed | self._from_file
+
+    def check(self, candidate: str) -> bool:
+        """Whether ``candidate`` is an accepted key (constant time per key)."""
+        given = candidate.encode()
+        found = False
+        for key in self.keys():
+            found |= hmac.compare_digest(given, key.encode())
+        return found
+
+    def _reload(self) -> None:
+        if self._file is None:
+            return
+        try:
+            info = os.stat(self._file)
+        except OSError:
+            if self._stamp is not None:
+                logger.warning("API key file %s is gone: its keys are revoked", self._file)
+            self._stamp, self._from_file = None, frozenset()
+            return
+        stamp = (info.st_mtime_ns, info.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            text = self._file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError):
+            logger.warning("API key file %s cannot be read: its keys are revoked", self._file)
+            self._stamp, self._from_file = None, frozenset()
+            return
+        self._stamp = stamp
+        self._from_file = frozenset(
+            line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+        )
+        logger.info("API key file %s: %d key(s)", self._file, len(self._from_file))
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the handshake established about a new session."""
+
+    identity: str
+    """The client's key hash, else its address: what per-client limits count."""
+    subprotocol: str | None
+    """The subprotocol to accept with (``streamchat.v1`` when offered)."""
+    needs_token: bool
+    """Auth is on but no key came with the handshake: ``hello`` must carry one."""
+
+
+def admit(
+    headers: Mapping[str, str],
+    subprotocols: Iterable[str],
+    client_host: str | None,
+    *,
+    keys: KeyStore,
+    allowed_origins: Iterable[str],
+) -> Grant:
+    """Check a handshake's origin and key; raise the typed refusal, else grant.
+
+    ``headers`` must be case-insensitive (Starlette's ``Headers``).
+    """
+    _check_origin(headers.get("origin"), headers.get("host"), allowed_origins)
+    offered = list(subprotocols)
+    subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
+    key = _bearer(headers.get("authorization")) or _key_subprotocol(offered)
+    address = f"addr:{client_host or 'unknown'}"
+    if not keys.enabled:
+        return Grant(address, subprotocol, needs_token=False)
+    if key is None:
+        return Grant(address, subprotocol, needs_token=True)
+    if not keys.check(key):
+        raise Unauthorized("the API key is not valid")
+    return Grant(key_identity(key), subprotocol, needs_token=False)
+
+
+def check_token(token: str | None, keys: KeyStore) -> str:
+    """The identity for a ``hello`` token, or :class:`Unauthorized`."""
+    if not token:
+        raise Unauthorized("this server needs an API key: give it in 'hello' as 'token'")
+    if not keys.check(token):
+        raise Unauthorized("the API key is not valid")
+    return key_identity(token)
+
+
+def _bearer(value: str | None) -> str | None:
+    if not value:
+        return None
+    scheme, _, credentials = value.partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <key>'")
+    return credentials.strip()
+
+
+def _key_subprotocol(offered: list[str]) -> str | None:
+    for item in offered:
+        if item.startswith(KEY_SUBPROTOCOL_PREFIX):
+            return item[len(KEY_SUBPROTOCOL_PREFIX) :] or None
+    return None
+
+
+def _normalise_origin(origin: str) -> str:
+    parts = urlsplit(origin.strip().lower())
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _check_origin(origin: str | None, host: str | None, allowed: Iterable[str]) -> None:
+    if origin is None:
+        return  # not a browser: the key (if any) decides
+    allowed = [a for a in allowed if a]
+    if "*" in allowed:
+        return
+    if allowed:
+        if _normalise_origin(origin) in {_normalise_origin(a) for a in allowed}:
+            return
+    elif host is not None and urlsplit(origin.strip().lower()).netloc == host.strip().lower():
+        return  # same origin: the server's own page
+    raise OriginNotAllowed(f"pages from {origin[:100]!r} may not open sessions on this server")

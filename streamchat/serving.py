@@ -1,0 +1,56 @@
+"""uvicorn's server with streamchat's graceful shutdown.
+
+On the first SIGTERM (or Ctrl-C) the server stops admitting sessions, tells
+every open one it is going away, lets answers in flight finish for up to
+``shutdown_timeout`` seconds, ends the rest with ``finish_reason``
+``shutdown``, closes each WebSocket with 1001, and only then lets uvicorn
+stop, which shuts the engine (and its worker processes) down in the app's
+lifespan. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from types import FrameType
+
+import uvicorn
+from starlette.applications import Starlette
+
+__all__ = ["GracefulServer"]
+
+logger = logging.getLogger("streamchat.serving")
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is None or self._draining is not None or self.should_exit:
+            super().handle_exit(sig, frame)  # not started yet, or asked twice: stop now
+            return
+        self._loop.call_soon_threadsafe(self.begin_drain)
+
+    def begin_drain(self) -> None:
+        """Start the graceful shutdown (what the first signal does)."""
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        state = getattr(self.app.state, "streamchat", None)
+        try:
+            if state is not None:
+                await state.drain(state.settings.shutdown_timeout)
+        except Exception:
+            logger.exception("graceful shutdown failed; stopping now")
+        finally:
+            self.should_exit = True
