@@ -19,6 +19,15 @@ placed one nominal frame interval after the previous one.
 Failures surface as :mod:`streamchat.errors` video errors with messages meant
 for the client; :func:`decode_image` does the same for single JPEG/PNG images.
 
+Hostile media: FFmpeg only ever reads the bytes it is given, through a
+demuxer from :data:`DEMUXERS` (WebM/Matroska, MP4/MOV, MPEG-TS), whether the
+client named the container or it was probed: playlists (HLS), concat lists,
+image sequences and every other demuxer are refused before their header is
+read, and no protocol (``file:``, ``http:``, ...) may be opened from inside
+the media (an empty ``protocol_whitelist``). Frame size (``max_pixels``),
+video time and frame count per source are bounded; an MP4 header's declared
+sample counts and durations are checked before FFmpeg indexes them.
+
 Measured pitfalls this module works around (see ``NOTES-pyav.md``):
 
 * PyAV sets its I/O buffer's ``max_packet_size`` to the buffer size, so FFmpeg
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,9 +59,20 @@ from av.packet import Packet
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
-from .config import DEFAULT_FPS, DEFAULT_MAX_DECODE_PIXELS
-from .errors import StreamchatError, VideoDecodeError, VideoTooLarge, VideoUnsupported
-from .reader import SafeReader, Source, mp4_header
+from .config import (
+    DEFAULT_FPS,
+    DEFAULT_MAX_DECODE_PIXELS,
+    DEFAULT_MAX_SOURCE_FRAMES,
+    DEFAULT_MAX_SOURCE_SECONDS,
+)
+from .errors import (
+    StreamchatError,
+    VideoDecodeError,
+    VideoTooLarge,
+    VideoTooLong,
+    VideoUnsupported,
+)
+from .reader import Mp4Declared, SafeReader, Source, mp4_declared, mp4_header
 from .sampling import (
     DEFAULT_FACTOR,
     DEFAULT_MAX_PIXELS,
@@ -62,12 +83,25 @@ from .sampling import (
 )
 from .window import Frame
 
-__all__ = ["DecodeReport", "DecoderOptions", "decode_image", "decode_stream"]
+__all__ = ["DEMUXERS", "DecodeReport", "DecoderOptions", "decode_image", "decode_stream"]
 
 logger = logging.getLogger("streamchat.decoder")
 
 
 _CONTAINERS = {"webm": "webm", "matroska": "matroska", "mp4": "mp4", "mpegts": "mpegts"}
+DEMUXERS = "matroska,webm,mov,mp4,mpegts"
+"""FFmpeg's ``format_whitelist``: the only demuxers it may use, probed or hinted.
+
+A demuxer's name lists its aliases (``"matroska,webm"``, ``"mov,mp4,m4a,..."``);
+one alias on this list admits it.
+"""
+# Options every input is opened with. An empty protocol whitelist: the bytes
+# come from our reader, and nothing inside them may make FFmpeg open a file or
+# a URL (HLS segments, concat entries, MP4 data references).
+_SANDBOX = {"format_whitelist": DEMUXERS, "protocol_whitelist": ""}
+# A declared MP4 index may hold this many samples per allowed frame, over all
+# tracks (audio packets outnumber video frames; 48 kHz AAC: 47 per second).
+_INDEX_SAMPLES_PER_FRAME = 4
 _INTERPOLATION = "AREA"  # as fast as bilinear in swscale, and averages when shrinking
 _MAX_LEADING_SKIPS = 300  # non-key packets dropped while waiting for a first keyframe
 
@@ -88,6 +122,11 @@ class DecoderOptions:
     * ``max_decode_pixels``: the largest source frame (width x height) decoded
       at all. FFmpeg enforces it inside the decoder, so a resolution bomb costs
       no memory; a larger frame is ``VideoTooLarge``.
+    * ``max_source_seconds``, ``max_source_frames``: the longest source, in
+      video time since its first frame and in decoded frames; beyond either
+      the decode ends with ``VideoTooLong`` (frames already emitted stay). An
+      MP4 header declaring more (duration, or samples: see
+      :class:`~streamchat.reader.Mp4Declared`) is refused before opening.
     * ``keyframes_only``: drop non-key packets before the decoder: many times
       faster, about one frame per keyframe interval.
     * ``probesize`` (bytes), ``analyzeduration`` (microseconds): how much FFmpeg
@@ -107,6 +146,8 @@ class DecoderOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     container: str | None = None
     max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS
+    max_source_seconds: float = DEFAULT_MAX_SOURCE_SECONDS
+    max_source_frames: int = DEFAULT_MAX_SOURCE_FRAMES
     keyframes_only: bool = False
     probesize: int = 32_768
     analyzeduration: int = 100_000
@@ -118,10 +159,16 @@ class DecoderOptions:
             raise ValueError(f"unknown container hint {self.container!r}")
         if not self.fps > 0:
             raise ValueError("fps must be positive")
-        if self.max_decode_pixels < 1 or self.analyzeduration < 1 or self.max_decode_errors < 0:
+        if (
+            self.max_decode_pixels < 1
+            or self.analyzeduration < 1
+            or self.max_source_frames < 1
+            or not self.max_source_seconds > 0
+            or self.max_decode_errors < 0
+        ):
             raise ValueError(
-                "max_decode_pixels and analyzeduration must be positive, "
-                "max_decode_errors not negative"
+                "max_decode_pixels, analyzeduration, max_source_frames and max_source_seconds "
+                "must be positive, max_decode_errors not negative"
             )
         # Validates the resize budget: raises ValueError for an impossible one.
         target_size(
@@ -179,8 +226,12 @@ def decode_stream(
     * ``VideoDecodeError``: data that is not a valid stream of the hinted
       container, a broken header, more than ``max_decode_errors`` undecodable
       packets in a row, or a stream that ends before any frame decodes.
+    * ``VideoUnsupported`` also for a probed container that is not one of
+      :data:`DEMUXERS` (an HLS playlist, an ffconcat list, a GIF, ...).
     * ``VideoTooLarge``: a declared or decoded frame size above
       ``max_decode_pixels``, or an MP4 header above ``max_header_bytes``.
+    * ``VideoTooLong``: more than ``max_source_seconds`` of video or
+      ``max_source_frames`` frames, decoded or declared by an MP4 header.
     * Errors raised by ``source.read`` (e.g. ``VideoTimeout`` from a stalled
       ``ByteFeed``) are re-raised as they are if they are ``StreamchatError``
       instances, and wrapped in ``VideoDecodeError`` otherwise.
@@ -200,7 +251,7 @@ def decode_stream(
             raise failure from failure.__cause__  # FFmpeg's view of it is noise
         if isinstance(exc, StreamchatError):
             raise
-        raise _ffmpeg_failure(exc, options) from exc
+        raise _ffmpeg_failure(exc, options, opened=bool(report.container)) from exc
     if stop.is_set():
         return _stopped(report)
     failure = reader.failure()
@@ -237,12 +288,40 @@ def _open(reader: SafeReader, options: DecoderOptions) -> InputContainer:
         if header is not None:
             hint = "mp4"
             buffer_size = max(buffer_size, len(header))
+            _check_declared(mp4_declared(header), options)
     limits = {
+        **_SANDBOX,
         "probesize": str(max(32, options.probesize)),
         "analyzeduration": str(options.analyzeduration),
         "max_pixels": str(options.max_decode_pixels),
     }
-    return av.open(reader, "r", format=hint, options=limits, buffer_size=buffer_size)
+    try:
+        return av.open(reader, "r", format=hint, options=limits, buffer_size=buffer_size)
+    except av.error.ArgumentError as exc:
+        # A probed demuxer that is not on the format whitelist; a hinted one always is.
+        if hint is None and reader.failure() is None:
+            raise VideoUnsupported(
+                "unsupported container: send WebM, Matroska, MP4 or MPEG-TS"
+            ) from exc
+        raise
+
+
+def _check_declared(declared: Mp4Declared, options: DecoderOptions) -> None:
+    """Refuse an MP4 whose header declares more samples or time than a source may have."""
+    if declared.seconds > options.max_source_seconds:
+        raise VideoTooLong(
+            f"the video declares {declared.seconds:.0f} s, more than the limit of "
+            f"{options.max_source_seconds:g} s per source"
+        )
+    if (
+        declared.video_samples > options.max_source_frames
+        or declared.total_samples > options.max_source_frames * _INDEX_SAMPLES_PER_FRAME
+    ):
+        raise VideoTooLong(
+            f"the video declares {declared.video_samples} frames "
+            f"({declared.total_samples} samples in all tracks), more than the limit of "
+            f"{options.max_source_frames} frames per source"
+        )
 
 
 def _decode_container(
@@ -287,9 +366,19 @@ def _decode_container(
             continue
         errors_in_row = 0
         for frame in frames:
+            if report.frames_decoded >= options.max_source_frames:
+                raise VideoTooLong(
+                    f"the video has more than {options.max_source_frames} frames, "
+                    "the limit per source"
+                )
             report.frames_decoded += 1
             report.width, report.height = frame.width, frame.height
             pts = timeline.place(frame.time, frame_interval)
+            if pts > options.max_source_seconds:
+                raise VideoTooLong(
+                    f"the video is longer than {options.max_source_seconds:g} s, "
+                    "the limit per source"
+                )
             if sampler.take(pts):
                 emit(Frame(pts=pts, image=_to_image(frame, sizes.target(frame))))
                 report.frames_emitted += 1
@@ -395,10 +484,18 @@ def _to_image(frame: VideoFrame, size: tuple[int, int]) -> npt.NDArray[np.uint8]
     return np.array(view, dtype=np.uint8, order="C", copy=True)
 
 
-def _ffmpeg_failure(exc: av.error.FFmpegError, options: DecoderOptions) -> StreamchatError:
-    """A client-facing error for an FFmpeg error raised while opening or demuxing."""
+def _ffmpeg_failure(
+    exc: av.error.FFmpegError, options: DecoderOptions, *, opened: bool
+) -> StreamchatError:
+    """A client-facing error for an FFmpeg error raised while opening or demuxing.
+
+    Once the container is open its format is known: invalid data from then on
+    is corruption or truncation (a cut MP4 fragment), not an unknown format.
+    """
     if isinstance(exc, av.error.EOFError):
         return VideoDecodeError("the video ended before a valid header was found")
+    if opened:
+        return VideoDecodeError(f"the video is corrupt or truncated: {exc.strerror}")
     if isinstance(exc, av.error.InvalidDataError) and options.container is None:
         return VideoUnsupported("unrecognised video format (or corrupt data)")
     if isinstance(exc, av.error.InvalidDataError):
@@ -430,9 +527,13 @@ def decode_image(
     fmt = next((f for magic, f in _IMAGE_FORMATS.items() if data.startswith(magic)), None)
     if fmt is None:
         raise VideoUnsupported("the image is not a JPEG or PNG file")
+    declared = _declared_image_size(data)
+    if declared is not None:  # FFmpeg would refuse (or allocate) only once it decodes
+        _check_pixels(*declared, max_decode_pixels)
     limits = {"max_pixels": str(max_decode_pixels)}
+    sandbox = {"format_whitelist": fmt, "protocol_whitelist": ""}
     try:
-        with av.open(io.BytesIO(data), "r", format=fmt, options=limits) as container:
+        with av.open(io.BytesIO(data), "r", format=fmt, options={**sandbox, **limits}) as container:
             if not container.streams.video:
                 raise VideoDecodeError("the image could not be decoded")
             stream = container.streams.video[0]
@@ -453,3 +554,32 @@ def decode_image(
     except av.error.FFmpegError as exc:
         raise VideoDecodeError("the image is corrupt or truncated") from exc
     raise VideoDecodeError("the image contains no picture")
+
+
+# JPEG frame headers: SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_FRAME_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD9)}  # TEM, RSTn, SOI: no length follows
+
+
+def _declared_image_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG's IHDR or a JPEG's first frame header, if found."""
+    if data.startswith(b"\x89PNG") and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack_from(">II", data, 16)
+        return width, height
+    offset = 2
+    while offset + 4 <= len(data) and data[offset] == 0xFF:
+        marker = data[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker in _JPEG_STANDALONE_MARKERS:
+            offset += 2
+            continue
+        if marker in _JPEG_FRAME_MARKERS and offset + 9 <= len(data):
+            height, width = struct.unpack_from(">HH", data, offset + 5)
+            return width, height
+        if marker == 0xDA:  # entropy-coded data follows: no frame header before it
+            return None
+        (length,) = struct.unpack_from(">H", data, offset + 2)
+        offset += 2 + length
+    return None

@@ -3,18 +3,21 @@
 :class:`SafeReader` stores source errors instead of letting them cross FFmpeg,
 ends the stream on a stop event, and can push bytes back. :func:`mp4_header`
 collects an MP4 stream's header whole, because PyAV's I/O buffer keeps
-nothing to seek back into and the MP4 demuxer seeks back within its header.
+nothing to seek back into and the MP4 demuxer seeks back within its header;
+:func:`mp4_declared` reads what that header promises (sample counts,
+durations) before FFmpeg builds an index from it.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import StreamchatError, VideoDecodeError, VideoTooLarge, VideoUnsupported
 
-__all__ = ["SafeReader", "Source", "mp4_header"]
+__all__ = ["Mp4Declared", "SafeReader", "Source", "mp4_declared", "mp4_header"]
 
 
 class Source(Protocol):
@@ -125,3 +128,103 @@ def _read_all(reader: SafeReader, n: int) -> bytes:
     if len(data) < n:
         raise VideoDecodeError("the video ended inside its MP4 header")
     return data
+
+
+# -- what an MP4 header declares ------------------------------------------------------
+
+_MP4_CONTAINER_BOXES = {b"trak", b"mdia", b"minf", b"stbl"}
+_UNKNOWN_DURATIONS = {0, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF}  # 0 or all ones: not known
+
+
+@dataclass(frozen=True)
+class Mp4Declared:
+    """What an MP4 header promises, before FFmpeg allocates anything for it.
+
+    * ``video_samples``: the most samples (frames) declared by one video track.
+    * ``total_samples``: samples declared by all tracks together: FFmpeg's MP4
+      demuxer allocates an index entry (about 24 bytes) for each, so a header
+      of a few bytes (a constant sample size and a huge count in ``stsz``)
+      can cost gigabytes to open.
+    * ``seconds``: the longest duration declared by the movie or a track, in
+      seconds (0 when none is known, as in a fragmented MP4's empty ``moov``).
+    """
+
+    video_samples: int = 0
+    total_samples: int = 0
+    seconds: float = 0.0
+
+
+def mp4_declared(header: bytes) -> Mp4Declared:
+    """Read sample counts and durations from an MP4 header (as :func:`mp4_header` returns it).
+
+    Only the boxes on the way to them are parsed (``moov`` > ``mvhd``,
+    ``trak`` > ``mdia`` > ``mdhd``/``hdlr``/``minf`` > ``stbl`` > ``stsz``/``stz2``);
+    malformed boxes are left for FFmpeg to report, so this never fails.
+    """
+    video = total = 0
+    seconds = 0.0
+    moov = next((body for kind, body in _boxes(memoryview(header)) if kind == b"moov"), None)
+    if moov is None:
+        return Mp4Declared()
+    for kind, body in _boxes(moov):
+        if kind == b"mvhd":
+            seconds = max(seconds, _duration(body))
+        elif kind == b"trak":
+            track = _track(body)
+            seconds = max(seconds, track.seconds)
+            total += track.total_samples
+            video = max(video, track.video_samples)
+    return Mp4Declared(video_samples=video, total_samples=total, seconds=seconds)
+
+
+def _track(trak: memoryview) -> Mp4Declared:
+    """One ``trak``'s declared samples and duration (``video_samples`` only for video)."""
+    samples = 0
+    seconds = 0.0
+    is_video = False
+    stack = [trak]
+    while stack:
+        for kind, body in _boxes(stack.pop()):
+            if kind in _MP4_CONTAINER_BOXES:
+                stack.append(body)
+            elif kind == b"mdhd":
+                seconds = _duration(body)
+            elif kind == b"hdlr" and len(body) >= 12:
+                is_video = bytes(body[8:12]) == b"vide"
+            elif kind in (b"stsz", b"stz2") and len(body) >= 12:
+                samples += struct.unpack_from(">I", body, 8)[0]
+    return Mp4Declared(
+        video_samples=samples if is_video else 0, total_samples=samples, seconds=seconds
+    )
+
+
+def _duration(body: memoryview) -> float:
+    """Seconds declared by an ``mvhd`` or ``mdhd`` body (version 0 or 1); 0 if unknown."""
+    if body[0:1].tobytes() == b"\x01" and len(body) >= 32:
+        timescale, duration = struct.unpack_from(">IQ", body, 20)
+    elif len(body) >= 20:
+        timescale, duration = struct.unpack_from(">II", body, 12)
+    else:
+        return 0.0
+    if not timescale or duration in _UNKNOWN_DURATIONS:
+        return 0.0
+    return float(duration / timescale)
+
+
+def _boxes(data: memoryview) -> list[tuple[bytes, memoryview]]:
+    """The boxes directly inside ``data``, as ``(kind, body)``; stops at a malformed one."""
+    boxes = []
+    offset = 0
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack_from(">I4s", data, offset)
+        head = 8
+        if size == 1 and offset + 16 <= len(data):
+            (size,) = struct.unpack_from(">Q", data, offset + 8)
+            head = 16
+        elif size == 0:  # to the end of the enclosing box
+            size = len(data) - offset
+        if size < head or offset + size > len(data):
+            break
+        boxes.append((kind, data[offset + head : offset + size]))
+        offset += size
+    return boxes

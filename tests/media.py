@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import random
+import struct
 import tempfile
+import zlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -35,6 +37,11 @@ __all__ = [
     "encode_image",
     "encode_video",
     "frame_index",
+    "patch_h264_size",
+    "patch_jpeg_size",
+    "patch_mp4_header",
+    "patch_png_size",
+    "patch_vp8_size",
     "pattern_frame",
 ]
 
@@ -241,3 +248,210 @@ def chunks(data: bytes, size: int, *, seed: int | None = None) -> list[bytes]:
         pieces.append(data[offset : offset + step])
         offset += step
     return pieces
+
+
+# -- hostile media: real streams with one field made to lie --------------------------------
+
+
+def patch_vp8_size(data: bytes, width: int, height: int) -> bytes:
+    """``data`` (VP8 in WebM/Matroska) with every keyframe declaring ``width`` x ``height``.
+
+    A VP8 keyframe starts with a 3-byte tag (bit 0 clear), the start code
+    ``9d 01 2a`` and the size as two little-endian 14-bit fields; the
+    container's own size and the compressed picture stay as they were, so only
+    the decoder sees the lie. Sides up to 16383.
+    """
+    if not (0 < width < 1 << 14 and 0 < height < 1 << 14):
+        raise ValueError("VP8 sides are 14-bit")
+    out = bytearray(data)
+    start = 0
+    while (found := out.find(b"\x9d\x01\x2a", start)) >= 0:
+        start = found + 3
+        if found >= 3 and not out[found - 3] & 1:
+            out[found + 3 : found + 7] = width.to_bytes(2, "little") + height.to_bytes(2, "little")
+    return bytes(out)
+
+
+def patch_h264_size(data: bytes, width: int, height: int) -> bytes:
+    """``data`` (H.264 in any container PyAV muxes) remuxed with every SPS declaring a new size.
+
+    Each sequence parameter set is rewritten bit by bit: the size in
+    macroblocks becomes ``width`` x ``height`` (multiples of 16; cropping is
+    dropped), every other field is copied. The slices still describe the
+    small picture: what a resolution bomb looks like to the decoder, which
+    allocates frames for the declared size before it decodes anything.
+    """
+    if width % 16 or height % 16:
+        raise ValueError("the size must be in whole macroblocks")
+    out = io.BytesIO()
+    with av.open(io.BytesIO(data), "r") as source:
+        muxer = source.format.name.split(",")[0]
+        with av.open(out, "w", format=muxer) as dest:
+            stream = source.streams.video[0]
+            copy = dest.add_stream_from_template(stream)
+            for packet in source.demux(stream):
+                if not packet.size:
+                    continue
+                patched = av.Packet(_patch_sps_nals(bytes(packet), width // 16, height // 16))
+                patched.pts, patched.dts = packet.pts, packet.dts
+                patched.time_base = packet.time_base
+                patched.is_keyframe = packet.is_keyframe
+                patched.stream = copy
+                dest.mux(patched)
+    return out.getvalue()
+
+
+def _patch_sps_nals(annexb: bytes, mbs_wide: int, mbs_high: int) -> bytes:
+    parts = annexb.split(b"\x00\x00\x01")
+    for i, nal in enumerate(parts):
+        if i and nal and nal[0] & 0x1F == 7:  # a sequence parameter set
+            trailing = len(nal) - len(nal.rstrip(b"\x00"))  # the next start code's zero
+            body = nal[: len(nal) - trailing]
+            parts[i] = body[:1] + _sps_resized(body[1:], mbs_wide, mbs_high) + b"\x00" * trailing
+    return b"\x00\x00\x01".join(parts)
+
+
+def _sps_resized(escaped: bytes, mbs_wide: int, mbs_high: int) -> bytes:
+    bits = _Bits(escaped.replace(b"\x00\x00\x03", b"\x00\x00"))
+    out: list[int] = []
+
+    def copy(n: int = 1) -> int:
+        value = bits.read(n)
+        out.extend((value >> (n - 1 - k)) & 1 for k in range(n))
+        return value
+
+    def copy_ue() -> int:
+        value = bits.read_ue()
+        _write_ue(out, value)
+        return value
+
+    profile = copy(8)
+    copy(16)  # constraint flags, level
+    copy_ue()  # seq_parameter_set_id
+    if profile in (100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135):
+        if copy_ue() == 3:  # chroma_format_idc
+            copy()
+        copy_ue()
+        copy_ue()
+        copy()
+        if copy():
+            raise ValueError("SPS scaling matrices are not supported")
+    copy_ue()  # log2_max_frame_num_minus4
+    poc_type = copy_ue()
+    if poc_type == 0:
+        copy_ue()
+    elif poc_type == 1:
+        copy()
+        copy_ue()  # offsets are se(v): same bits as ue(v)
+        copy_ue()
+        for _ in range(copy_ue()):
+            copy_ue()
+    copy_ue()  # max_num_ref_frames
+    copy()  # gaps_in_frame_num_value_allowed_flag
+    bits.read_ue()
+    bits.read_ue()
+    frame_mbs_only = bits.read(1)
+    _write_ue(out, mbs_wide - 1)
+    _write_ue(out, (mbs_high if frame_mbs_only else mbs_high // 2) - 1)
+    out.append(frame_mbs_only)
+    if not frame_mbs_only:
+        copy()
+    copy()  # direct_8x8_inference_flag
+    if bits.read(1):  # frame cropping: dropped
+        for _ in range(4):
+            bits.read_ue()
+    out.append(0)
+    out.extend(bits.rest_before_stop_bit())
+    out.append(1)
+    out.extend([0] * (-len(out) % 8))
+    raw = bytes(int("".join(map(str, out[k : k + 8])), 2) for k in range(0, len(out), 8))
+    escaped = bytearray()
+    zeros = 0
+    for byte in raw:
+        if zeros >= 2 and byte <= 3:
+            escaped.append(3)
+            zeros = 0
+        escaped.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return bytes(escaped)
+
+
+def _write_ue(out: list[int], value: int) -> None:
+    code = value + 1
+    length = code.bit_length()
+    out.extend([0] * (length - 1))
+    out.extend((code >> (length - 1 - k)) & 1 for k in range(length))
+
+
+class _Bits:
+    def __init__(self, data: bytes) -> None:
+        self._bits = [(byte >> (7 - k)) & 1 for byte in data for k in range(8)]
+        self._pos = 0
+
+    def read(self, n: int) -> int:
+        value = 0
+        for _ in range(n):
+            value = (value << 1) | self._bits[self._pos]
+            self._pos += 1
+        return value
+
+    def read_ue(self) -> int:
+        zeros = 0
+        while self.read(1) == 0:
+            zeros += 1
+        return (1 << zeros) - 1 + self.read(zeros)
+
+    def rest_before_stop_bit(self) -> list[int]:
+        stop = len(self._bits) - 1 - self._bits[::-1].index(1)
+        return self._bits[self._pos : stop]
+
+
+def patch_png_size(data: bytes, width: int, height: int) -> bytes:
+    """A PNG file whose header (IHDR, CRC fixed) declares ``width`` x ``height``."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+
+
+def patch_jpeg_size(data: bytes, width: int, height: int) -> bytes:
+    """A JPEG file whose frame header (SOF0) declares ``width`` x ``height``."""
+    sof = data.find(b"\xff\xc0")
+    if sof < 0:
+        raise ValueError("no baseline frame header")
+    return data[: sof + 5] + struct.pack(">HH", height, width) + data[sof + 9 :]
+
+
+def patch_mp4_header(
+    data: bytes, *, samples: int | None = None, seconds: float | None = None
+) -> bytes:
+    """An MP4 whose index lies: ``samples`` per track and/or a duration of ``seconds``.
+
+    ``samples`` goes into every ``stsz`` with a constant sample size, so the
+    header stays a few bytes while declaring any count (what makes FFmpeg
+    build an index of that many entries); ``seconds`` into ``mvhd`` and every
+    ``mdhd`` (version 0). Boxes are patched in place: sizes do not change.
+    """
+    out = bytearray(data)
+    for kind, body in _mp4_boxes(data, 0, len(data)):
+        if kind == b"stsz" and samples is not None:
+            struct.pack_into(">II", out, body + 4, 1000, samples)
+        elif kind in (b"mvhd", b"mdhd") and seconds is not None and data[body] == 0:
+            (timescale,) = struct.unpack_from(">I", data, body + 12)
+            struct.pack_into(">I", out, body + 16, round(seconds * timescale))
+    return bytes(out)
+
+
+def _mp4_boxes(data: bytes, start: int, end: int) -> list[tuple[bytes, int]]:
+    """``(kind, body offset)`` of every box under ``moov``, depth first."""
+    found = []
+    offset = start
+    while offset + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, offset)
+        if size < 8:
+            break
+        found.append((kind, offset + 8))
+        if kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl"):
+            found += _mp4_boxes(data, offset + 8, offset + size)
+        offset += size
+    return found
