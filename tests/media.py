@@ -365,15 +365,15 @@ def _sps_resized(escaped: bytes, mbs_wide: int, mbs_high: int) -> bytes:
     out.append(1)
     out.extend([0] * (-len(out) % 8))
     raw = bytes(int("".join(map(str, out[k : k + 8])), 2) for k in range(0, len(out), 8))
-    escaped = bytearray()
+    result = bytearray()  # with emulation prevention bytes put back
     zeros = 0
     for byte in raw:
         if zeros >= 2 and byte <= 3:
-            escaped.append(3)
+            result.append(3)
             zeros = 0
-        escaped.append(byte)
+        result.append(byte)
         zeros = zeros + 1 if byte == 0 else 0
-    return bytes(escaped)
+    return bytes(result)
 
 
 def _write_ue(out: list[int], value: int) -> None:
