@@ -1,0 +1,258 @@
+"""Who gets a session and how long they keep it: keys, origins, capacity, rates, idleness.
+
+Through Starlette's test client with the scripted engine; the same paths over
+a real uvicorn server are in ``test_live_hardening.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient, WebSocketDenialResponse
+from starlette.websockets import WebSocketDisconnect
+
+from streamchat.access import KEY_SUBPROTOCOL_PREFIX, SUBPROTOCOL
+from streamchat.app import SESSION_PATH, create_app
+from streamchat.config import Settings
+from streamchat.engine.fake import FakeEngine
+from streamchat.errors import CloseCode
+from tests.endpoint.test_endpoint import SETTINGS, Peer
+from tests.media import encode_image
+
+KEY = "k-3f9a1c"
+AUTH = dataclasses.replace(SETTINGS, api_keys=frozenset({KEY}))
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine(model_name="fake-model")
+
+
+def _client(settings: Settings, engine: FakeEngine) -> TestClient:
+    return TestClient(create_app(settings, engine=engine))
+
+
+def _hello(peer: Peer, **fields: Any) -> dict[str, Any]:
+    peer.send({"type": "hello", **fields})
+    return peer.recv()
+
+
+def _closed_with(ws: Any) -> int:
+    """Read until the server closes; the close code."""
+    with pytest.raises(WebSocketDisconnect) as closed:
+        while True:
+            ws.receive_bytes()
+    return closed.value.code
+
+
+def _denied(client: TestClient, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        with client.websocket_connect(SESSION_PATH, **kwargs):
+            pass
+    return denied.value.status_code, denied.value.json()
+
+
+# -- API keys ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "way",
+    ["bearer", "subprotocol", "hello"],
+)
+def test_the_right_key_works_each_way(engine: FakeEngine, way: str) -> None:
+    kwargs: dict[str, Any] = {}
+    hello: dict[str, Any] = {}
+    if way == "bearer":
+        kwargs["headers"] = {"authorization": f"Bearer {KEY}"}
+    elif way == "subprotocol":
+        kwargs["subprotocols"] = [SUBPROTOCOL, KEY_SUBPROTOCOL_PREFIX + KEY]
+    else:
+        hello["token"] = KEY
+    with _client(AUTH, engine) as client, client.websocket_connect(SESSION_PATH, **kwargs) as ws:
+        if way == "subprotocol":
+            assert ws.accepted_subprotocol == SUBPROTOCOL
+        assert _hello(Peer(ws), **hello)["type"] == "ready"
+
+
+def test_a_wrong_key_at_the_handshake_gets_401(engine: FakeEngine) -> None:
+    with _client(AUTH, engine) as client:
+        status, body = _denied(client, headers={"authorization": "Bearer nope"})
+        assert (status, body["code"]) == (401, "unauthorized")
+        status, body = _denied(client, subprotocols=[SUBPROTOCOL, KEY_SUBPROTOCOL_PREFIX + "x"])
+        assert (status, body["code"]) == (401, "unauthorized")
+
+
+@pytest.mark.parametrize("token", [None, "nope"])
+def test_no_key_or_a_wrong_one_in_hello_closes_with_4401(
+    engine: FakeEngine, token: str | None
+) -> None:
+    with _client(AUTH, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        error = _hello(Peer(ws), token=token)
+        assert (error["type"], error["code"], error["fatal"]) == ("error", "unauthorized", True)
+        assert _closed_with(ws) == CloseCode.UNAUTHORIZED
+    assert engine.requests == []
+
+
+def test_anything_before_an_authenticated_hello_closes_with_4401(engine: FakeEngine) -> None:
+    with _client(AUTH, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        peer = Peer(ws)
+        peer.send({"type": "ask", "id": "a", "text": "hi"})
+        assert peer.recv()["code"] == "unauthorized"
+        assert _closed_with(ws) == CloseCode.UNAUTHORIZED
+
+
+def test_keys_from_a_file_are_revoked_without_restart(engine: FakeEngine, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("first\nsecond\n")
+    settings = dataclasses.replace(SETTINGS, api_keys_file=keys)
+    with _client(settings, engine) as client:
+        with client.websocket_connect(SESSION_PATH, headers={"authorization": "Bearer first"}):
+            pass
+        keys.write_text("second\n# first was revoked\n")
+        status, _ = _denied(client, headers={"authorization": "Bearer first"})
+        assert status == 401
+        with client.websocket_connect(SESSION_PATH, headers={"authorization": "Bearer second"}):
+            pass
+
+
+# -- origins ----------------------------------------------------------------
+
+
+def test_a_page_from_another_origin_gets_403(engine: FakeEngine) -> None:
+    with _client(SETTINGS, engine) as client:
+        status, body = _denied(client, headers={"origin": "http://evil.example"})
+        assert (status, body["code"]) == (403, "origin_not_allowed")
+        with client.websocket_connect(SESSION_PATH, headers={"origin": "http://testserver"}) as ws:
+            assert _hello(Peer(ws))["type"] == "ready"
+
+
+def test_an_origin_allowlist(engine: FakeEngine) -> None:
+    settings = dataclasses.replace(SETTINGS, allowed_origins=("https://app.example",))
+    with _client(settings, engine) as client:
+        status, _ = _denied(client, headers={"origin": "http://testserver"})
+        assert status == 403
+        with client.websocket_connect(SESSION_PATH, headers={"origin": "https://app.example"}):
+            pass
+
+
+def test_origin_and_key_are_both_needed(engine: FakeEngine) -> None:
+    with _client(AUTH, engine) as client:
+        headers = {"origin": "http://evil.example", "authorization": f"Bearer {KEY}"}
+        status, _ = _denied(client, headers=headers)
+        assert status == 403
+
+
+# -- capacity ---------------------------------------------------------------
+
+
+def test_sessions_over_the_server_limit_get_503_until_one_closes(engine: FakeEngine) -> None:
+    settings = dataclasses.replace(SETTINGS, max_sessions=2)
+    with _client(settings, engine) as client:
+        with client.websocket_connect(SESSION_PATH), client.websocket_connect(SESSION_PATH):
+            status, body = _denied(client)
+            assert (status, body["code"]) == (503, "server_busy")
+        with client.websocket_connect(SESSION_PATH) as ws:
+            assert _hello(Peer(ws))["type"] == "ready"
+
+
+def test_sessions_per_client_are_counted_by_key(engine: FakeEngine) -> None:
+    settings = dataclasses.replace(
+        SETTINGS, api_keys=frozenset({"one", "two"}), max_sessions_per_client=1
+    )
+    one = {"headers": {"authorization": "Bearer one"}}
+    two = {"headers": {"authorization": "Bearer two"}}
+    with _client(settings, engine) as client:
+        with client.websocket_connect(SESSION_PATH, **one):
+            status, body = _denied(client, **one)
+            assert (status, body["code"]) == (503, "server_busy")
+            assert "per client" in body["message"]
+            with client.websocket_connect(SESSION_PATH, **two):
+                pass
+
+
+# -- rates and idleness -----------------------------------------------------
+
+
+def test_messages_over_the_rate_are_refused_and_flooding_closes_with_4429(
+    engine: FakeEngine,
+) -> None:
+    settings = dataclasses.replace(SETTINGS, messages_per_second=0.001, message_burst=3)
+    with _client(settings, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        peer = Peer(ws)
+        assert _hello(peer)["type"] == "ready"
+        codes = []
+        for _ in range(2 + 3):  # the rest of the burst, then a burst's worth of refusals
+            peer.send({"type": "cancel", "id": "x"})
+            codes.append(peer.recv()["code"])
+        assert codes == ["unknown_id"] * 2 + ["rate_limited"] * 3
+        peer.send({"type": "cancel", "id": "x"})
+        error = peer.recv()
+        assert (error["code"], error["fatal"]) == ("rate_limited", True)
+        assert _closed_with(ws) == CloseCode.RATE_LIMITED
+
+
+def test_pushed_video_over_its_byte_rate_is_refused(engine: FakeEngine) -> None:
+    settings = dataclasses.replace(
+        SETTINGS, video_bytes_per_second=1, feed_bytes=4000, max_message_bytes=4000
+    )
+    with _client(settings, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        peer = Peer(ws)
+        assert _hello(peer)["type"] == "ready"
+        peer.send({"type": "video.chunk", "data": b"\x1a\x45\xdf\xa3" + bytes(2996)})
+        peer.send({"type": "video.chunk", "data": bytes(1001)})  # the burst is 4000 bytes
+        error = peer.recv_type("error")
+        assert error["code"] == "rate_limited" and "video bytes" in error["message"]
+
+
+def test_an_idle_session_is_closed_with_4408(engine: FakeEngine) -> None:
+    settings = dataclasses.replace(SETTINGS, idle_timeout=0.2)
+    with _client(settings, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        peer = Peer(ws)
+        assert _hello(peer)["type"] == "ready"
+        error = peer.recv()
+        assert (error["code"], error["fatal"]) == ("idle_timeout", True)
+        assert _closed_with(ws) == CloseCode.IDLE_TIMEOUT
+
+
+def test_a_session_answering_is_not_idle(engine: FakeEngine) -> None:
+    settings = dataclasses.replace(SETTINGS, idle_timeout=0.05)
+    engine.gate.clear()
+    with _client(settings, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        peer = Peer(ws)
+        assert _hello(peer)["type"] == "ready"
+        peer.send({"type": "image", "data": _tiny_png()})
+        peer.recv_type("video.status")
+        peer.send({"type": "ask", "id": "a", "text": "what is there?"})
+        first = peer.recv_type("answer.delta")
+        client.portal.call(engine.wait_running, 1)
+        # Many idle periods pass while the answer is held; the session stays.
+        client.portal.call(_pause, 0.3)
+        client.portal.call(engine.gate.set)
+        text, done = peer.answer("a")
+        assert done["finish_reason"] == "stop" and (first["text"] + text).startswith("I see")
+
+
+async def _pause(seconds: float) -> None:
+    """Let idle periods pass (the timer under test), not a synchronisation."""
+    await asyncio.sleep(seconds)
+
+
+def _tiny_png() -> bytes:
+    return encode_image(width=64, height=48)
+
+
+def test_no_log_ever_carries_the_key(
+    engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="streamchat")
+    with _client(AUTH, engine) as client:
+        _denied(client, headers={"authorization": f"Bearer {KEY}x"})
+        with client.websocket_connect(SESSION_PATH, headers={"authorization": f"Bearer {KEY}"}):
+            pass
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "session" in logged and KEY not in logged
