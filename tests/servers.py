@@ -29,10 +29,17 @@ async def serve(
     *,
     ws_max_size: int = 16 * 1024 * 1024,
     lifespan: Literal["auto", "on", "off"] = "on",
+    send_buffer: int | None = None,
 ) -> AsyncIterator[str]:
-    """Serve ``app`` on 127.0.0.1 and yield its ``http://host:port`` base URL."""
+    """Serve ``app`` on 127.0.0.1 and yield its ``http://host:port`` base URL.
+
+    ``send_buffer`` sets the kernel's send buffer of every accepted connection
+    (they inherit it from the listening socket), so a test can fill it quickly.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import sys
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=_positive_float, metavar="SECONDS", help="stop after this much video"
     )
     parser.add_argument("--url", default=DEFAULT_URL, help=f"session URL (default: {DEFAULT_URL})")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("STREAMCHAT_API_KEY"),
+        help="API key for servers that require one (default: $STREAMCHAT_API_KEY)",
+    )
     parser.add_argument(
         "--ask", action="append", default=[], metavar="QUESTION", help="a question (repeatable)"
     )
@@ -241,6 +247,7 @@ async def _run(args: argparse.Namespace, display: Display) -> int:
             generation=generation,
             on_status=display.status,
             on_error=display.error,
+            api_key=args.api_key,
         )
     except ServerError as exc:
         display.error(exc)

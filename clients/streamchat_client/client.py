@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import CloseCode
 
 from .answer import DEFAULT_MAX_PIECES, Answer
@@ -106,6 +107,7 @@ class Session:
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
         max_pieces: int = DEFAULT_MAX_PIECES,
         max_errors: int = DEFAULT_MAX_ERRORS,
+        api_key: str | None = None,
     ) -> Session:
         """Connect, send ``hello`` and wait for ``ready`` (see :func:`connect`)."""
         if encoding not in ENCODINGS:
@@ -120,15 +122,19 @@ class Session:
                 hello[name] = value
         if generation:
             hello["generation"] = dict(generation)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
             websocket = await ws_connect(
                 url,
+                additional_headers=headers,
                 open_timeout=open_timeout,
                 close_timeout=CLOSE_TIMEOUT,
                 max_size=MAX_SERVER_MESSAGE_BYTES,
                 # Video is already compressed: deflate would only burn CPU on both ends.
                 compression=None,
             )
+        except InvalidStatus as exc:
+            raise _refused(url, exc) from exc
         except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as exc:
             raise ConnectError(f"cannot connect to {url}: {exc}") from exc
         try:
@@ -198,6 +204,15 @@ class Session:
         Only the latest ``max_errors`` are kept.
         """
         return list(self._inbox.errors)
+
+    @property
+    def going_away(self) -> str | None:
+        """Why the server said it is stopping (``None`` unless it did).
+
+        Answers in flight may still finish; new questions are refused with
+        ``server_shutdown``, and the connection then closes with 1001.
+        """
+        return self._inbox.going_away
 
     @property
     def closed(self) -> bool:
@@ -574,6 +589,8 @@ class Session:
             why = f"the server broke the protocol: {self._violation}"
         elif self._closing:
             why = "the session was closed by the client"
+        elif self._inbox.going_away is not None and code == CloseCode.GOING_AWAY:
+            why = f"the server went away: {self._inbox.going_away}"
         elif (fatal := self._inbox.fatal) is not None:
             why = f"the server closed the session after {fatal.code}: {fatal.message}"
         elif code is None:
@@ -590,6 +607,19 @@ class Session:
             id = f"q{self._next_id}"
             if id not in self._inbox.answers:
                 return id
+
+
+def _refused(url: str, exc: InvalidStatus) -> ConnectError:
+    """The server answered the handshake with an HTTP error: say which, and why."""
+    status = exc.response.status_code
+    code: str | None = None
+    message = exc.response.reason_phrase
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        body = json.loads(exc.response.body or b"")
+        code, message = str(body["code"]), str(body["message"])
+    return ConnectError(
+        f"{url} refused the session (HTTP {status}): {message}", status=status, code=code
+    )
 
 
 class _Connect:
@@ -630,6 +660,7 @@ def connect(
     open_timeout: float = DEFAULT_OPEN_TIMEOUT,
     max_pieces: int = DEFAULT_MAX_PIECES,
     max_errors: int = DEFAULT_MAX_ERRORS,
+    api_key: str | None = None,
 ) -> _Connect:
     """Open a session at ``url``: connect, send ``hello``, wait for ``ready``.
 
@@ -637,7 +668,8 @@ def connect(
     (``max_tokens``, ``temperature``, ``top_p``, ``seed``) are the ``hello``
     fields; the server caps them and reports what it chose in
     ``session.limits``. ``encoding`` picks msgpack (binary frames) or JSON
-    (text frames, as a browser would). Use as ``async with connect(...) as
+    (text frames, as a browser would). ``api_key`` is sent as a bearer token
+    when the server requires one. Use as ``async with connect(...) as
     session:`` (closed on exit) or ``session = await connect(...)``. Raises
     :class:`ConnectError` if no session could be opened, :class:`ServerError`
     if the server refused the ``hello``.
@@ -653,5 +685,6 @@ def connect(
         "open_timeout": open_timeout,
         "max_pieces": max_pieces,
         "max_errors": max_errors,
+        "api_key": api_key,
     }
     return _Connect(url, options)

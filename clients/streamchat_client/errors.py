@@ -31,7 +31,17 @@ class ClientError(Exception):
 
 
 class ConnectError(ClientError):
-    """The session could not be opened (nothing listening, bad URL, refused ``hello``)."""
+    """The session could not be opened (nothing listening, bad URL, refused ``hello``).
+
+    When the server refused the handshake, ``status`` is its HTTP status (401
+    wrong key, 403 origin not allowed, 503 full or shutting down) and ``code``
+    the error code from its answer (``unauthorized``, ``server_busy``, ...).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 class ServerError(ClientError):

@@ -66,6 +66,8 @@ class Inbox:
         """The latest error that ended a source: why a ``failed`` status failed."""
         self.fatal: ServerError | None = None
         self.closed: SessionClosed | None = None
+        self.going_away: str | None = None
+        """The reason the server gave in ``going_away`` (it is shutting down)."""
         self._status_event = asyncio.Event()
 
     def dispatch(self, message: Mapping[str, Any]) -> None:
@@ -90,6 +92,10 @@ class Inbox:
             _call(self.on_status, self.status)
         elif kind == "error":
             self._error(parse_error(message))
+        elif kind == "going_away":
+            reason = message.get("reason")
+            self.going_away = reason if isinstance(reason, str) else "the server is stopping"
+            logger.info("the server is going away: %s", self.going_away)
         else:
             # A later protocol version's message (or a stray 'ready'): ignored, by design.
             logger.debug("ignoring a %r message", kind)
