@@ -25,12 +25,22 @@ from streamchat.errors import (
     VideoDecodeError,
     VideoTimeout,
     VideoTooLarge,
+    VideoTooLong,
     VideoUnsupported,
 )
 from streamchat.feed import ByteFeed, FeedClosed
 from streamchat.sampling import FrameSampler, target_size
 from streamchat.window import Frame
-from tests.media import chunks, corrupt_payloads, encode_image, encode_video, frame_index
+from tests.media import (
+    chunks,
+    corrupt_payloads,
+    encode_image,
+    encode_video,
+    frame_index,
+    patch_jpeg_size,
+    patch_mp4_header,
+    patch_png_size,
+)
 
 SRC_FPS = 10
 ImageFormat = Literal["png", "jpeg"]
@@ -544,3 +554,96 @@ def test_decode_image_refuses_pictures_above_the_limit(fmt: ImageFormat) -> None
     """An image larger than max_decode_pixels is VideoTooLarge."""
     with pytest.raises(VideoTooLarge):
         decode_image(encode_image(fmt, width=320, height=240), max_decode_pixels=10_000)
+
+
+# -- per-source limits and the demuxer sandbox -------------------------------------------------
+
+
+def test_a_source_with_more_frames_than_allowed_is_too_long_after_its_frames() -> None:
+    """max_source_frames: the frames up to the limit are emitted, the next one ends the decode."""
+    frames: list[Frame] = []
+    data = _video(container="webm", codec="vp8", seconds=3)
+    options = DecoderOptions(fps=10, max_source_frames=12)
+    with pytest.raises(VideoTooLong, match="12 frames"):
+        decode_stream(io.BytesIO(data), options, frames.append, _never())
+    assert [frame_index(f.image) for f in frames] == list(range(12))
+
+
+def test_a_source_longer_than_allowed_is_too_long_counting_gaps_but_not_clock_resets() -> None:
+    """max_source_seconds counts video time from the first frame: a 20-minute gap counts,
+    a jump of more than an hour (a new clock) does not."""
+    first = _video(container="mpegts", codec="h264", seconds=2)
+    gap = _video(container="mpegts", codec="h264", seconds=2, start_pts=1200.0)
+    reset = _video(container="mpegts", codec="h264", seconds=2, start_pts=7200.0)
+    frames: list[Frame] = []
+    options = DecoderOptions(fps=2, container="mpegts", max_source_seconds=600)
+    with pytest.raises(VideoTooLong):
+        decode_stream(io.BytesIO(first + gap), options, frames.append, _never())
+    assert len(frames) == 4
+    report, _ = _decode_bytes(first + reset, fps=2, container="mpegts", max_source_seconds=600)
+    assert report.frames_decoded == 40
+
+
+@pytest.mark.parametrize(
+    ("patch", "limits"),
+    [
+        ({"samples": 50_000_000}, {}),
+        ({"samples": 100}, {"max_source_frames": 99}),
+        ({"seconds": 36_000}, {}),
+        ({"seconds": 61}, {"max_source_seconds": 60}),
+    ],
+)
+def test_an_mp4_header_declaring_too_much_is_refused_before_opening(
+    patch: dict[str, Any], limits: dict[str, Any]
+) -> None:
+    """Declared sample counts and durations above the limits are VideoTooLong, no frame decoded."""
+    data = patch_mp4_header(_video(container="mp4-faststart", codec="h264", seconds=2), **patch)
+    with pytest.raises(VideoTooLong, match="declares"):
+        _decode_bytes(data, **limits)
+
+
+def test_an_mp4_header_within_the_limits_decodes() -> None:
+    """The declared values of an ordinary MP4 pass limits just above them."""
+    data = _video(container="mp4-faststart", codec="h264", seconds=2)
+    report, _ = _decode_bytes(data, max_source_frames=20, max_source_seconds=2.5)
+    assert report.frames_decoded == 20
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{path}\n#EXT-X-ENDLIST\n",
+        "ffconcat version 1.0\nfile {name}\n",
+    ],
+)
+def test_playlists_are_unsupported_and_their_entries_never_read(
+    text: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HLS and ffconcat are not on the demuxer whitelist, even naming a valid local file."""
+    clip = tmp_path / "clip.ts"
+    clip.write_bytes(_video(container="mpegts", codec="h264", seconds=1))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VideoUnsupported, match="unsupported container|unrecognised"):
+        _decode_bytes(text.format(path=clip, name=clip.name).encode())
+
+
+def test_options_refuse_non_positive_source_limits() -> None:
+    """max_source_frames and max_source_seconds must be positive."""
+    with pytest.raises(ValueError):
+        DecoderOptions(max_source_frames=0)
+    with pytest.raises(ValueError):
+        DecoderOptions(max_source_seconds=0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        patch_png_size(encode_image("png"), 65535, 65535),
+        patch_png_size(encode_image("png"), 5000, 5000),
+        patch_jpeg_size(encode_image("jpeg"), 65500, 65500),
+    ],
+)
+def test_image_bombs_are_refused_by_their_declared_size(data: bytes) -> None:
+    """A PNG or JPEG header declaring more than max_decode_pixels is VideoTooLarge."""
+    with pytest.raises(VideoTooLarge, match="exceed"):
+        decode_image(data, max_decode_pixels=4096 * 2304)
