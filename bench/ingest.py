@@ -221,7 +221,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for codec in _CODECS
     ]
     results = []
-    async with start_streamchat(args.out / "ingest-server.log") as server:
+    # The clips are served from loopback, which the server refuses to fetch from by default.
+    async with start_streamchat(
+        args.out / "ingest-server.log", extra=["--fetch-allow-private"]
+    ) as server:
         with serve_files(clips[0].path.parent) as base_url:
             for clip in clips:
                 print(f"{clip.label}: {clip.frames} frames, {repeat} repetition(s)", flush=True)

@@ -34,9 +34,12 @@ StartServer = Callable[..., AbstractAsyncContextManager[LiveServer]]
 
 @contextlib.asynccontextmanager
 async def start_live_server(settings: Settings | None = None) -> AsyncIterator[LiveServer]:
-    """A uvicorn server with its own :class:`FakeEngine`, for the duration of the block."""
+    """A uvicorn server with its own :class:`FakeEngine`, for the duration of the block.
+
+    By default it may fetch from private addresses: URL tests serve their clips on loopback.
+    """
     engine = FakeEngine()
-    app = create_app(settings or Settings(), engine=engine)
+    app = create_app(settings or Settings(fetch_allow_private=True), engine=engine)
     try:
         async with serve(app) as base:
             yield LiveServer(ws_url(base), engine)

@@ -11,4 +11,5 @@ SETTINGS = Settings(
     max_pixels=112 * 112,
     max_message_bytes=256 * 1024,
     max_tokens=16,
+    fetch_allow_private=True,  # URL sources come from a loopback file server
 )

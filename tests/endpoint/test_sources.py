@@ -27,7 +27,8 @@ def media_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def session(media_dir: Path) -> Iterator[Any]:
-    settings = Settings(allowed_file_dir=media_dir, fetch_timeout=5.0)
+    # The unreachable-host test below uses a loopback port: private addresses allowed.
+    settings = Settings(allowed_file_dir=media_dir, fetch_timeout=5.0, fetch_allow_private=True)
     with (
         TestClient(create_app(settings, engine=FakeEngine())) as client,
         client.websocket_connect(SESSION_PATH) as ws,
