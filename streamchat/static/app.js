@@ -26,6 +26,14 @@ const ERROR_WORDS = {
     "It catches up by itself; a lower resolution helps.",
   source_busy: "The server is still playing another video source. Stop it first.",
   engine_error: "The model failed while answering. Try asking again.",
+  rate_limited: "Too many messages too fast — the server dropped one. Slow down a little.",
+  video_too_long: "The video is longer than the server accepts for one source. Start it again.",
+  url_not_allowed: "The server does not fetch that address.",
+  url_fetch_failed: "The server could not fetch the video.",
+  unauthorized: "This server needs an API key. Enter it above and connect again.",
+  idle_timeout: "The session was closed after a long time with nothing to do. Reload the page " +
+    "to start a new one.",
+  server_shutdown: "The server is shutting down and takes no new questions.",
   internal_error: "Something went wrong on the server. Try again; if it keeps happening, the " +
     "server's log says more.",
 };
@@ -34,6 +42,7 @@ const FINISH_WORDS = {
   stop: "Complete",
   length: "Stopped at the length limit",
   cancelled: "Cancelled",
+  shutdown: "Stopped: the server shut down",
   error: "Failed",
 };
 
@@ -54,7 +63,16 @@ const ui = {
   cancelButton: $("cancel-button"),
   answers: $("answers"),
   messages: $("messages"),
+  keyForm: $("key-form"),
+  key: $("api-key"),
 };
+
+// An API key, when the server needs one: typed into the page (kept for this tab only) or
+// given in the address as #key=... (a fragment never reaches the server or its logs).
+const KEY_STORE = "streamchat.key";
+const SUBPROTOCOL = "streamchat.v1";
+const KEY_PREFIX = "streamchat.key.";
+const KEY_PATTERN = /^[A-Za-z0-9._~-]+$/; // what a subprotocol may carry
 
 let socket = null;
 let limits = null; // from `ready`
@@ -99,15 +117,39 @@ function send(message) {
   return true;
 }
 
+function apiKey() {
+  const fromAddress = new URLSearchParams(window.location.hash.slice(1)).get("key");
+  if (fromAddress) {
+    sessionStorage.setItem(KEY_STORE, fromAddress);
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+  return sessionStorage.getItem(KEY_STORE);
+}
+
+function askForKey(text) {
+  ui.keyForm.hidden = false;
+  ui.key.focus();
+  say(text);
+}
+
 function connect() {
   setConnection("connecting", "Connecting to the server…");
-  socket = new WebSocket(sessionUrl());
-  socket.addEventListener("open", () => send({ type: "hello" }));
-  socket.addEventListener("message", (event) => {
+  const key = apiKey();
+  // Browsers cannot set headers on a WebSocket: the key travels as a subprotocol.
+  const protocols = key ? [SUBPROTOCOL, KEY_PREFIX + key] : [SUBPROTOCOL];
+  let opened = false;
+  const ws = new WebSocket(sessionUrl(), protocols);
+  socket = ws;
+  ws.addEventListener("open", () => {
+    opened = true;
+    send({ type: "hello" });
+  });
+  ws.addEventListener("message", (event) => {
     if (typeof event.data !== "string") return; // we speak JSON, so the server does too
     handle(JSON.parse(event.data));
   });
-  socket.addEventListener("close", (event) => {
+  ws.addEventListener("close", (event) => {
+    if (socket !== ws) return; // an earlier connection, replaced on purpose
     const wasReady = limits !== null;
     limits = null;
     socket = null;
@@ -117,12 +159,40 @@ function connect() {
       if (answer.inFlight) finishAnswer(id, "error", null, "The connection closed.");
     }
     setConnection("closed", "Disconnected");
+    if (event.code === CLOSE_UNAUTHORIZED) return; // the error already asked for a key
+    if (!opened && key) {
+      // A refused handshake looks the same as a dead server to a page; a wrong key is likelier.
+      askForKey("The server refused the connection: check the API key, then connect again.");
+      return;
+    }
+    if (event.code === CLOSE_GOING_AWAY || event.code === CLOSE_IDLE) {
+      say("The session has ended. Reload the page to start a new one.", { kind: "info" });
+      return;
+    }
     const why = wasReady
       ? `The connection to the server was lost (code ${event.code}).`
-      : "Could not connect to the server.";
-    say(`${why} Is the server still running? Reload the page to start a new session.`);
+      : "Could not connect to the server (it may be full, or not running).";
+    say(`${why} Reload the page to start a new session.`);
   });
 }
+
+const CLOSE_GOING_AWAY = 1001;
+const CLOSE_UNAUTHORIZED = 4401;
+const CLOSE_IDLE = 4408;
+
+ui.keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = ui.key.value.trim();
+  if (!KEY_PATTERN.test(key)) {
+    say("An API key is made of letters, digits and . _ ~ - only.");
+    return;
+  }
+  sessionStorage.setItem(KEY_STORE, key);
+  ui.key.value = "";
+  ui.keyForm.hidden = true;
+  if (socket) socket.close();
+  connect();
+});
 
 function setReady(ready) {
   ui.question.disabled = !ready;
@@ -153,7 +223,16 @@ function handle(message) {
       finishAnswer(message.id, message.finish_reason, message.usage, null);
       break;
     case "error":
+      if (message.code === "unauthorized") {
+        sessionStorage.removeItem(KEY_STORE);
+        askForKey(ERROR_WORDS.unauthorized);
+        break;
+      }
       showError(message);
+      break;
+    case "going_away":
+      say(`The server is shutting down: answers in progress get ${message.timeout} s to ` +
+        "finish. Reload the page in a moment to start a new session.", { kind: "info" });
       break;
     default:
       break; // later protocol versions may add messages
