@@ -127,15 +127,22 @@ def _index_route() -> Route:
 
 
 async def _health(request: Request) -> JSONResponse:
+    """``200 ok``, or ``503`` when the engine has failed or the server is shutting down."""
     state: ServerState = request.app.state.streamchat
+    status = "ok"
+    if not state.engine.healthy():
+        status = "engine_failed"
+    elif state.closing:
+        status = "shutting_down"
     return JSONResponse(
         {
-            "status": "ok",
+            "status": status,
             "version": __version__,
             "model": state.engine.model_name,
             "sessions": len(state.sessions),
             "requests_running": len(state.engine.running()),
-        }
+        },
+        200 if status == "ok" else 503,
     )
 
 

@@ -34,6 +34,7 @@ SOURCE_ENDING = frozenset(
         "video_decode_failed",
         "video_unsupported",
         "video_too_large",
+        "video_too_long",
         "video_timeout",
         "url_not_allowed",
         "url_fetch_failed",

@@ -31,6 +31,8 @@ class FakeEngine:
         self.gate.set()
         self.started = asyncio.Condition()
         self.closed = False
+        self.dead = False
+        """Set by a test: the engine failed for good, every answer fails at once."""
 
     @property
     def model_name(self) -> str:
@@ -42,6 +44,9 @@ class FakeEngine:
 
     def running(self) -> frozenset[str]:
         return frozenset(self._running)
+
+    def healthy(self) -> bool:
+        return not (self.dead or self.closed)
 
     @staticmethod
     def script(request: GenerationRequest) -> list[str]:
@@ -58,8 +63,8 @@ class FakeEngine:
         ]
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
-        if self.closed:
-            raise EngineError("engine is closed")
+        if self.closed or self.dead:
+            raise EngineError("engine is closed" if self.closed else "engine is dead")
         self.requests.append(request)
         self._running.add(request.request_id)
         async with self.started:

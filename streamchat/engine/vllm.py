@@ -15,9 +15,12 @@ the import works on CPU-only installs (and in vLLM's spawned processes).
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,6 +35,7 @@ from .base import ChatTurn, Delta, EngineError, FinishReason, GenerationRequest,
 
 cpu_compat.install()
 
+from blake3 import blake3  # noqa: E402  # vLLM's own hash (a dependency of vLLM)
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
@@ -40,6 +44,7 @@ __all__ = [
     "DEFAULT_KV_CACHE_BYTES",
     "DEFAULT_MAX_MODEL_LEN",
     "DEFAULT_MAX_NUM_SEQS",
+    "FrameDigests",
     "VllmEngine",
     "engine_args_from_cli",
     "engine_defaults",
@@ -133,10 +138,12 @@ class VllmEngine:
     """Adapter from a started ``AsyncLLMEngine`` to streamchat's ``Engine``.
 
     Owns the engine: :meth:`aclose` shuts it down. Build it with
-    :func:`open_vllm_engine` rather than directly.
+    :func:`open_vllm_engine` rather than directly. ``content_ids=False``
+    leaves the identification of videos to vLLM's own hashing of every
+    request's frames (see :class:`FrameDigests`; for comparisons).
     """
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, *, content_ids: bool = True) -> None:
         self._llm = llm
         self._running: set[str] = set()
         self._closed = False
@@ -147,6 +154,7 @@ class VllmEngine:
         self._tokenizer = llm.get_tokenizer()
         self._video_token_id = _video_token_id(hf_config, self._tokenizer)
         self._frame_factor = _frame_factor(hf_config)
+        self._digests = FrameDigests() if content_ids else None
 
     @property
     def frame_factor(self) -> int | None:
@@ -156,9 +164,23 @@ class VllmEngine:
     def model_name(self) -> str:
         return self._model_name
 
+    @property
+    def llm(self) -> Any:
+        """vLLM's own ``AsyncLLMEngine`` (benchmarks call it directly to compare)."""
+        return self._live()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, whose chat template renders the prompts."""
+        return self._tokenizer
+
     def running(self) -> frozenset[str]:
         """Ids whose answer generator is open (until it ends or is closed)."""
         return frozenset(self._running)
+
+    def healthy(self) -> bool:
+        """vLLM's engine core is alive (``errored`` turns true when it died)."""
+        return self._llm is not None and not self._llm.errored
 
     def engine_unfinished(self) -> int:
         """Requests vLLM's front end still tracks (0 when nothing is in flight).
@@ -257,10 +279,74 @@ class VllmEngine:
             # (the others pad to two themselves, so the tokens are the same).
             frames = list(request.frames) * (2 if len(request.frames) == 1 else 1)
             video: Any = _stack_frames(frames)
-            if self._needs_metadata:
-                video = (video, video_metadata(frames, request.fps))
+            metadata = video_metadata(frames, request.fps) if self._needs_metadata else None
+            if metadata is not None:
+                video = (video, metadata)
             prompt["multi_modal_data"] = {"video": video}
+            if self._digests is not None:
+                size = _newest_size(frames)
+                video_id = self._digests.video_id(frames, video_size=size, metadata=metadata)
+                prompt["multi_modal_uuids"] = {"video": [video_id]}
         return prompt
+
+
+class FrameDigests:
+    """Content identities of frames and of the videos made of them, for vLLM's caches.
+
+    vLLM keys its multimodal processor cache and the prefix cache of video
+    tokens on a hash of the video it is given, and by default hashes the
+    whole ``(T, H, W, 3)`` array on every request: about 19 MB for a full
+    window, 10-20 ms here, for every question, although the window has
+    changed by a frame or two (or not at all) since the last one. A digest of
+    each frame is taken once, when the frame is first asked about, and a
+    video's identity (``multi_modal_uuids``) is a digest of its frames'
+    digests, their size after :func:`_stack_frames` and the metadata; vLLM
+    then skips its own hashing.
+
+    Digests are kept by the id of the frame's image and trusted only while a
+    weak reference shows that very array is still alive (an id is reused once
+    its object is gone); an entry goes when its array does. Frames own their
+    images and nothing writes to them once decoded, so a digest stays true
+    for the array's lifetime.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref[npt.NDArray[np.uint8]], bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def frame(self, image: npt.NDArray[np.uint8]) -> bytes:
+        """The digest of one frame's image (computed at most once per array)."""
+        key = id(image)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is image:
+            return entry[1]
+        digest = blake3(f"{image.dtype.str}{image.shape}".encode())
+        digest.update(np.ascontiguousarray(image).data)
+        value = digest.digest(16)
+        self._entries[key] = (weakref.ref(image, functools.partial(self._forget, key)), value)
+        return value
+
+    def video_id(
+        self,
+        frames: Sequence[Frame],
+        *,
+        video_size: tuple[int, int],
+        metadata: dict[str, Any] | None,
+    ) -> str:
+        """The identity of the video :meth:`VllmEngine._prompt` builds from ``frames``."""
+        digest = blake3()
+        header = {"size": list(video_size), "count": len(frames), "metadata": metadata}
+        digest.update(json.dumps(header, sort_keys=True).encode())
+        for frame in frames:
+            digest.update(self.frame(frame.image))
+        return "streamchat-" + digest.hexdigest(20)
+
+    def _forget(self, key: int, ref: weakref.ref[npt.NDArray[np.uint8]]) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._entries[key]
 
 
 class _Answer:
@@ -291,6 +377,12 @@ class _Answer:
         )
         logger.debug("request %s finished: %s, %s", self.request.request_id, reason, usage)
         return Delta(text=completion.text, finish_reason=reason, usage=usage)
+
+
+def _newest_size(frames: Sequence[Frame]) -> tuple[int, int]:
+    """``(height, width)`` of the video :func:`_stack_frames` makes of ``frames``."""
+    height, width = frames[-1].image.shape[:2]
+    return int(height), int(width)
 
 
 def _stack_frames(frames: Sequence[Frame]) -> npt.NDArray[np.uint8]:

@@ -246,9 +246,7 @@ def _tiny_png() -> bytes:
     return encode_image(width=64, height=48)
 
 
-def test_no_log_ever_carries_the_key(
-    engine: FakeEngine, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_no_log_ever_carries_the_key(engine: FakeEngine, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="streamchat")
     with _client(AUTH, engine) as client:
         _denied(client, headers={"authorization": f"Bearer {KEY}x"})
@@ -256,3 +254,23 @@ def test_no_log_ever_carries_the_key(
             pass
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "session" in logged and KEY not in logged
+
+
+# -- faults -----------------------------------------------------------------
+
+
+def test_a_failed_engine_makes_health_503_and_answers_typed_errors(engine: FakeEngine) -> None:
+    with _client(SETTINGS, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        assert client.get("/health").status_code == 200
+        peer = Peer(ws)
+        assert _hello(peer)["type"] == "ready"
+        peer.send({"type": "image", "data": _tiny_png()})
+        peer.recv_type("video.status")
+        engine.dead = True
+        health = client.get("/health")
+        assert (health.status_code, health.json()["status"]) == (503, "engine_failed")
+        peer.send({"type": "ask", "id": "a", "text": "still there?"})
+        error = peer.recv_type("error")
+        assert (error["code"], error["id"], error["fatal"]) == ("engine_error", "a", False)
+        done = peer.recv_type("answer.done")
+        assert (done["id"], done["finish_reason"]) == ("a", "error")
