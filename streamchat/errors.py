@@ -31,7 +31,7 @@
     │   ├── VideoTimeout                video_timeout: no bytes, or no progress, in time
     │   ├── VideoBacklogFull            video_backlog_full: pushed faster than decoded
     │   ├── SourceBusy                  source_busy: chunks while a URL source is active
-    │   ├── UrlNotAllowed               url_not_allowed: scheme or path refused
+    │   ├── UrlNotAllowed               url_not_allowed: scheme, host, address or path refused
     │   └── UrlFetchFailed              url_fetch_failed: unreachable, HTTP error, too large
     └── EngineFailure                   engine_error: the model failed while answering
 

@@ -12,7 +12,8 @@ request forgery at every hop:
    no parser disagreements, optionally only allowed domains;
 2. the host is resolved once and every address it resolves to must be global
    (:mod:`streamchat.netguard`), unless ``fetch_allow_private``;
-3. the connection goes to that checked address and nowhere else
+3. the connection goes to those checked addresses (the first that answers)
+   and nowhere else
    (:class:`~streamchat.pinning.PinnedTransport`);
 4. redirects are followed here, one at a time, each target going through
    1-3 again, at most ``fetch_max_redirects`` of them.
@@ -114,7 +115,7 @@ async def _fetch_http(
     for _hop in range(settings.fetch_max_redirects + 1):
         try:
             async with budget.waiting():
-                address = await resolve_allowed(
+                addresses = await resolve_allowed(
                     target.host,
                     target.port,
                     resolver=resolver,
@@ -123,8 +124,8 @@ async def _fetch_http(
         except UrlNotAllowed as exc:
             logger.info("refused to fetch from %s: %s", target.host, exc.message)
             raise
-        logger.info("fetching from %s port %d (%s)", target.host, target.port, address)
-        location = await _get(target, address, feed, settings, budget, network)
+        logger.info("fetching from %s port %d (%s)", target.host, target.port, addresses[0])
+        location = await _get(target, addresses, feed, settings, budget, network)
         if location is None:
             return
         try:
@@ -141,13 +142,13 @@ async def _fetch_http(
 
 async def _get(
     target: HttpTarget,
-    address: IPAddress,
+    addresses: list[IPAddress],
     feed: ByteFeed,
     settings: Settings,
     budget: _Budget,
     network: httpcore.AsyncNetworkBackend | None,
 ) -> str | None:
-    """GET ``target`` from ``address`` into ``feed``; a redirect's ``Location`` instead.
+    """GET ``target`` from ``addresses`` into ``feed``; a redirect's ``Location`` instead.
 
     The transport is used without an ``httpx.AsyncClient``: the client would
     log every request's full URL (query string and all) at INFO level.
@@ -155,9 +156,9 @@ async def _get(
     request = httpx.Request("GET", target.url, headers=_HEADERS)
     request.extensions["timeout"] = httpx.Timeout(settings.fetch_timeout).as_dict()
     try:
-        async with PinnedTransport(target.host, target.port, str(address), network=network) as (
-            transport
-        ):
+        async with PinnedTransport(
+            target.host, target.port, [str(a) for a in addresses], network=network
+        ) as (transport):
             async with budget.waiting():
                 response = await transport.handle_async_request(request)
             try:

@@ -174,14 +174,14 @@ def _category(address: IPAddress) -> str | None:
 
 async def resolve_allowed(
     host: str, port: int, *, resolver: Resolver, allow_private: bool
-) -> IPAddress:
-    """The address to connect to for ``host``: checked, and never looked up again.
+) -> list[IPAddress]:
+    """The addresses to connect to for ``host``, in order: checked, never looked up again.
 
     ``host`` is an IP literal (from :func:`numeric_host` or an IPv6 literal)
     or a name. A name is resolved with ``resolver``; if any of its addresses
     is refused the whole name is (a name that answers a public and a private
-    address could otherwise pick either), and the first address is returned.
-    With ``allow_private`` only the parsing rules apply.
+    address could otherwise pick either). With ``allow_private`` only the
+    parsing rules apply.
     """
     literal = _ip_literal(host)
     if literal is not None:
@@ -191,7 +191,7 @@ async def resolve_allowed(
             answers = await resolver(host, port)
         except OSError:
             raise UrlFetchFailed(f"the host {host} cannot be resolved") from None
-        addresses = [_parse_answer(a) for a in answers]
+        addresses = list(dict.fromkeys(_parse_answer(a) for a in answers))
         if not addresses:
             raise UrlFetchFailed(f"the host {host} has no address")
     if not allow_private:
@@ -199,7 +199,7 @@ async def resolve_allowed(
             reason = address_refusal(address)
             if reason is not None:
                 raise UrlNotAllowed(f"the URL's host {host} is {reason}: not fetched")
-    return addresses[0]
+    return addresses
 
 
 def _ip_literal(host: str) -> IPAddress | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 
 import httpcore
 import httpx
@@ -77,14 +77,24 @@ def _httpx_errors() -> Iterator[None]:
 
 
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
-    """Connects ``host:port`` to ``address:port``; refuses every other destination."""
+    """Connects ``host:port`` to the first of ``addresses`` that answers; refuses the rest.
+
+    Every address was checked; trying them in turn is what a client resolving
+    the name itself would do (an IPv6 answer first on a host without IPv6).
+    """
 
     def __init__(
-        self, host: str, port: int, address: str, network: httpcore.AsyncNetworkBackend
+        self,
+        host: str,
+        port: int,
+        addresses: Sequence[str],
+        network: httpcore.AsyncNetworkBackend,
     ) -> None:
+        if not addresses:
+            raise ValueError("no address to connect to")
         self._host = host
         self._port = port
-        self._address = address
+        self._addresses = tuple(addresses)
         self._network = network
 
     async def connect_tcp(
@@ -97,9 +107,22 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         if (host, port) != (self._host, self._port):
             raise httpcore.ConnectError("refused: not the host whose address was checked")
+        *others, last = self._addresses
+        for address in others:
+            with contextlib.suppress(httpcore.ConnectError, httpcore.ConnectTimeout):
+                return await self._connect(address, timeout, local_address, socket_options)
+        return await self._connect(last, timeout, local_address, socket_options)
+
+    async def _connect(
+        self,
+        address: str,
+        timeout: float | None,
+        local_address: str | None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
+    ) -> httpcore.AsyncNetworkStream:
         return await self._network.connect_tcp(
-            self._address,
-            port,
+            address,
+            self._port,
             timeout=timeout,
             local_address=local_address,
             socket_options=socket_options,
@@ -134,7 +157,7 @@ class _Body(httpx.AsyncByteStream):
 
 
 class PinnedTransport(httpx.AsyncBaseTransport):
-    """Requests to ``host:port`` go to ``address``; requests anywhere else fail to connect.
+    """Requests to ``host:port`` go to ``addresses``; requests anywhere else fail to connect.
 
     ``network`` makes the actual connections (httpcore's AnyIO backend by
     default; tests pass one that routes a pretend public address to a
@@ -145,12 +168,12 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         self,
         host: str,
         port: int,
-        address: str,
+        addresses: Sequence[str],
         *,
         network: httpcore.AsyncNetworkBackend | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        backend = _PinnedBackend(host, port, address, network or httpcore.AnyIOBackend())
+        backend = _PinnedBackend(host, port, addresses, network or httpcore.AnyIOBackend())
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context or httpx.create_ssl_context(),
             network_backend=backend,

@@ -104,10 +104,14 @@ class FakeDns:
 
 
 class FakeInternet(httpcore.AsyncNetworkBackend):
-    """Records each ``(address, port)`` dialled and connects it to ``127.0.0.1:port_to``."""
+    """Records each ``(address, port)`` dialled and connects it to ``127.0.0.1:port_to``.
 
-    def __init__(self, port_to: int) -> None:
+    Addresses in ``down`` refuse the connection instead.
+    """
+
+    def __init__(self, port_to: int, down: Iterable[str] = ()) -> None:
         self.port_to = port_to
+        self.down = frozenset(down)
         self.dials: list[tuple[str, int]] = []
         self._real = httpcore.AnyIOBackend()
 
@@ -120,6 +124,8 @@ class FakeInternet(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         self.dials.append((host, port))
+        if host in self.down:
+            raise httpcore.ConnectError(f"{host} refused the connection")
         return await self._real.connect_tcp("127.0.0.1", self.port_to, timeout=timeout)
 
     async def connect_unix_socket(

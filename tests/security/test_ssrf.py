@@ -377,6 +377,27 @@ async def test_the_checked_address_is_the_one_connected(canary: tuple[Canary, in
     assert server.requests == [("video.example", "/clip")]
 
 
+async def test_the_next_checked_address_when_the_first_is_down(
+    canary: tuple[Canary, int],
+) -> None:
+    """A name with two public addresses: the second is tried when the first refuses."""
+    server, port = canary
+    dns = FakeDns({"video.example": [[PUBLIC_2, PUBLIC]]})
+    internet = FakeInternet(port, down=[PUBLIC_2])
+    feed = new_feed()
+    await fetch_into("http://video.example/clip", feed, Settings(), resolver=dns, network=internet)
+    assert feed.read() == server.body
+    assert internet.dials == [(PUBLIC_2, 80), (PUBLIC, 80)]
+    with pytest.raises(UrlFetchFailed, match="connection failed"):
+        await fetch_into(
+            "http://video.example/clip",
+            new_feed(),
+            Settings(),
+            resolver=dns,
+            network=FakeInternet(port, down=[PUBLIC, PUBLIC_2]),
+        )
+
+
 async def test_allowed_redirects_are_followed_and_each_hop_pinned(
     canary: tuple[Canary, int],
 ) -> None:
@@ -446,8 +467,8 @@ async def test_system_resolver_and_localhost() -> None:
     """The default resolver's answer for localhost is refused (and allowed when private is)."""
     with pytest.raises(UrlNotAllowed, match="loopback"):
         await resolve_allowed("localhost", 80, resolver=system_resolver, allow_private=False)
-    address = await resolve_allowed("localhost", 80, resolver=system_resolver, allow_private=True)
-    assert address.is_loopback
+    addresses = await resolve_allowed("localhost", 80, resolver=system_resolver, allow_private=True)
+    assert addresses and all(a.is_loopback for a in addresses)
 
 
 @pytest.mark.parametrize(
