@@ -118,6 +118,18 @@ def test_invalid_field_error_carries_the_ask_id() -> None:
     assert info.value.id == "q7"
 
 
+@pytest.mark.parametrize(
+    "literal", ["9" * 400, "-" + "9" * 400, "1" + "0" * 4000], ids=["huge", "-huge", "4001-digit"]
+)
+def test_json_integer_beyond_a_double_is_an_invalid_field(literal: str) -> None:
+    """An integer only JSON can carry, too large for a float, is refused, not an OverflowError."""
+    with pytest.raises(InvalidField, match="'fps' must be finite"):
+        decode_client('{"type": "hello", "fps": ' + literal + "}")
+    with pytest.raises(InvalidField, match="'start'") as info:
+        decode_client('{"type": "ask", "id": "q", "text": "x", "start": ' + literal + "}")
+    assert info.value.id == "q"
+
+
 def test_json_bytes_must_be_base64() -> None:
     with pytest.raises(InvalidField, match="base64"):
         decode_client(json.dumps({"type": "video.chunk", "data": "not base64!"}))
