@@ -509,6 +509,7 @@ async def test_waiting_for_the_decoder_is_not_the_servers_time(canary: tuple[Can
         )
     )
     await asyncio.sleep(0.8)  # the decoder is "behind": this time must not count
+    assert feed.backlog_bytes == feed.max_bytes and not fetching.done()  # blocked on the feed
     received = bytearray()
     while chunk := await asyncio.to_thread(feed.read):
         received += chunk
