@@ -198,6 +198,10 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        # Chosen on the Autobahn compliance run (docs/security.md); deflate only burns CPU on
+        # already-compressed video.
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
         ws_max_size=settings.transport_max_bytes,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,

@@ -43,7 +43,14 @@ async def serve(
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", ws_max_size=ws_max_size, lifespan=lifespan)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        ws="websockets-sansio",  # what `streamchat serve` runs
+        ws_per_message_deflate=False,
+        ws_max_size=ws_max_size,
+        lifespan=lifespan,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -448,6 +448,17 @@ class Session:
 
     # -- lifecycle ----------------------------------------------------------
 
+    async def wait_closed(self, *, timeout: float | None = None) -> SessionClosed:
+        """Wait until the connection is closed (by either side), and say why.
+
+        After :attr:`going_away`, this is how a client waits for its answers
+        in flight and then the server's close (1001).
+        """
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(self._receiver)
+        assert self._inbox.closed is not None
+        return self._inbox.closed
+
     async def close(self) -> None:
         """Close the connection; pending answers and waits end with :class:`SessionClosed`."""
         self._closing = True

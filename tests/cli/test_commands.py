@@ -104,21 +104,49 @@ def clip(tmp_path: Path) -> Path:
 
 
 @pytest.mark.engine
-async def test_serve_tiny_model_answers_and_exits_cleanly(tmp_path: Path, clip: Path) -> None:
-    """`streamchat serve --tiny-model` builds the model offline, answers, and exits on SIGTERM
-    leaving no engine process behind."""
+async def test_serve_tiny_model_answers_and_shuts_down_gracefully(
+    tmp_path: Path, clip: Path
+) -> None:
+    """`streamchat serve --tiny-model` builds the model offline and answers; on SIGTERM
+    with answers in flight every client hears ``going_away``, each answer completes or
+    ends with ``shutdown``, the sessions close with 1001, and the process exits within
+    its shutdown budget leaving no engine process behind."""
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    async with server("--tiny-model", "--max-pixels", "12544", env=env) as srv:
+    args = ("--tiny-model", "--max-pixels", "12544", "--shutdown-timeout", "1")
+    async with server(*args, env=env) as srv:
         children = psutil.Process(srv.process.pid).children(recursive=True)
         assert children, "vLLM runs its engine core in child processes"
-        async with connect(srv.url, fps=2) as session:
-            assert "tiny-qwen2-vl" in session.ready.model
-            await session.send_file(clip)
-            await session.wait_ended(timeout=60)
-            answer = await session.ask("What is moving?", max_tokens=8).result()
-        assert answer.done is not None and answer.done.finish_reason in ("stop", "length")
-        assert answer.text
-        await srv.stop()
+        async with (
+            connect(srv.url, fps=2) as idle,
+            connect(srv.url, fps=2) as busy,
+            asyncio.timeout(180),
+        ):
+            assert "tiny-qwen2-vl" in busy.ready.model
+            await busy.send_file(clip)
+            await busy.wait_ended(timeout=60)
+            answer = await busy.ask("What is moving?", max_tokens=8).result()
+            assert answer.done is not None and answer.done.finish_reason in ("stop", "length")
+            assert answer.text
+
+            long = busy.ask("Describe every frame in detail.", max_tokens=1500)
+            await anext(long)  # in flight now
+            srv.process.send_signal(signal.SIGTERM)
+            stopping = asyncio.get_running_loop().time()
+            await long.result()
+            assert long.done is not None
+            assert long.done.finish_reason in ("stop", "length", "shutdown")
+            for session in (idle, busy):
+                closed = await session.wait_closed(timeout=30)
+                assert closed.code == 1001, closed
+                assert session.going_away is not None and "shutting down" in session.going_away
+        async with asyncio.timeout(60):
+            code = await srv.process.wait()
+        elapsed = asyncio.get_running_loop().time() - stopping
+        log = "\n".join(srv.log)
+        assert code == 0, log
+        assert "Application shutdown complete" in log, log
+        # 1 s for answers, then vLLM's own shutdown (a few seconds on this machine).
+        assert elapsed < 30, (elapsed, log)
     # Children exit once their parent is gone; wait for that (bounded), then none may remain.
     _, alive = await asyncio.to_thread(psutil.wait_procs, children, 30)
     assert not [c for c in alive if c.status() != psutil.STATUS_ZOMBIE], alive
