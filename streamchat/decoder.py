@@ -26,7 +26,10 @@ image sequences and every other demuxer are refused before their header is
 read, and no protocol (``file:``, ``http:``, ...) may be opened from inside
 the media (an empty ``protocol_whitelist``). Frame size (``max_pixels``),
 video time and frame count per source are bounded; an MP4 header's declared
-sample counts and durations are checked before FFmpeg indexes them.
+sample counts and durations are checked before FFmpeg indexes them, and so
+are the sample counts of every fragment that follows (``Mp4Walker``), before
+FFmpeg reads them. A probed stream that does not start like an MP4 is kept
+from the MP4 demuxer, so no MP4 escapes those checks.
 
 Measured pitfalls this module works around (see ``NOTES-pyav.md``):
 
@@ -72,7 +75,7 @@ from .errors import (
     VideoTooLong,
     VideoUnsupported,
 )
-from .reader import Mp4Declared, SafeReader, Source, mp4_declared, mp4_header
+from .reader import Mp4Declared, Mp4Walker, SafeReader, Source, mp4_declared, mp4_header
 from .sampling import (
     DEFAULT_FACTOR,
     DEFAULT_MAX_PIXELS,
@@ -95,6 +98,10 @@ DEMUXERS = "matroska,webm,mov,mp4,mpegts"
 A demuxer's name lists its aliases (``"matroska,webm"``, ``"mov,mp4,m4a,..."``);
 one alias on this list admits it.
 """
+# Probed inputs that do not start like an MP4 (`mp4_header`) must not reach
+# the MP4 demuxer, whose prober also accepts a stream that starts with any box:
+# their header and fragments would go unchecked.
+_NOT_MP4 = "matroska,webm,mpegts"
 # Options every input is opened with. An empty protocol whitelist: the bytes
 # come from our reader, and nothing inside them may make FFmpeg open a file or
 # a URL (HLS segments, concat entries, MP4 data references).
@@ -126,7 +133,8 @@ class DecoderOptions:
       video time since its first frame and in decoded frames; beyond either
       the decode ends with ``VideoTooLong`` (frames already emitted stay). An
       MP4 header declaring more (duration, or samples: see
-      :class:`~streamchat.reader.Mp4Declared`) is refused before opening.
+      :class:`~streamchat.reader.Mp4Declared`) is refused before opening, a
+      fragment whose samples take the total beyond it before FFmpeg reads it.
     * ``keyframes_only``: drop non-key packets before the decoder: many times
       faster, about one frame per keyframe interval.
     * ``probesize`` (bytes), ``analyzeduration`` (microseconds): how much FFmpeg
@@ -231,7 +239,8 @@ def decode_stream(
     * ``VideoTooLarge``: a declared or decoded frame size above
       ``max_decode_pixels``, or an MP4 header above ``max_header_bytes``.
     * ``VideoTooLong``: more than ``max_source_seconds`` of video or
-      ``max_source_frames`` frames, decoded or declared by an MP4 header.
+      ``max_source_frames`` frames, decoded or declared by an MP4 header or,
+      in all fragments so far, by a fragmented MP4.
     * Errors raised by ``source.read`` (e.g. ``VideoTimeout`` from a stalled
       ``ByteFeed``) are re-raised as they are if they are ``StreamchatError``
       instances, and wrapped in ``VideoDecodeError`` otherwise.
@@ -283,14 +292,20 @@ def _open(reader: SafeReader, options: DecoderOptions) -> InputContainer:
     if not head:
         raise VideoDecodeError("the video stream ended before any data arrived")
     reader.unread(head)
+    sandbox = _SANDBOX
     if hint in (None, "mp4"):
         header = mp4_header(reader, options.max_header_bytes, required=hint == "mp4")
-        if header is not None:
+        if header is None:
+            sandbox = {**_SANDBOX, "format_whitelist": _NOT_MP4}
+        else:
             hint = "mp4"
             buffer_size = max(buffer_size, len(header))
-            _check_declared(mp4_declared(header), options)
+            declared = mp4_declared(header)
+            _check_declared(declared, options)
+            walker = Mp4Walker(declared, lambda counts: _check_declared(counts, options))
+            reader.watch(walker.feed)
     limits = {
-        **_SANDBOX,
+        **sandbox,
         "probesize": str(max(32, options.probesize)),
         "analyzeduration": str(options.analyzeduration),
         "max_pixels": str(options.max_decode_pixels),

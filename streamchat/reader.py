@@ -5,19 +5,22 @@ ends the stream on a stop event, and can push bytes back. :func:`mp4_header`
 collects an MP4 stream's header whole, because PyAV's I/O buffer keeps
 nothing to seek back into and the MP4 demuxer seeks back within its header;
 :func:`mp4_declared` reads what that header promises (sample counts,
-durations) before FFmpeg builds an index from it.
+durations) before FFmpeg builds an index from it, and :class:`Mp4Walker`
+follows the boxes of the rest of the stream as they pass, so that what each
+fragment declares is checked before FFmpeg reads it.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from .errors import StreamchatError, VideoDecodeError, VideoTooLarge, VideoUnsupported
 
-__all__ = ["Mp4Declared", "SafeReader", "Source", "mp4_declared", "mp4_header"]
+__all__ = ["Mp4Declared", "Mp4Walker", "SafeReader", "Source", "mp4_declared", "mp4_header"]
 
 
 class Source(Protocol):
@@ -36,6 +39,8 @@ class SafeReader:
     * Bytes read ahead (the MP4 header) are served first, in one piece.
     * A source that returns more than asked is cut to size: PyAV copies the
       result into a buffer of the requested size.
+    * A watcher (:meth:`watch`) sees every byte before it is returned; if it
+      raises, the stream fails with its error and those bytes are never read.
     """
 
     def __init__(self, source: Source, stop: threading.Event) -> None:
@@ -43,8 +48,21 @@ class SafeReader:
         self._stop = stop
         self._pending = b""
         self._error: BaseException | None = None
+        self._watcher: Callable[[bytes], None] | None = None
 
     def read(self, n: int) -> bytes:
+        data = self._next(n)
+        if self._watcher is not None and data:
+            try:
+                self._watcher(data)
+            except StreamchatError as exc:
+                self._error = exc
+                self._pending = b""
+                self._watcher = None
+                return b""
+        return data
+
+    def _next(self, n: int) -> bytes:
         if self._pending:
             data, self._pending = self._pending[:n], self._pending[n:]
             return data
@@ -58,6 +76,13 @@ class SafeReader:
         if len(data) > n:
             data, self._pending = data[:n], data[n:]
         return data
+
+    def watch(self, watcher: Callable[[bytes], None]) -> None:
+        """Pass every byte read from now on (pushed-back bytes first) to ``watcher``.
+
+        ``watcher`` may raise a ``StreamchatError`` to end the stream with it.
+        """
+        self._watcher = watcher
 
     def read_exactly(self, n: int) -> bytes:
         """``n`` bytes, or fewer only at the end of the stream."""
@@ -147,22 +172,26 @@ class Mp4Declared:
       can cost gigabytes to open.
     * ``seconds``: the longest duration declared by the movie or a track, in
       seconds (0 when none is known, as in a fragmented MP4's empty ``moov``).
+    * ``video_tracks``: the track IDs (``tkhd``) of the video tracks, which
+      fragments name in their ``tfhd``.
     """
 
     video_samples: int = 0
     total_samples: int = 0
     seconds: float = 0.0
+    video_tracks: frozenset[int] = frozenset()
 
 
 def mp4_declared(header: bytes) -> Mp4Declared:
     """Read sample counts and durations from an MP4 header (as :func:`mp4_header` returns it).
 
     Only the boxes on the way to them are parsed (``moov`` > ``mvhd``,
-    ``trak`` > ``mdia`` > ``mdhd``/``hdlr``/``minf`` > ``stbl`` > ``stsz``/``stz2``);
+    ``trak`` > ``tkhd``/``mdia`` > ``mdhd``/``hdlr``/``minf`` > ``stbl`` > ``stsz``/``stz2``);
     malformed boxes are left for FFmpeg to report, so this never fails.
     """
     video = total = 0
     seconds = 0.0
+    tracks: set[int] = set()
     moov = next((body for kind, body in _boxes(memoryview(header)) if kind == b"moov"), None)
     if moov is None:
         return Mp4Declared()
@@ -174,19 +203,25 @@ def mp4_declared(header: bytes) -> Mp4Declared:
             seconds = max(seconds, track.seconds)
             total += track.total_samples
             video = max(video, track.video_samples)
-    return Mp4Declared(video_samples=video, total_samples=total, seconds=seconds)
+            tracks |= track.video_tracks
+    return Mp4Declared(
+        video_samples=video, total_samples=total, seconds=seconds, video_tracks=frozenset(tracks)
+    )
 
 
 def _track(trak: memoryview) -> Mp4Declared:
-    """One ``trak``'s declared samples and duration (``video_samples`` only for video)."""
+    """One ``trak``'s declared samples, duration and ID (``video_*`` only for video)."""
     samples = 0
     seconds = 0.0
     is_video = False
+    track_id: int | None = None
     stack = [trak]
     while stack:
         for kind, body in _boxes(stack.pop()):
             if kind in _MP4_CONTAINER_BOXES:
                 stack.append(body)
+            elif kind == b"tkhd" and len(body) >= 24:
+                (track_id,) = struct.unpack_from(">I", body, 20 if body[0] == 1 else 12)
             elif kind == b"mdhd":
                 seconds = _duration(body)
             elif kind == b"hdlr" and len(body) >= 12:
@@ -194,7 +229,10 @@ def _track(trak: memoryview) -> Mp4Declared:
             elif kind in (b"stsz", b"stz2") and len(body) >= 12:
                 samples += struct.unpack_from(">I", body, 8)[0]
     return Mp4Declared(
-        video_samples=samples if is_video else 0, total_samples=samples, seconds=seconds
+        video_samples=samples if is_video else 0,
+        total_samples=samples,
+        seconds=seconds,
+        video_tracks=frozenset({track_id}) if is_video and track_id is not None else frozenset(),
     )
 
 
@@ -228,3 +266,165 @@ def _boxes(data: memoryview) -> list[tuple[bytes, memoryview]]:
         boxes.append((kind, data[offset + head : offset + size]))
         offset += size
     return boxes
+
+
+# -- what the rest of an MP4 stream declares, as it passes ------------------------------
+
+_FOREVER = 1 << 64  # the end of a box that runs to the end of the stream
+# Boxes FFmpeg's MP4 demuxer reads as lists of boxes. It picks a box's parser by
+# its type alone, whatever the parent, so a `trun` inside any of these is read.
+_WALKED_BOXES = frozenset(
+    {
+        b"moov", b"trak", b"mdia", b"minf", b"stbl", b"mvex", b"edts", b"dinf",
+        b"udta", b"tref", b"ilst", b"sinf", b"schi", b"mfra", b"moof", b"traf",
+    }
+)  # fmt: skip
+_MAX_DEPTH = 16  # FFmpeg itself refuses boxes nested more than 10 deep
+_HEADER, _FIELD, _META = 0, 1, 2  # what Mp4Walker is collecting
+
+
+class Mp4Walker:
+    """Follows an MP4 stream's boxes as its bytes go by; checks the samples fragments declare.
+
+    :meth:`feed` gets every byte FFmpeg will read, in order, from the first
+    (:meth:`SafeReader.watch`). The walker follows the top-level boxes
+    (``ftyp``, ``moov``, ``moof``, ``mdat``, ``sidx``, ``styp``, ``emsg``, ...)
+    and descends only into boxes FFmpeg also parses as lists of boxes (``moof``
+    > ``traf``, ``moov`` > ``trak`` > ..., ``meta`` from its ``hdlr`` on, as
+    FFmpeg finds it); every other body is skipped unread, so an ``mdat`` of
+    any declared size (even a 64-bit 2^62) costs nothing. Only box headers
+    and the first 8 body bytes of ``tfhd`` and ``trun`` are copied.
+
+    Each ``trun`` adds its ``sample_count`` to the samples declared so far (to
+    the video count too if the last ``tfhd`` named a video track), starting
+    from the header's own (:func:`mp4_declared`); ``check`` gets the running
+    totals and raises to refuse the stream. The count matters because FFmpeg
+    allocates index entries for all of it as soon as it reads it: a 20-byte
+    ``trun`` declaring 20 million samples without per-sample fields took
+    700 MB. Box layouts FFmpeg would read differently are refused with
+    ``VideoDecodeError``: a top-level box smaller than its own header, a
+    ``tfhd`` or ``trun`` too short to hold its count (FFmpeg would read it from
+    the next box), nesting deeper than FFmpeg allows. A box smaller than its
+    header inside another ends that box, as in FFmpeg.
+    """
+
+    def __init__(self, declared: Mp4Declared, check: Callable[[Mp4Declared], None]) -> None:
+        self._check = check
+        self._video_tracks = declared.video_tracks
+        self._video = declared.video_samples
+        self._total = declared.total_samples
+        self._track: int | None = None  # named by the last `tfhd`
+        self._pos = 0  # stream offset of the next byte fed
+        self._skip_to = 0  # bytes before this offset are passed over
+        self._ends: list[int] = []  # where the boxes walked into end, innermost last
+        self._mode = _HEADER
+        self._buf = bytearray()
+        self._want = 8  # bytes to collect in `_buf` before the next step
+        self._box = b""  # the `tfhd`/`trun` whose first body bytes are collected
+        self._box_end = 0
+        self._word = b""  # `meta`: the last 4-byte word scanned
+
+    def feed(self, data: bytes) -> None:
+        """Walk ``data``, the next bytes of the stream; raises as ``check`` does."""
+        view = memoryview(data)
+        i = 0
+        while i < len(view):
+            if self._pos < self._skip_to:
+                step = min(len(view) - i, self._skip_to - self._pos)
+                i += step
+                self._pos += step
+                continue
+            if self._mode == _HEADER and not self._buf:
+                while self._ends and self._pos >= self._ends[-1]:
+                    self._ends.pop()
+                if self._ends and self._ends[-1] - self._pos < 8:
+                    self._skip_to = self._ends[-1]  # FFmpeg reads no box from a 7-byte tail
+                    continue
+            take = min(len(view) - i, self._want - len(self._buf))
+            self._buf += view[i : i + take]
+            i += take
+            self._pos += take
+            if len(self._buf) == self._want:
+                self._step()
+
+    def _step(self) -> None:
+        if self._mode == _FIELD:
+            self._read_field()
+        elif self._mode == _META:
+            self._scan_meta()
+        else:
+            self._read_header()
+
+    def _read_header(self) -> None:
+        size, kind = struct.unpack_from(">I4s", self._buf)
+        parent_end = self._ends[-1] if self._ends else _FOREVER
+        if size == 1 and len(self._buf) == 8 and parent_end - self._pos >= 8:
+            self._want = 16  # a 64-bit size follows
+            return
+        if size == 1 and len(self._buf) == 16:
+            (size,) = struct.unpack_from(">Q", self._buf, 8)
+        head = len(self._buf)
+        start = self._pos - head
+        self._buf.clear()
+        self._want = 8
+        if size == 0:  # to the end of the parent, or of the stream
+            end = parent_end
+        elif size < head:
+            if not self._ends:
+                raise VideoDecodeError("the data is not a valid mp4 video stream")
+            self._skip_to = parent_end  # FFmpeg stops reading the parent here
+            return
+        else:
+            end = min(start + size, parent_end)
+        if kind in _WALKED_BOXES:
+            self._enter(end)
+        elif kind in (b"tfhd", b"trun"):
+            if end - self._pos < 8:
+                raise VideoDecodeError(f"the mp4 stream has a malformed {kind.decode()} box")
+            self._mode, self._box, self._box_end = _FIELD, kind, end
+        elif kind == b"meta":
+            self._mode, self._box_end, self._word = _META, end, kind
+            self._scan_or_skip()
+        else:
+            self._skip_to = end
+
+    def _enter(self, end: int) -> None:
+        if len(self._ends) >= _MAX_DEPTH:
+            raise VideoDecodeError("the mp4 stream nests its boxes too deeply")
+        self._ends.append(end)
+
+    def _read_field(self) -> None:
+        """A ``tfhd``'s track ID or a ``trun``'s sample count (after version and flags)."""
+        (value,) = struct.unpack_from(">I", self._buf, 4)
+        if self._box == b"tfhd":
+            self._track = value
+        else:
+            self._total += value
+            if self._track in self._video_tracks:
+                self._video += value
+            self._check(Mp4Declared(video_samples=self._video, total_samples=self._total))
+        self._mode = _HEADER
+        self._buf.clear()
+        self._want = 8
+        self._skip_to = self._box_end
+
+    def _scan_meta(self) -> None:
+        """FFmpeg reads ``meta`` as boxes from its ``hdlr`` on, wherever a 4-byte scan finds it."""
+        word = bytes(self._buf)
+        self._buf.clear()
+        if word == b"hdlr":  # the box starts with the word before
+            self._mode = _HEADER
+            self._enter(self._box_end)
+            self._buf += self._word + word
+            self._read_header()
+            return
+        self._word = word
+        self._scan_or_skip()
+
+    def _scan_or_skip(self) -> None:
+        if self._box_end - self._pos > 8:
+            self._want = 4
+        else:
+            self._mode = _HEADER
+            self._want = 8
+            self._skip_to = self._box_end

@@ -38,6 +38,8 @@ __all__ = [
     "encode_video",
     "frame_index",
     "patch_h264_size",
+    "patch_fmp4_largesize",
+    "patch_fmp4_samples",
     "patch_jpeg_size",
     "patch_mp4_header",
     "patch_png_size",
@@ -455,3 +457,75 @@ def _mp4_boxes(data: bytes, start: int, end: int) -> list[tuple[bytes, int]]:
             found += _mp4_boxes(data, offset + 8, offset + size)
         offset += size
     return found
+
+
+def _top_level_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
+    """``(kind, offset, size)`` of the top-level boxes of an MP4 file."""
+    found = []
+    offset = 0
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack_from(">I4s", data, offset)
+        if size < 8:
+            break
+        found.append((kind, offset, size))
+        offset += size
+    return found
+
+
+def _fragment_truns(data: bytes, fragment: int) -> tuple[int, list[int]]:
+    """The offset of ``moof`` number ``fragment`` (from 0) and of the ``trun`` boxes in it."""
+    moofs = [offset for kind, offset, _ in _top_level_boxes(data) if kind == b"moof"]
+    if not 0 <= fragment < len(moofs):
+        raise ValueError(f"the stream has {len(moofs)} fragments")
+    moof = moofs[fragment]
+    (size,) = struct.unpack_from(">I", data, moof)
+    truns = []
+    stack = [(moof + 8, moof + size)]
+    while stack:
+        offset, end = stack.pop()
+        while offset + 8 <= end:
+            box_size, kind = struct.unpack_from(">I4s", data, offset)
+            if box_size < 8:
+                break
+            if kind == b"traf":
+                stack.append((offset + 8, offset + box_size))
+            elif kind == b"trun":
+                truns.append(offset)
+            offset += box_size
+    return moof, truns
+
+
+def patch_fmp4_samples(data: bytes, samples: int, *, fragment: int = 0) -> bytes:
+    """A fragmented MP4 (``encode_video(container="mp4")``) whose fragment ``fragment`` lies.
+
+    Every ``trun`` in that ``moof`` declares ``samples`` samples and loses its
+    per-sample fields (flags ``0x100``-``0x800`` cleared), so the count costs no
+    bytes: a demuxer that trusts it reserves an index entry per sample while
+    the box stays as it was (patched in place; sizes do not change).
+    """
+    out = bytearray(data)
+    _, truns = _fragment_truns(data, fragment)
+    for trun in truns:
+        out[trun + 10] &= 0xF0  # the middle byte of the 24-bit flags
+        struct.pack_into(">I", out, trun + 12, samples)
+    return bytes(out)
+
+
+def patch_fmp4_largesize(data: bytes, size: int, *, fragment: int = 0) -> bytes:
+    """A fragmented MP4 whose ``mdat`` after fragment ``fragment`` declares a 64-bit ``size``.
+
+    The ``mdat`` header becomes the 16-byte form (size 1, then ``size``), and
+    the fragment's ``trun`` data offsets (from the ``moof``, as
+    ``default_base_moof`` writes them) move by the 8 bytes inserted, so its
+    samples still decode; everything after lies inside the claimed ``mdat``.
+    """
+    moof, truns = _fragment_truns(data, fragment)
+    boxes = _top_level_boxes(data)
+    mdat = next(offset for kind, offset, _ in boxes if kind == b"mdat" and offset > moof)
+    out = bytearray(data)
+    for trun in truns:
+        (flags,) = struct.unpack_from(">I", data, trun + 8)
+        if flags & 0x001:  # a data offset follows the sample count
+            (offset,) = struct.unpack_from(">i", data, trun + 16)
+            struct.pack_into(">i", out, trun + 16, offset + 8)
+    return bytes(out[:mdat]) + struct.pack(">I4sQ", 1, b"mdat", size) + bytes(out[mdat + 8 :])

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import socket
+import struct
 import sys
 import threading
 import zipfile
@@ -44,6 +45,8 @@ from tests.media import (
     Container,
     encode_image,
     encode_video,
+    patch_fmp4_largesize,
+    patch_fmp4_samples,
     patch_h264_size,
     patch_jpeg_size,
     patch_mp4_header,
@@ -66,7 +69,7 @@ RSS_HEADROOM = 300 * 1024 * 1024
 
 One 8192x8192 frame is 96 MiB in YUV 4:2:0, and a decoder holds several, so a
 bomb that got through would break the bound; 50 million MP4 index entries
-would need about 1.2 GB.
+would need about 1.2 GB, and a fragment declaring 20 million samples took 700 MB.
 """
 ITEM_TIMEOUT = 30.0
 DECODE = "video_decode_failed"
@@ -115,6 +118,8 @@ def corpus() -> tuple[Item, ...]:
     later = encode_video(container="mpegts", codec="h264", seconds=2, start_pts=2.0)
     webm = encode_video(container="webm", codec="vp8", seconds=2)
     faststart = encode_video(container="mp4-faststart", codec="h264", seconds=2)
+    fragmented = encode_video(container="mp4", codec="h264", seconds=10)
+    any_box = struct.pack(">I4s", 16, b"junk") + bytes(8)  # the MP4 prober skips any box
     png, jpeg = encode_image("png"), encode_image("jpeg")
     junk = random.Random(5).randbytes(200_000)
     items = [
@@ -138,6 +143,32 @@ def corpus() -> tuple[Item, ...]:
             patch_mp4_header(faststart, samples=50_000_000),
             "mp4",
             "video_too_long",
+        ),
+        Item(
+            "fragmented mp4, first fragment declaring 20M samples",
+            patch_fmp4_samples(fragmented, 20_000_000),
+            "mp4",
+            "video_too_long",
+        ),
+        Item(
+            "fragmented mp4, 9th fragment declaring 20M samples",
+            patch_fmp4_samples(fragmented, 20_000_000, fragment=8),
+            "mp4",
+            "video_too_long",
+            frames=True,
+        ),
+        Item(
+            "fragmented mp4, mdat of 2^62 bytes",
+            patch_fmp4_largesize(fragmented, 1 << 62, fragment=1),
+            "mp4",
+            DECODE,
+            frames=True,
+        ),
+        Item(
+            "unknown box, then mp4 declaring 50M samples",
+            any_box + patch_mp4_header(faststart, samples=50_000_000),
+            None,
+            "video_unsupported",
         ),
         Item(
             "mp4 declaring 10 hours",
