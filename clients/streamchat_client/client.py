@@ -571,7 +571,7 @@ class Session:
         async with asyncio.timeout(timeout):
             while True:
                 status = self.status
-                if status is not None and status.source >= max(self._sources_started, 1):
+                if status is not None and status.source >= self._sources_started:
                     if done(status):
                         return status
                 await self._inbox.next_status()

@@ -12,7 +12,7 @@ import websockets
 from streamchat_client import ServerError, connect
 from tests.e2e.live import SETTINGS
 from tests.live import Live
-from tests.media import corrupt_payloads, encode_video
+from tests.media import corrupt_payloads, encode_image, encode_video
 from tests.servers import serve_files
 
 pytestmark = pytest.mark.engine
@@ -168,3 +168,23 @@ async def test_health_reports_the_engine(live: Live) -> None:
             body = (await http.get(f"{live.base}/health")).json()
     assert body["status"] == "ok" and body["sessions"] == 1
     assert body["model"] == live.engine.model_name
+
+
+async def test_connect_ask_disconnect_cycles_leave_no_engine_requests(live: Live) -> None:
+    """The real engine's side of the 1,000-cycle leak test (tests/endpoint): hanging up
+    mid-answer, again and again, leaves nothing in vLLM."""
+    image = encode_image(width=112, height=112)
+    for cycle in range(60):
+        session = await connect(live.url, fps=2)
+        await session.send_image(image)
+        await session.wait_frames(1, timeout=30)
+        answer = session.ask("What is this?", max_tokens=64)
+        if cycle % 2:
+            await answer.result()
+        else:
+            await anext(aiter(answer))
+        await session.close()
+    async with asyncio.timeout(30):
+        await live.state.wait_sessions(0)
+    assert live.engine.running() == frozenset()
+    assert live.engine.engine_unfinished() == 0
