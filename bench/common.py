@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -30,6 +31,7 @@ __all__ = [
     "base_parser",
     "ffmpeg_version",
     "machine",
+    "percentiles",
     "print_table",
     "summarise",
     "write_result",
@@ -63,6 +65,21 @@ def summarise(values: Sequence[float]) -> Summary:
     if not values:
         raise ValueError("nothing to summarise")
     return Summary(statistics.median(values), min(values), max(values), len(values))
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | int]:
+    """p50, p90, min and max (nearest-rank p90: a value that occurred)."""
+    if not values:
+        raise ValueError("nothing to summarise")
+    ordered = sorted(values)
+    rank = max(0, math.ceil(0.9 * len(ordered)) - 1)
+    return {
+        "p50": statistics.median(ordered),
+        "p90": ordered[rank],
+        "min": ordered[0],
+        "max": ordered[-1],
+        "n": len(ordered),
+    }
 
 
 def base_parser(description: str, *, repeat: int) -> argparse.ArgumentParser:

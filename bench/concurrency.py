@@ -164,7 +164,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for index in range(repeat):
         print(f"search {index + 1}/{repeat}: {clip.label} at real-time pace", flush=True)
         async with start_streamchat(args.out / "concurrency-server.log") as server:
-            steps = await _search(server, clip, limit)
+            if args.sessions:  # one step, e.g. to profile the server at a given N
+                print(f"  server pid {server.process.pid}", flush=True)
+                steps = [await _step(server, clip, args.sessions)]
+            else:
+                steps = await _search(server, clip, limit)
         _table(steps)
         held = [s for s in steps if s["held"]]
         best = max(held, key=lambda s: s["sessions"]) if held else None
@@ -187,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0], repeat=1)
     parser.add_argument("--seconds", type=float, default=20.0, help="clip (and step) length")
     parser.add_argument("--max-sessions", type=int, default=64, help="stop the search here")
+    parser.add_argument(
+        "--sessions", type=int, default=0, help="measure only this N (no search), e.g. to profile"
+    )
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))
     write_result(Path(args.out), "concurrency", result)

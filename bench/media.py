@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from av.video.stream import VideoStream
 
-__all__ = ["Clip", "Codec", "encode_clip", "looped_mpegts"]
+__all__ = ["Clip", "Codec", "as_mp4", "encode_clip", "looped_mpegts"]
 
 Codec = Literal["h264", "vp8", "vp9"]
 
@@ -106,18 +106,30 @@ class _Texture:
 
 
 def encode_clip(
-    out: Path, codec: Codec, *, width: int, height: int, fps: int = 30, seconds: float
+    out: Path,
+    codec: Codec,
+    *,
+    width: int,
+    height: int,
+    fps: int = 30,
+    seconds: float,
+    seed: int = 1,
 ) -> Clip:
-    """The clip for these parameters, encoded now or taken from the cache under ``out``."""
+    """The clip for these parameters, encoded now or taken from the cache under ``out``.
+
+    Clips of different ``seed`` show different textures: the engine benchmarks
+    need windows that no cache has seen (vLLM caches by the frames' content).
+    """
     encoder, muxer, suffix, options = _ENCODERS[codec]
     frames = round(seconds * fps)
     folder = out / "media"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"v{_VERSION}-{codec}-{width}x{height}-{fps}fps-{frames}f{suffix}"
+    variant = "" if seed == 1 else f"-s{seed}"
+    path = folder / f"v{_VERSION}-{codec}-{width}x{height}-{fps}fps-{frames}f{variant}{suffix}"
     clip = Clip(path, codec, muxer, width, height, fps, frames)
     if path.exists():
         return clip
-    texture = _Texture(width, height)
+    texture = _Texture(width, height, seed)
     partial = path.with_suffix(".partial" + suffix)
     with av.open(str(partial), "w", format=muxer) as output:
         stream = output.add_stream(encoder, rate=fps, options=options)
@@ -133,6 +145,33 @@ def encode_clip(
         output.mux(stream.encode(None))
     partial.rename(path)
     return clip
+
+
+def as_mp4(clip: Clip) -> Clip:
+    """``clip`` (H.264) remuxed, not re-encoded, into an MP4 with its index first.
+
+    The same pictures and packets in the container a file on disk usually is:
+    vLLM's OpenCV reader finds no frames in an MPEG-TS given as bytes, and
+    streamchat streams an MP4 whose index comes first (``faststart``).
+    """
+    if clip.codec != "h264":
+        raise ValueError("as_mp4 needs an H.264 clip")
+    path = clip.path.with_suffix(".mp4")
+    result = Clip(path, clip.codec, "mp4", clip.width, clip.height, clip.fps, clip.frames)
+    if path.exists():
+        return result
+    partial = path.with_suffix(".partial.mp4")
+    with av.open(str(clip.path)) as source:
+        stream = source.streams.video[0]
+        with av.open(str(partial), "w", format="mp4", options={"movflags": "+faststart"}) as output:
+            target = output.add_stream_from_template(stream)
+            for packet in source.demux(stream):
+                if packet.dts is None:
+                    continue
+                packet.stream = target
+                output.mux(packet)
+    partial.rename(path)
+    return result
 
 
 class _Sink(io.RawIOBase):

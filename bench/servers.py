@@ -14,22 +14,34 @@ import asyncio
 import contextlib
 import functools
 import http.server
+import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil  # type: ignore[import-untyped]  # no stubs in the test extras
 
-__all__ = ["ResourceSampler", "StreamchatServer", "serve_files", "start_streamchat"]
+__all__ = [
+    "ResourceSampler",
+    "StreamchatServer",
+    "free_port",
+    "serve_app",
+    "serve_files",
+    "start_server",
+    "start_streamchat",
+    "stop_process",
+]
 
 _START_TIMEOUT = 60.0
-_STOP_TIMEOUT = 10.0
+_STOP_TIMEOUT = 30.0  # an engine's shutdown takes several seconds
 
 
 @dataclass(eq=False)
@@ -55,30 +67,35 @@ class StreamchatServer:
         return float(times.user + times.system)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
-async def start_streamchat(log: Path, extra: Sequence[str] = ()) -> AsyncIterator[StreamchatServer]:
-    """Start ``streamchat serve --engine fake`` on a free loopback port; stop it on exit.
+async def start_streamchat(
+    log: Path,
+    extra: Sequence[str] = (),
+    *,
+    engine: str = "fake",
+    timeout: float = _START_TIMEOUT,
+) -> AsyncIterator[StreamchatServer]:
+    """Start ``streamchat serve --engine ENGINE`` on a free loopback port; stop it on exit.
 
     The server's output goes to ``log`` (its sessions log at INFO level).
-
-    The port is picked by binding port 0 and releasing it, so another process
-    could take it in between: the start is retried on a fresh port then.
+    With ``engine="vllm"``, ``extra`` holds the model and engine flags, and
+    ``timeout`` must allow for the engine's start (15-60 s here).
     """
-    for _attempt in range(3):
-        port = _free_port()
-        command = [
+
+    def command(port: int) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "streamchat",
             "serve",
             "--engine",
-            "fake",
+            engine,
             "--host",
             "127.0.0.1",
             "--port",
@@ -87,28 +104,55 @@ async def start_streamchat(log: Path, extra: Sequence[str] = ()) -> AsyncIterato
             "warning",
             *extra,
         ]
+
+    async with start_server(command, log, timeout=timeout) as (process, port):
+        yield StreamchatServer(process, port)
+
+
+@contextlib.asynccontextmanager
+async def start_server(
+    command: Callable[[int], list[str]],
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = _START_TIMEOUT,
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
+    """Run ``command(port)`` until ``GET /health`` answers 200; yield the process and port.
+
+    The port is picked by binding port 0 and releasing it, so another process
+    could take it in between: the start is retried on a fresh port then. The
+    server runs in its own process group, which is stopped as a whole on exit
+    (an engine's worker processes with it).
+    """
+    for _attempt in range(3):
+        port = free_port()
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as output:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+                command(port),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else dict(env),
+                start_new_session=True,
             )
         try:
-            if await _wait_healthy(process, port):
+            if await _wait_healthy(process, port, timeout):
                 break
         except BaseException:
-            _stop(process)
+            stop_process(process)
             raise
-        _stop(process)
+        stop_process(process)
     else:
-        raise RuntimeError(f"the streamchat server did not start (see {log})")
+        raise RuntimeError(f"the server did not start (see {log})")
     try:
-        yield StreamchatServer(process, port)
+        yield process, port
     finally:
-        _stop(process)
+        stop_process(process)
 
 
-async def _wait_healthy(process: subprocess.Popen[bytes], port: int) -> bool:
-    deadline = time.monotonic() + _START_TIMEOUT
+async def _wait_healthy(process: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(trust_env=False) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -117,18 +161,59 @@ async def _wait_healthy(process: subprocess.Popen[bytes], port: int) -> bool:
                 response = await client.get(f"http://127.0.0.1:{port}/health", timeout=2.0)
                 if response.status_code == 200:
                     return True
-            await asyncio.sleep(0.1)  # a server that is starting has nothing to wait on
+            await asyncio.sleep(0.2)  # a server that is starting has nothing to wait on
     return False
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process's group, then SIGKILL it if it has not exited in time."""
     if process.poll() is None:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(_STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait(_STOP_TIMEOUT)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # workers left behind by the leader
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any, *, ws_max_size: int) -> AsyncIterator[str]:
+    """Serve an ASGI ``app`` with uvicorn in this event loop; yield its base URL.
+
+    For the engine benchmarks: the app shares the benchmark's vLLM engine,
+    which is bound to this loop. The socket listens before uvicorn starts, so
+    clients may connect at once.
+    """
+    import uvicorn
+
+    # IPPROTO_TCP, not the default 0: asyncio disables Nagle's algorithm only on
+    # sockets whose proto says TCP, and accepted sockets inherit it. With 0, an
+    # answer's deltas after the first wait ~40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        ws="websockets-sansio",  # what `streamchat serve` runs
+        ws_per_message_deflate=False,
+        ws_max_size=ws_max_size,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

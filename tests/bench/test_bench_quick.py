@@ -16,17 +16,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
+ENGINE_TIMEOUT = 600
+"""The engine benchmarks start vLLM (15-60 s, more under load); ``peer`` starts two in turn."""
 
 
-def run_quick(name: str, out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_quick(
+    name: str, out: Path, env: dict[str, str] | None = None, *, timeout: float = TIMEOUT
+) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=TIMEOUT,
+        timeout=timeout,
         env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -40,6 +46,11 @@ def run_quick(name: str, out: Path, env: dict[str, str] | None = None) -> dict[s
 def assert_summary(summary: dict[str, Any]) -> None:
     assert summary["n"] >= 1
     assert 0 < summary["min"] <= summary["median"] <= summary["max"]
+
+
+def assert_percentiles(figures: dict[str, Any]) -> None:
+    assert figures["n"] >= 1
+    assert 0 < figures["min"] <= figures["p50"] <= figures["p90"] <= figures["max"]
 
 
 def test_ingest_quick(tmp_path: Path) -> None:
@@ -94,3 +105,41 @@ def test_concurrency_quick(tmp_path: Path) -> None:
         assert step["server_cpu_cores"] > 0 and step["rss_peak_mib"] > 0
         assert step["frames_per_session"]["median"] > 0
     assert result["max_sessions_held"]["median"] >= 0
+
+
+@pytest.mark.engine
+def test_latency_quick(tmp_path: Path) -> None:
+    """Every series reports first and later asks; the streamchat ones are paired with direct."""
+    result = run_quick("latency", tmp_path, timeout=ENGINE_TIMEOUT)
+    paired = ("adapter", "adapter-vllm-hash", "ws", "ws+history")
+    assert set(result["series"]) == {"direct", *paired}
+    for entry in result["series"].values():
+        for label in ("first", "later"):
+            assert_percentiles(entry[label]["ttft"])
+            assert_percentiles(entry[label]["total"])
+    pairs = {f"{series}/{ask}" for series in paired for ask in ("first", "later")}
+    assert set(result["vs_direct"]) == pairs
+    for pair in result["vs_direct"].values():
+        assert pair["ttft_ratio"]["min"] > 0
+    # All but ws+history (which replays history) ask the direct prompt, token for token.
+    for series in ("adapter", "adapter-vllm-hash", "ws"):
+        assert result["vs_direct"][f"{series}/first"]["same_prompt_tokens"] is True
+        assert result["vs_direct"][f"{series}/later"]["same_prompt_tokens"] is True
+    assert len(result["asks"]) == result["windows"] * result["asks_per_window"] * len(
+        paired + ("direct",)
+    )
+
+
+@pytest.mark.engine
+def test_peer_quick(tmp_path: Path) -> None:
+    """Both servers answer about the same clip; ratios are computed per clip length."""
+    result = run_quick("peer", tmp_path, timeout=ENGINE_TIMEOUT)
+    ((length, entry),) = result["by_length"].items()
+    for side in ("streamchat", "vllm"):
+        for key in ("ttft", "total", "ttft_second", "prompt_tokens"):
+            assert_summary(entry[side][key])
+    assert_summary(entry["streamchat"]["decode_seconds"])
+    for ratio in entry["streamchat_over_vllm"].values():
+        assert_summary(ratio)
+    (run,) = result["runs"]
+    assert run["streamchat"]["frames_in_window"] > 0

@@ -8,6 +8,7 @@ never by waiting.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -240,3 +241,51 @@ async def test_duplicate_running_id_is_refused(vllm_engine: VllmEngine) -> None:
 async def assert_still_serves(engine: VllmEngine) -> None:
     deltas = await collect(engine.generate(ask("after", make_frames(2), max_tokens=4)))
     assert deltas[-1].finish_reason == "length"
+
+
+async def test_a_different_video_is_not_taken_for_a_cached_one(vllm_engine: VllmEngine) -> None:
+    """Videos are identified by content: same timestamps and size but other pixels, other answer."""
+    first, other = make_frames(4, seed=5), make_frames(4, seed=6)
+    answer = await collect(vllm_engine.generate(ask("video-a", first)))
+    different = await collect(vllm_engine.generate(ask("video-b", other)))
+    copied = [Frame(pts=f.pts, image=f.image.copy()) for f in first]
+    again = await collect(vllm_engine.generate(ask("video-a-copy", copied)))
+    text = "".join(d.text for d in answer)
+    assert "".join(d.text for d in different) != text
+    assert "".join(d.text for d in again) == text
+
+
+def test_frame_digests_identify_videos_by_content() -> None:
+    """A video's identity follows its pixels, size and metadata, never the arrays' addresses."""
+    from streamchat.engine.vllm import FrameDigests
+
+    digests = FrameDigests()
+    frames = make_frames(3, seed=7)
+    size = (84, 112)
+    video_id = digests.video_id(frames, video_size=size, metadata=None)
+    assert digests.video_id(frames, video_size=size, metadata=None) == video_id
+    copies = [Frame(pts=f.pts, image=f.image.copy()) for f in frames]
+    assert digests.video_id(copies, video_size=size, metadata=None) == video_id
+    changed = [*frames[:2], Frame(pts=1.0, image=frames[2].image ^ 1)]
+    assert digests.video_id(changed, video_size=size, metadata=None) != video_id
+    assert digests.video_id(frames[:2], video_size=size, metadata=None) != video_id
+    assert digests.video_id(frames, video_size=(56, 84), metadata=None) != video_id
+    assert digests.video_id(frames, video_size=size, metadata={"fps": 2.0}) != video_id
+
+
+def test_frame_digests_are_computed_once_and_forgotten_with_their_frames() -> None:
+    """Each image is hashed once while it lives; its entry goes when the image does."""
+    from streamchat.engine.vllm import FrameDigests
+
+    digests = FrameDigests()
+    frames = make_frames(3, seed=8)
+    digests.video_id(frames, video_size=(84, 112), metadata=None)
+    assert len(digests) == 3
+    image = frames[0].image
+    before = digests.frame(image)
+    image[0, 0, 0] ^= 0xFF  # never done to a window's frame: shows the digest is kept
+    assert digests.frame(image) == before
+    assert digests.frame(image.copy()) != before
+    del frames, image
+    gc.collect()
+    assert len(digests) == 0

