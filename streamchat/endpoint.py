@@ -186,6 +186,10 @@ class _Connection:
                 else:
                     await self.session.report(exc)
                 continue
+            except Exception as exc:  # a bug in decoding: tell the client, keep the session
+                self.session.log.exception("session %s: decoding failed", self.session.id)
+                await self.session.report(exc)
+                continue
             try:
                 await self.session.handle(message)
             except Exception as exc:  # a bug: tell the client, keep the session
@@ -196,7 +200,10 @@ class _Connection:
         """Check one incoming message against every limit, then parse it."""
         self.limits.admit_message(now)
         max_bytes = self.settings.max_message_bytes
-        if len(data) > max_bytes:
+        size = len(data)
+        if isinstance(data, str) and size * 4 > max_bytes:
+            size = len(data.encode("utf-8", "surrogatepass"))  # text frames: bytes, not characters
+        if size > max_bytes:
             raise MessageTooLarge(f"a message is limited to {max_bytes} bytes; send smaller chunks")
         message = decode_client(data)
         if isinstance(message, VideoChunk):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -274,3 +275,11 @@ def test_a_failed_engine_makes_health_503_and_answers_typed_errors(engine: FakeE
         assert (error["code"], error["id"], error["fatal"]) == ("engine_error", "a", False)
         done = peer.recv_type("answer.done")
         assert (done["id"], done["finish_reason"]) == ("a", "error")
+
+
+def test_text_frames_are_measured_in_bytes(engine: FakeEngine) -> None:
+    """60,000 four-byte characters are 240,000 bytes: over a 64 KiB limit."""
+    with _client(SETTINGS, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        ws.send_text('{"type":"ask","id":"a","text":"' + "\U0001f600" * 60_000 + '"}')
+        error = json.loads(ws.receive_text())
+        assert (error["code"], error["fatal"]) == ("message_too_large", False)
