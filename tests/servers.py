@@ -36,7 +36,9 @@ async def serve(
     ``send_buffer`` sets the kernel's send buffer of every accepted connection
     (they inherit it from the listening socket), so a test can fill it quickly.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off only on sockets whose proto
+    # says TCP (accepted ones inherit it), as `streamchat serve`'s own sockets are.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if send_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)

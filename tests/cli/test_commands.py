@@ -1,19 +1,10 @@
-"""The README's commands as processes: ``streamchat serve`` and ``streamchat-client``.
-
-Each server runs as its own process, the way a user starts it; readiness is
-read from its log (uvicorn's "Uvicorn running on"), never waited for by time.
-"""
+"""The README's commands as processes: ``streamchat serve`` and ``streamchat-client``."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import os
 import signal
-import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
@@ -21,79 +12,7 @@ import pytest
 
 from streamchat_client import connect
 from tests.media import encode_video
-
-READY_TIMEOUT = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
-        self.process = process
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}/v1/session"
-        self.log: collections.deque[str] = collections.deque(maxlen=400)
-        self._ready = asyncio.Event()
-        self._drain = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
-            if "Uvicorn running on" in line:
-                self._ready.set()
-        self._ready.set()  # the process ended: let the waiter see it
-
-    async def ready(self) -> None:
-        async with asyncio.timeout(READY_TIMEOUT):
-            await self._ready.wait()
-        if self.process.returncode is not None:
-            raise AssertionError("server exited early:\n" + "\n".join(self.log))
-
-    async def stop(self) -> None:
-        """SIGTERM, and check that the server shut down gracefully.
-
-        uvicorn re-raises the signal once its shutdown is complete, so the exit
-        status is "killed by SIGTERM" either way: the log tells a clean exit.
-        """
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(60):
-            code = await self.process.wait()
-            await self._drain
-        log = "\n".join(self.log)
-        assert code in (0, -signal.SIGTERM), log
-        assert "Application shutdown complete" in log, log
-
-
-@contextlib.asynccontextmanager
-async def server(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Server]:
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "streamchat",
-        "serve",
-        "--port",
-        str(port),
-        *args,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    running = Server(process, port)
-    try:
-        await running.ready()
-        yield running
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+from tests.processes import server_process
 
 
 @pytest.fixture
@@ -113,7 +32,7 @@ async def test_serve_tiny_model_answers_and_shuts_down_gracefully(
     its shutdown budget leaving no engine process behind."""
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     args = ("--tiny-model", "--max-pixels", "12544", "--shutdown-timeout", "1")
-    async with server(*args, env=env) as srv:
+    async with server_process(*args, env=env) as srv:
         children = psutil.Process(srv.process.pid).children(recursive=True)
         assert children, "vLLM runs its engine core in child processes"
         async with (
@@ -154,7 +73,7 @@ async def test_serve_tiny_model_answers_and_shuts_down_gracefully(
 
 async def test_client_command_against_a_served_fake_engine(clip: Path) -> None:
     """The README's client command streams a file and prints the answer."""
-    async with server("--engine", "fake") as srv:
+    async with server_process("--engine", "fake") as srv:
         client = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

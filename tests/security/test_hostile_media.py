@@ -22,9 +22,7 @@ import io
 import os
 import random
 import re
-import socket
 import struct
-import sys
 import threading
 import zipfile
 from collections.abc import AsyncIterator
@@ -54,6 +52,7 @@ from tests.media import (
     patch_vp8_size,
     pattern_frame,
 )
+from tests.processes import ServerProcess, server_process
 from tests.servers import serve, serve_files
 
 MAX_SOURCE_SECONDS = 600.0
@@ -74,7 +73,6 @@ would need about 1.2 GB, and a fragment declaring 20 million samples took 700 MB
 ITEM_TIMEOUT = 30.0
 DECODE = "video_decode_failed"
 LARGE = "video_too_large"
-READY_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -361,67 +359,12 @@ async def test_the_playlists_reach_their_targets_without_the_sandbox(
 # -- through a served session ----------------------------------------------------------------
 
 
-class Served:
-    """``streamchat serve --engine fake`` as a process; its log is kept whole."""
-
-    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
-        self.process = process
-        self.url = f"ws://127.0.0.1:{port}/v1/session"
-        self.log: list[str] = []
-        self._ready = asyncio.Event()
-        self._drain = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
-            if "Uvicorn running on" in line:
-                self._ready.set()
-        self._ready.set()
-
-    async def ready(self) -> None:
-        async with asyncio.timeout(READY_TIMEOUT):
-            await self._ready.wait()
-        assert self.process.returncode is None, "\n".join(self.log)
-
-    async def stop(self) -> None:
-        self.process.terminate()
-        async with asyncio.timeout(60):
-            await self.process.wait()
-            await self._drain
-        shut_down = any("Application shutdown complete" in line for line in self.log)
-        assert shut_down, "\n".join(self.log[-40:])
-
-
 @contextlib.asynccontextmanager
-async def streamchat_server(cwd: Path, *flags: str) -> AsyncIterator[Served]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "streamchat",
-        "serve",
-        "--engine",
-        "fake",
-        "--port",
-        str(port),
-        "--fetch-allow-private",
-        *flags,
-        cwd=cwd,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    served = Served(process, port)
-    try:
-        await served.ready()
+async def streamchat_server(cwd: Path, *flags: str) -> AsyncIterator[ServerProcess]:
+    async with server_process(
+        "--engine", "fake", "--fetch-allow-private", *flags, cwd=cwd
+    ) as served:
         yield served
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 class RssSampler:
