@@ -30,6 +30,8 @@ async def serve(
     ws_max_size: int = 16 * 1024 * 1024,
     lifespan: Literal["auto", "on", "off"] = "on",
     send_buffer: int | None = None,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float | None = 20.0,
 ) -> AsyncIterator[str]:
     """Serve ``app`` on 127.0.0.1 and yield its ``http://host:port`` base URL.
 
@@ -51,6 +53,8 @@ async def serve(
         ws="websockets-sansio",  # what `streamchat serve` runs
         ws_per_message_deflate=False,
         ws_max_size=ws_max_size,
+        ws_ping_interval=ping_interval,
+        ws_ping_timeout=ping_timeout,
         lifespan=lifespan,
     )
     server = uvicorn.Server(config)

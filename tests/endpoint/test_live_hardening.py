@@ -113,6 +113,27 @@ async def test_a_client_that_stops_reading_is_disconnected_and_its_answers_abort
         ws.transport.abort()
 
 
+async def test_a_peer_that_vanished_without_closing_is_found_by_pings() -> None:
+    """A raw TCP client completes the handshake, then never reads nor answers a ping."""
+    settings = dataclasses.replace(SETTINGS, idle_timeout=3600.0)
+    async with running(settings, ping_interval=0.2, ping_timeout=0.2) as (url, app, engine):
+        ws = await open_session(url)  # the app has started: its state exists
+        state = state_of(app)
+        await ws.close()
+        port = int(url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /v1/session HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        async with asyncio.timeout(30):
+            await state.wait_sessions(1)
+            await state.wait_sessions(0)  # closed by the server, the peer did nothing
+        writer.close()
+
+
 # -- graceful shutdown --------------------------------------------------------
 
 
