@@ -72,6 +72,8 @@ class Hello:
     window_frames: int | None = None
     max_pixels: int | None = None
     generation: Generation = field(default_factory=Generation)
+    keyframes_only: bool | None = None
+    """Decode keyframes only: many times faster, about one frame per keyframe interval."""
     token: str | None = field(default=None, repr=False)
     """An API key, for clients that can give it neither as a header nor a subprotocol."""
 
@@ -286,6 +288,14 @@ class _Fields:
             raise self._fail(name, f"must be between {low} and {high}")
         return value
 
+    def boolean(self, name: str) -> bool | None:
+        value = self._get(name, False)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            raise self._fail(name, "must be true or false")
+        return value
+
     def data(self, name: str) -> bytes:
         value = self._get(name, True)
         if self.text:
@@ -331,6 +341,7 @@ def _hello(f: _Fields) -> Hello:
         window_frames=f.integer("window_frames", low=1, high=1 << 20),
         max_pixels=f.integer("max_pixels", low=1, high=1 << 40),
         generation=f.nested("generation", _generation, Generation()),
+        keyframes_only=f.boolean("keyframes_only"),
         token=f.string("token", max_chars=MAX_TOKEN_CHARS),
     )
 

@@ -157,6 +157,7 @@ class SessionOptions:
     window_frames: int
     max_pixels: int
     sampling: SamplingOptions
+    keyframes_only: bool = False
 
 
 @dataclass(slots=True)
@@ -285,6 +286,7 @@ class SessionProtocol:
             window_frames=min(hello.window_frames or s.window_frames, s.max_window_frames),
             max_pixels=max(min(hello.max_pixels or s.max_pixels, s.max_pixels), s.min_pixels),
             sampling=self._sampling(hello.generation, SamplingOptions(max_tokens=s.max_tokens)),
+            keyframes_only=bool(hello.keyframes_only),
         )
 
     def _sampling(self, given: Generation, base: SamplingOptions) -> SamplingOptions:
@@ -295,7 +297,7 @@ class SessionProtocol:
             seed=base.seed if given.seed is None else given.seed,
         )
 
-    def limits(self) -> dict[str, int | float]:
+    def limits(self) -> dict[str, int | float | bool]:
         """Effective limits, told to the client in ``ready``."""
         s, o = self.settings, self.options
         return {
@@ -311,6 +313,7 @@ class SessionProtocol:
             "max_question_chars": s.max_question_chars,
             "max_tokens": o.sampling.max_tokens,
             "max_tokens_limit": s.max_tokens_limit,
+            "keyframes_only": o.keyframes_only,
         }
 
     def _new_source(self, kind: SourceKind, container: str | None, url: str | None) -> list[Action]:

@@ -205,6 +205,7 @@ class Session:
             max_decode_pixels=s.max_decode_pixels,
             max_source_seconds=s.max_source_seconds,
             max_source_frames=s.max_source_frames,
+            keyframes_only=o.keyframes_only,
         )
 
     def _start_source(self, action: StartSource) -> None:

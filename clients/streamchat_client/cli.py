@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps", type=_positive_float, help="frames sampled per second")
     parser.add_argument("--window-frames", type=_positive_int, help="frames kept in the window")
     parser.add_argument("--max-pixels", type=_positive_int, help="pixel budget per frame")
+    parser.add_argument(
+        "--keyframes-only",
+        action="store_true",
+        help="have the server decode keyframes only (much faster; about a frame per keyframe)",
+    )
     parser.add_argument("--max-tokens", type=_positive_int, help="tokens per answer at most")
     parser.add_argument(
         "--format",
@@ -244,6 +249,7 @@ async def _run(args: argparse.Namespace, display: Display) -> int:
             fps=args.fps,
             window_frames=args.window_frames,
             max_pixels=args.max_pixels,
+            keyframes_only=args.keyframes_only,
             generation=generation,
             on_status=display.status,
             on_error=display.error,

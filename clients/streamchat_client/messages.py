@@ -87,6 +87,8 @@ class Limits:
     max_question_chars: int
     max_tokens: int
     max_tokens_limit: int
+    keyframes_only: bool = False
+    """The server decodes keyframes only for this session (asked for in ``hello``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,6 +204,7 @@ def parse_ready(raw: Mapping[str, Any]) -> Ready:
         max_question_chars=lim.integer("max_question_chars"),
         max_tokens=lim.integer("max_tokens"),
         max_tokens_limit=lim.integer("max_tokens_limit"),
+        keyframes_only=lim.flag("keyframes_only"),
     )
     return Ready(
         session=f.text("session"),

@@ -155,3 +155,10 @@ def test_encode_server_both_ways() -> None:
         "id": "a",
         "fatal": False,
     }
+
+
+def test_keyframes_only_is_a_boolean() -> None:
+    hello = decode_client(msgpack.packb({"type": "hello", "keyframes_only": True}))
+    assert isinstance(hello, Hello) and hello.keyframes_only is True
+    with pytest.raises(InvalidField, match="'keyframes_only' must be true or false"):
+        decode_client('{"type": "hello", "keyframes_only": 1}')
