@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
@@ -28,12 +27,12 @@ from types import TracebackType
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from .answer import DEFAULT_MAX_PIECES, Answer
-from .errors import ClientError, ConnectError, ProtocolViolation, ServerError, SessionClosed
+from .errors import ClientError, ProtocolViolation, ServerError, SessionClosed
+from .handshake import hello_message, open_session
 from .inbox import ErrorCallback, Inbox, StatusCallback
 from .messages import (
     ENCODINGS,
@@ -43,8 +42,6 @@ from .messages import (
     VideoStatus,
     decode,
     encode,
-    parse_error,
-    parse_ready,
 )
 from .sources import ChunkSink, ProgressCallback, PushStats, push_file, push_live
 
@@ -56,9 +53,6 @@ DEFAULT_URL = "ws://127.0.0.1:8000/v1/session"
 DEFAULT_CHUNK_BYTES = 64 * 1024
 DEFAULT_OPEN_TIMEOUT = 10.0
 DEFAULT_MAX_ERRORS = 100
-MAX_SERVER_MESSAGE_BYTES = 1024 * 1024
-"""The server sends only small maps (statuses, deltas, errors); anything bigger is a fault."""
-CLOSE_TIMEOUT = 5.0
 FLOW_STALL_SECONDS = 2.0
 """Fast mode stops waiting for decode progress after this long without a status."""
 _ENVELOPE_BYTES = 256
@@ -113,50 +107,16 @@ class Session:
         """Connect, send ``hello`` and wait for ``ready`` (see :func:`connect`)."""
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}")
-        hello: dict[str, Any] = {"type": "hello"}
-        for name, value in (
-            ("fps", fps),
-            ("window_frames", window_frames),
-            ("max_pixels", max_pixels),
-        ):
-            if value is not None:
-                hello[name] = value
-        if keyframes_only:
-            hello["keyframes_only"] = True
-        if generation:
-            hello["generation"] = dict(generation)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        try:
-            websocket = await ws_connect(
-                url,
-                additional_headers=headers,
-                open_timeout=open_timeout,
-                close_timeout=CLOSE_TIMEOUT,
-                max_size=MAX_SERVER_MESSAGE_BYTES,
-                # Video is already compressed: deflate would only burn CPU on both ends.
-                compression=None,
-            )
-        except InvalidStatus as exc:
-            raise _refused(url, exc) from exc
-        except (OSError, TimeoutError, InvalidURI, InvalidHandshake) as exc:
-            raise ConnectError(f"cannot connect to {url}: {exc}") from exc
-        try:
-            await websocket.send(encode(hello, encoding))
-            async with asyncio.timeout(open_timeout):
-                reply = decode(await websocket.recv())
-            if reply["type"] == "error":
-                raise parse_error(reply)
-            if reply["type"] != "ready":
-                raise ProtocolViolation(f"expected 'ready', got {reply['type']!r}")
-            ready = parse_ready(reply)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await websocket.close()
-            if isinstance(exc, ConnectionClosed):
-                raise ConnectError(f"{url} closed the connection before 'ready'") from exc
-            if isinstance(exc, TimeoutError):
-                raise ConnectError(f"{url} sent no 'ready' within {open_timeout} s") from exc
-            raise
+        hello = hello_message(
+            fps=fps,
+            window_frames=window_frames,
+            max_pixels=max_pixels,
+            keyframes_only=keyframes_only,
+            generation=generation,
+        )
+        websocket, ready = await open_session(
+            url, hello, encoding=encoding, open_timeout=open_timeout, api_key=api_key
+        )
         return cls(
             websocket,
             ready,
@@ -621,19 +581,6 @@ class Session:
             id = f"q{self._next_id}"
             if id not in self._inbox.answers:
                 return id
-
-
-def _refused(url: str, exc: InvalidStatus) -> ConnectError:
-    """The server answered the handshake with an HTTP error: say which, and why."""
-    status = exc.response.status_code
-    code: str | None = None
-    message = exc.response.reason_phrase
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        body = json.loads(exc.response.body or b"")
-        code, message = str(body["code"]), str(body["message"])
-    return ConnectError(
-        f"{url} refused the session (HTTP {status}): {message}", status=status, code=code
-    )
 
 
 class _Connect:
