@@ -51,8 +51,10 @@ class _SessionFigures:
     lags: list[float] = field(default_factory=list)
 
 
-async def _one_session(server: StreamchatServer, clip: Clip, started: float) -> _SessionFigures:
+async def _one_session(server: StreamchatServer, clip: Clip, delay: float) -> _SessionFigures:
     figures = _SessionFigures()
+    await asyncio.sleep(delay)  # a staggered start (--stagger): the step's schedule
+    started = time.monotonic()
 
     def on_status(status: VideoStatus) -> None:
         figures.max_lag = max(figures.max_lag, status.decode_lag)
@@ -73,7 +75,9 @@ async def _one_session(server: StreamchatServer, clip: Clip, started: float) -> 
     return figures
 
 
-async def _step(server: StreamchatServer, clip: Clip, n: int) -> dict[str, Any]:
+async def _step(
+    server: StreamchatServer, clip: Clip, n: int, stagger: float = 0.0
+) -> dict[str, Any]:
     await asyncio.sleep(_SETTLE)  # let the previous step's decoder threads exit
     sampler = ResourceSampler(server)
     _, baseline = sampler.sample()
@@ -82,7 +86,9 @@ async def _step(server: StreamchatServer, clip: Clip, n: int) -> dict[str, Any]:
     client_before = sum(client.cpu_times()[:2])
     sampler.start()
     started = time.monotonic()
-    sessions = await asyncio.gather(*(_one_session(server, clip, started) for _ in range(n)))
+    sessions = await asyncio.gather(
+        *(_one_session(server, clip, i * stagger / n) for i in range(n))
+    )
     wall = time.monotonic() - started
     await sampler.stop()
     cpu = server.cpu_seconds() - cpu_before
@@ -93,6 +99,7 @@ async def _step(server: StreamchatServer, clip: Clip, n: int) -> dict[str, Any]:
     held = not errors and worst_lag <= LAG_LIMIT
     return {
         "sessions": n,
+        "stagger_seconds": stagger,
         "held": held,
         "worst_lag": worst_lag,
         "max_decode_lag_warm": max(s.max_lag_warm for s in sessions),
@@ -166,7 +173,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with start_streamchat(args.out / "concurrency-server.log") as server:
             if args.sessions:  # one step, e.g. to profile the server at a given N
                 print(f"  server pid {server.process.pid}", flush=True)
-                steps = [await _step(server, clip, args.sessions)]
+                steps = [await _step(server, clip, args.sessions, args.stagger)]
             else:
                 steps = await _search(server, clip, limit)
         _table(steps)
@@ -193,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sessions", type=int, default=64, help="stop the search here")
     parser.add_argument(
         "--sessions", type=int, default=0, help="measure only this N (no search), e.g. to profile"
+    )
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="with --sessions: spread the session starts evenly over this many seconds",
     )
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))

@@ -318,7 +318,34 @@ def _report(asks: Sequence[_Ask]) -> dict[str, Any]:
         ["series", "ask", "+TTFT p50 ms", "p90", "min-max", "ratio p50", "p90", "same prompt"],
         rows,
     )
-    return {"series": series, "vs_direct": overhead}
+    ids = _content_ids(asks)
+    if ids is not None:
+        print(
+            "content ids (adapter / adapter-vllm-hash, later asks, paired): "
+            f"ratio p50 {ids['ttft_ratio']['p50']:.2f}, "
+            f"difference p50 {ids['ttft_difference']['p50'] * 1000:.1f} ms"
+        )
+    return {"series": series, "vs_direct": overhead, "content_ids_later": ids}
+
+
+def _content_ids(asks: Sequence[_Ask]) -> dict[str, Any] | None:
+    """What streamchat's video ids save on later asks: adapter against adapter-vllm-hash.
+
+    Paired by (window, ask index) like the comparisons with ``direct`` (each
+    series has its own clips of the same size, so the work is the same).
+    """
+    hashed = {(a.window, a.index): a for a in asks if a.series == "adapter-vllm-hash"}
+    pairs = [
+        (a.ttft, hashed[(a.window, a.index)].ttft)
+        for a in asks
+        if a.series == "adapter" and a.index > 0 and (a.window, a.index) in hashed
+    ]
+    if not pairs:
+        return None
+    return {
+        "ttft_ratio": percentiles([mine / theirs for mine, theirs in pairs]),
+        "ttft_difference": percentiles([mine - theirs for mine, theirs in pairs]),
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -121,6 +121,7 @@ def test_latency_quick(tmp_path: Path) -> None:
     assert set(result["vs_direct"]) == pairs
     for pair in result["vs_direct"].values():
         assert pair["ttft_ratio"]["min"] > 0
+    assert_percentiles(result["content_ids_later"]["ttft_ratio"])
     # All but ws+history (which replays history) ask the direct prompt, token for token.
     for series in ("adapter", "adapter-vllm-hash", "ws"):
         assert result["vs_direct"][f"{series}/first"]["same_prompt_tokens"] is True
