@@ -220,7 +220,7 @@ class SessionProtocol:
         )
         self.source: _Source | None = None
         self.answers: dict[str, _Answer] = {}
-        self.history: deque[ChatTurn] = deque(maxlen=max(settings.history_turns, 0) or None)
+        self.history: deque[ChatTurn] = deque(maxlen=max(settings.history_turns, 0))
         self._sources = 0
         self._requests = 0
         self._status = _StatusClock(settings.status_interval)

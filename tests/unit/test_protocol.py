@@ -250,3 +250,12 @@ def test_unexpected_errors_leak_nothing(exc: Exception) -> None:
     error = opened().error(exc).message
     assert isinstance(error, Error)
     assert error.code == "internal_error" and "secret" not in error.message
+
+
+def test_history_turns_zero_keeps_no_history() -> None:
+    protocol = with_frames(opened(Settings(history_turns=0)))
+    protocol.receive(Ask(id="a", text="what?"), now=0.0)
+    protocol.answer_finished("a", "an answer", "stop", None, 0.1)
+    [again] = protocol.receive(Ask(id="b", text="and now?"), now=0.0)
+    assert isinstance(again, StartAnswer)
+    assert again.request.history == ()
