@@ -314,6 +314,10 @@ class SessionProtocol:
             "max_tokens": o.sampling.max_tokens,
             "max_tokens_limit": s.max_tokens_limit,
             "keyframes_only": o.keyframes_only,
+            "messages_per_second": s.messages_per_second,
+            "message_burst": s.message_burst,
+            "video_bytes_per_second": s.video_bytes_per_second,
+            "idle_timeout": s.idle_timeout,
         }
 
     def _new_source(self, kind: SourceKind, container: str | None, url: str | None) -> list[Action]:

@@ -89,6 +89,11 @@ class Limits:
     max_tokens_limit: int
     keyframes_only: bool = False
     """The server decodes keyframes only for this session (asked for in ``hello``)."""
+    messages_per_second: float | None = None
+    """Sustained message rate the server allows (``None``: not told, an older server)."""
+    video_bytes_per_second: int | None = None
+    idle_timeout: float | None = None
+    """The server closes the session after this long with nothing to do."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,6 +171,9 @@ class _Fields:
             raise self._bad(name, "an integer")
         return value
 
+    def opt_integer(self, name: str) -> int | None:
+        return None if self.raw.get(name) is None else self.integer(name)
+
     def number(self, name: str) -> float:
         value = self.raw.get(name)
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -205,6 +213,9 @@ def parse_ready(raw: Mapping[str, Any]) -> Ready:
         max_tokens=lim.integer("max_tokens"),
         max_tokens_limit=lim.integer("max_tokens_limit"),
         keyframes_only=lim.flag("keyframes_only"),
+        messages_per_second=lim.opt_number("messages_per_second"),
+        video_bytes_per_second=lim.opt_integer("video_bytes_per_second"),
+        idle_timeout=lim.opt_number("idle_timeout"),
     )
     return Ready(
         session=f.text("session"),

@@ -56,6 +56,8 @@ async def test_connect_reports_ready_and_capped_limits(server: LiveServer) -> No
         assert session.limits.fps == 2.0
         assert session.limits.window_frames == 16
         assert session.limits.max_pixels == Settings().max_pixels  # capped by the server
+        assert session.limits.idle_timeout == Settings().idle_timeout
+        assert session.limits.messages_per_second == Settings().messages_per_second
     assert session.closed
 
 

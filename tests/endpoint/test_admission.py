@@ -283,3 +283,14 @@ def test_text_frames_are_measured_in_bytes(engine: FakeEngine) -> None:
         ws.send_text('{"type":"ask","id":"a","text":"' + "\U0001f600" * 60_000 + '"}')
         error = json.loads(ws.receive_text())
         assert (error["code"], error["fatal"]) == ("message_too_large", False)
+
+
+def test_ready_tells_the_rates_to_keep_to(engine: FakeEngine) -> None:
+    settings = dataclasses.replace(
+        SETTINGS, messages_per_second=50.0, video_bytes_per_second=1 << 20, idle_timeout=90.0
+    )
+    with _client(settings, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        limits = _hello(Peer(ws))["limits"]
+    assert limits["messages_per_second"] == 50.0
+    assert limits["message_burst"] == settings.message_burst
+    assert (limits["video_bytes_per_second"], limits["idle_timeout"]) == (1 << 20, 90.0)
