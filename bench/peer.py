@@ -1,9 +1,10 @@
 """``python -m bench.peer``: streamchat against vLLM's own server, asked about the same clip.
 
-Two servers on the same tiny Qwen2-VL model (built offline) and the same
-engine arguments (streamchat's engine defaults, given to ``vllm serve`` as
-flags), each in a subprocess on loopback, never both at once (one engine at a
-time on this machine):
+Two servers on the same tiny Qwen2-VL model (built offline, with a context of
+:data:`MAX_MODEL_LEN`) and the same engine arguments (streamchat's engine
+defaults with :data:`LONG_CONTEXT`, given to both as flags), each in a
+subprocess on loopback, never both at once (one engine at a time on this
+machine):
 
 * **streamchat** (``streamchat serve --model DIR``): the bundled client pushes
   the clip (fast), waits until it is decoded (``ended``: decoded ahead), then
@@ -21,19 +22,23 @@ MPEG-TS given as bytes; streamchat streams such an MP4). For each clip
 length and repetition: the first ask (a clip neither server has
 seen: every repetition is a different clip) and a second one on the same clip
 (streamchat: same session and window; vLLM: the same request body again).
-Times at the client: time to first token (request sent to first text) and
-total (to the end of the answer). streamchat's push and decode time is
+Times at the client: time to first token (request sent to the first streamed
+chunk that carries text *or* ends the answer, so an answer that ends at once is
+still timed) and total (to the end of the answer); each answer's generated
+tokens and finish reason are kept, and a server's error (vLLM sends one inside
+an HTTP 200 stream) stops the run. Neither side is told to ignore the end of
+turn: streamchat's protocol has no such option, and the tiny model never picks
+it (its output rows are zeroed). streamchat's push and decode time is
 reported apart, and ``push+first``, the time from the first pushed byte to the
 first token (for a client that holds a file and asks at once).
 
 Differences left: vLLM decodes frames at the source size and its processor
 resizes them; streamchat resizes to its 448x448 budget (588x336 here) first,
 then the processor again. vLLM's server, given the 32 frames, still turns the
-clip into video tokens in proportion to its length (78 prompt tokens for 2 s,
-198 for 10 s, 948 for 60 s here), streamchat's stay fixed (about 330): both
-clips are at most :data:`LONGEST` long to fit vLLM's side in the context, and
-the results hold both token counts. streamchat's
-prompt adds one sentence stating the frames' time span.
+clip into video tokens in proportion to its length (about 15 per second of
+clip: 206 prompt tokens for 10 s, 4,556 for 300 s), streamchat's stay fixed
+(about 340): hence the larger context, and the results hold both token counts.
+streamchat's prompt adds one sentence stating the frames' time span.
 """
 
 from __future__ import annotations
@@ -69,20 +74,30 @@ _WIDTH, _HEIGHT, _FPS = 640, 360, 30
 _ENGINE_START = 240.0  # seconds; 15-60 s on a quiet machine, more under load
 
 
-LONGEST = 120.0
-"""Seconds: vLLM's own server turns a longer clip into more video tokens (about
-15 per second of clip for the tiny model, whatever ``num_frames`` says), so
-120 s (about 1,850 tokens) is about the longest that fits the default context
-of 2048; at 240 s (about 3,650 tokens, in a context raised to the model's
-4096) the tiny model no longer produced text on vLLM's side."""
+LENGTHS = (10.0, 60.0, 120.0, 300.0)
+"""Clip lengths in seconds of the default run."""
+
+MAX_MODEL_LEN = 8192
+"""Tokens of context on both sides. vLLM's own server turns a clip into video
+tokens in proportion to its length (about 15 per second of clip for the tiny
+model, whatever ``num_frames`` says): 300 s is about 4,550 prompt tokens, more
+than streamchat's default context (2048) and the tiny model's default
+``max_position_embeddings`` (4096), so the model is built for this context."""
+
+LONG_CONTEXT = {"max_model_len": MAX_MODEL_LEN, "max_num_batched_tokens": MAX_MODEL_LEN}
+"""Engine arguments over streamchat's defaults, on both sides. vLLM sizes its
+encoder cache to ``max_num_batched_tokens`` (2048 by default here) and refuses
+a video of more embedding tokens (HTTP 200, then an error chunk: "exceeds the
+pre-allocated encoder cache size 2048"), which is what stopped vLLM's side at
+240 s before: so both go up with the context."""
 
 
 def _engine_flags() -> list[str]:
-    """streamchat's engine defaults as ``vllm serve`` flags."""
+    """streamchat's engine defaults with :data:`LONG_CONTEXT`, as ``vllm serve`` flags."""
     from streamchat.engine.vllm import engine_defaults
 
     flags: list[str] = []
-    for key, value in engine_defaults().items():
+    for key, value in (engine_defaults() | LONG_CONTEXT).items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)
@@ -107,8 +122,12 @@ def _child_env() -> dict[str, str]:
 @dataclass
 class _Ask:
     ttft: float
+    """Seconds to the first text, or to the end of an answer that has none."""
     total: float
     prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    text_chars: int
     frames: int | None = None
 
 
@@ -127,16 +146,28 @@ class _Streamchat:
             asks = []
             for question in QUESTIONS:
                 first: float | None = None
+                chars = 0
                 started = time.perf_counter()
                 answer = session.ask(question, max_tokens=MAX_TOKENS, temperature=0.0)
-                async for _delta in answer:
-                    if first is None:
+                async for delta in answer:
+                    chars += len(delta)
+                    if first is None and delta:
                         first = time.perf_counter() - started
                 await answer.result()
                 total = time.perf_counter() - started
-                assert first is not None and answer.done is not None, "no answer"
-                usage = answer.done.usage
-                asks.append(_Ask(first, total, usage.prompt_tokens, usage.frames))
+                assert answer.done is not None, "no answer"
+                done, usage = answer.done, answer.done.usage
+                asks.append(
+                    _Ask(
+                        total if first is None else first,
+                        total,
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        done.finish_reason,
+                        chars,
+                        usage.frames,
+                    )
+                )
         return {
             "decode_seconds": decoded,
             "frames_in_window": status.frames,
@@ -177,7 +208,8 @@ class _Vllm:
             "stream_options": {"include_usage": True},
         }
         first: float | None = None
-        prompt_tokens = 0
+        prompt_tokens = completion_tokens = chars = 0
+        finish_reason = ""
         started = time.perf_counter()
         url = f"{self.base}/v1/chat/completions"
         async with client.stream("POST", url, json=body) as response:
@@ -191,19 +223,25 @@ class _Vllm:
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
+                if "error" in chunk:  # the status line (200) went out before the error
+                    raise RuntimeError(f"vllm failed mid-stream: {chunk['error']}")
                 if chunk.get("usage"):
                     prompt_tokens = int(chunk["usage"]["prompt_tokens"])
+                    completion_tokens = int(chunk["usage"]["completion_tokens"])
                 for choice in chunk.get("choices", []):
-                    if first is None and choice.get("delta", {}).get("content"):
+                    text = choice.get("delta", {}).get("content") or ""
+                    chars += len(text)
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    if first is None and (text or finish_reason):
                         first = time.perf_counter() - started
         total = time.perf_counter() - started
-        assert first is not None, "vllm sent no text"
-        return _Ask(first, total, prompt_tokens)
+        assert first is not None and finish_reason, "vllm's answer did not finish"
+        return _Ask(first, total, prompt_tokens, completion_tokens, finish_reason, chars)
 
 
 @contextlib.asynccontextmanager
 async def _streamchat_server(out: Path, model: Path) -> AsyncIterator[_Streamchat]:
-    extra = ["--model", str(model), "--max-fps", "8"]
+    extra = ["--model", str(model), "--max-fps", "8", *_engine_flags()]
     log = out / "peer-streamchat-server.log"
     async with start_streamchat(log, extra, engine="vllm", timeout=_ENGINE_START) as server:
         yield _Streamchat(server.ws_url)
@@ -266,6 +304,7 @@ def _summaries(runs: list[dict[str, Any]], lengths: list[float]) -> dict[str, An
                     ("ttft_second", second["ttft"]),
                     ("total_second", second["total"]),
                     ("prompt_tokens", first["prompt_tokens"]),
+                    ("completion_tokens", first["completion_tokens"]),
                 ):
                     figures.setdefault(key, []).append(value)
             sc = sides["streamchat"]
@@ -300,6 +339,9 @@ def _table(summaries: dict[str, Any]) -> None:
         low, high = figures["min"] * 1000, figures["max"] * 1000
         return f"{figures['median'] * 1000:.0f} ({low:.0f}-{high:.0f})"
 
+    def tokens(side: dict[str, Any]) -> str:
+        return f"{side['prompt_tokens']['median']:.0f}/{side['completion_tokens']['median']:.0f}"
+
     rows = []
     for length, entry in summaries.items():
         sc, vl, ratio = entry["streamchat"], entry["vllm"], entry["streamchat_over_vllm"]
@@ -316,6 +358,7 @@ def _table(summaries: dict[str, Any]) -> None:
                 ms(vl["ttft_second"]),
                 ms(sc["decode_seconds"]),
                 f"{ratio['push_to_first_token_vs_ttft']['median']:.2f}",
+                f"{tokens(sc)} | {tokens(vl)}",
             ]
         )
     print_table(
@@ -331,6 +374,7 @@ def _table(summaries: dict[str, Any]) -> None:
             "vllm 2nd TTFT",
             "sc push+decode ms",
             "push+first / vllm TTFT",
+            "tokens in/out sc | vllm",
         ],
         rows,
     )
@@ -364,7 +408,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     # The warm-up ask has the measured asks' shape (32 frames; 16 in quick mode's 2 s):
     # a first request of a new shape pays one-off costs.
     warm = _clip(args.out, min(lengths), seed=1)
-    model = build_tiny_model(args.out / "tiny-qwen2-vl")
+    model = build_tiny_model(
+        args.out / f"tiny-qwen2-vl-{MAX_MODEL_LEN}", max_position_embeddings=MAX_MODEL_LEN
+    )
     runs: list[dict[str, Any]] = []
     for r in range(repeat):
         order = ("streamchat", "vllm") if r % 2 == 0 else ("vllm", "streamchat")
@@ -387,7 +433,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "frames": FRAMES,
         "max_tokens": MAX_TOKENS,
         "model": "tiny-qwen2-vl",
-        "vllm_flags": _engine_flags(),
+        "engine_flags": _engine_flags(),
+        "max_model_len": MAX_MODEL_LEN,
         "by_length": summaries,
         "runs": runs,
     }
@@ -396,7 +443,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0], repeat=3)
     parser.add_argument(
-        "--lengths", nargs="+", default=["10", "60", f"{LONGEST:g}"], help="clip lengths in seconds"
+        "--lengths",
+        nargs="+",
+        default=[f"{s:g}" for s in LENGTHS],
+        help="clip lengths in seconds (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

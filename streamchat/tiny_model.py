@@ -18,7 +18,8 @@ text, vision placeholders) and of byte tokens that are not printable ASCII
 are zeroed, so greedy decoding never ends a turn early and every token decodes
 to visible text. Tests can therefore rely on ``max_tokens`` deltas.
 
-Usage: ``python -m streamchat.tiny_model OUT_DIR [--family qwen2_vl|qwen2_5_vl|qwen3_vl]``.
+Usage: ``python -m streamchat.tiny_model OUT_DIR [--family qwen2_vl|qwen2_5_vl|qwen3_vl]
+[--max-position-embeddings N]``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 __all__ = [
     "CHAT_TEMPLATE",
     "FAMILIES",
+    "MAX_POSITIONS",
     "SPECIAL_TOKENS",
     "build_tiny_model",
     "is_complete",
@@ -56,6 +58,9 @@ SPECIAL_TOKENS = (
 
 VOCAB_SIZE = 640
 """Rows of the embedding; the trained tokenizer has at most this many tokens."""
+
+MAX_POSITIONS = 4096
+"""The default ``max_position_embeddings``: the longest context vLLM may give the model."""
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -107,18 +112,28 @@ class _Ids:
     video_pad: int
 
 
-def build_tiny_model(path: Path, *, family: str = "qwen2_vl", seed: int = 0) -> Path:
+def build_tiny_model(
+    path: Path,
+    *,
+    family: str = "qwen2_vl",
+    seed: int = 0,
+    max_position_embeddings: int = MAX_POSITIONS,
+) -> Path:
     """Write a tiny random ``family`` model into ``path`` and return ``path``.
 
     Idempotent: a directory that already holds a complete build of the same
-    family and seed is returned untouched (a build interrupted half-way is
-    redone). Imports torch and transformers lazily: they are heavy and only
-    needed here.
+    family, seed and ``max_position_embeddings`` is returned untouched (a build
+    interrupted half-way is redone). ``max_position_embeddings`` only changes
+    the config (rotary positions have no weights): a larger one lets vLLM run
+    the model with a longer ``max_model_len``. Imports torch and transformers
+    lazily: they are heavy and only needed here.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if max_position_embeddings < 1:
+        raise ValueError("max_position_embeddings must be positive")
     path = Path(path)
-    if is_complete(path, family=family, seed=seed):
+    if is_complete(path, family=family, seed=seed, max_position_embeddings=max_position_embeddings):
         return path
     path.mkdir(parents=True, exist_ok=True)
     (path / _MARKER).unlink(missing_ok=True)
@@ -129,22 +144,37 @@ def build_tiny_model(path: Path, *, family: str = "qwen2_vl", seed: int = 0) -> 
 
     tokenizer = _train_tokenizer(seed)
     ids = _Ids(*(tokenizer.token_to_id(token) for token in SPECIAL_TOKENS))
-    config = _model_config(family, ids)
+    config = _model_config(family, ids, max_position_embeddings)
     _save_weights(path, config, tokenizer, seed)
     _save_processor(path, family, tokenizer)
     _write_json(path / "generation_config.json", _generation_config(ids))
-    _write_json(path / _MARKER, {"family": family, "seed": seed})
+    _write_json(path / _MARKER, _marker(family, seed, max_position_embeddings))
     logger.info("built tiny %s model in %s", family, path)
     return path
 
 
-def is_complete(path: Path, *, family: str = "qwen2_vl", seed: int = 0) -> bool:
-    """Whether ``path`` holds a finished build of ``family`` with ``seed``."""
+def is_complete(
+    path: Path,
+    *,
+    family: str = "qwen2_vl",
+    seed: int = 0,
+    max_position_embeddings: int = MAX_POSITIONS,
+) -> bool:
+    """Whether ``path`` holds a finished build of ``family`` with ``seed`` (and context)."""
     try:
         marker = json.loads((Path(path) / _MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return bool(marker == {"family": family, "seed": seed} and (Path(path) / _WEIGHTS).is_file())
+    expected = _marker(family, seed, max_position_embeddings)
+    return bool(marker == expected and (Path(path) / _WEIGHTS).is_file())
+
+
+def _marker(family: str, seed: int, max_position_embeddings: int) -> dict[str, Any]:
+    # The default context is left out: builds made before it was a parameter stay complete.
+    marker: dict[str, Any] = {"family": family, "seed": seed}
+    if max_position_embeddings != MAX_POSITIONS:
+        marker["max_position_embeddings"] = max_position_embeddings
+    return marker
 
 
 # -- tokenizer ---------------------------------------------------------------
@@ -236,7 +266,7 @@ _VISION: dict[str, dict[str, Any]] = {
 """Vision towers of width 64 whose output matches the text hidden size (128)."""
 
 
-def _model_config(family: str, ids: _Ids) -> Any:
+def _model_config(family: str, ids: _Ids, max_position_embeddings: int) -> Any:
     """The transformers config of the tiny ``family`` model."""
     from transformers import AutoConfig
 
@@ -247,7 +277,7 @@ def _model_config(family: str, ids: _Ids) -> Any:
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": max_position_embeddings,
         "rms_norm_eps": 1e-6,
         "bos_token_id": ids.endoftext,
         "eos_token_id": ids.im_end,
@@ -375,14 +405,24 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m streamchat.tiny_model OUT_DIR [--family F] [--seed N]``."""
+    """``python -m streamchat.tiny_model OUT_DIR [--family F] [--seed N]``.
+
+    ``--max-position-embeddings N`` builds a model for a context longer than 4096.
+    """
     parser = argparse.ArgumentParser(prog="python -m streamchat.tiny_model", description=__doc__)
     parser.add_argument("out_dir", type=Path, help="directory to write the model into")
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_vl")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-position-embeddings", type=int, default=MAX_POSITIONS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(build_tiny_model(args.out_dir, family=args.family, seed=args.seed))
+    model = build_tiny_model(
+        args.out_dir,
+        family=args.family,
+        seed=args.seed,
+        max_position_embeddings=args.max_position_embeddings,
+    )
+    print(model)
     return 0
 
 

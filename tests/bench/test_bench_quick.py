@@ -144,3 +144,8 @@ def test_peer_quick(tmp_path: Path) -> None:
         assert_summary(ratio)
     (run,) = result["runs"]
     assert run["streamchat"]["frames_in_window"] > 0
+    for side in ("streamchat", "vllm"):
+        for ask in run[side]["asks"]:
+            assert ask["finish_reason"] and ask["completion_tokens"] >= 0
+    flags = result["engine_flags"]
+    assert flags[flags.index("--max-model-len") + 1] == str(result["max_model_len"])
