@@ -92,9 +92,13 @@ class ServerState:
         for session in sessions:
             session.going_away(reason, timeout)
         await asyncio.gather(*(s.wait_answers(timeout) for s in sessions))
-        for session in sessions:
+
+        async def close(session: Session) -> None:
             await session.abort_answers("shutdown")
             await session.close_soon(CloseCode.GOING_AWAY, reason)
+
+        # Side by side: a session whose client reads nothing waits out its send timeout alone.
+        await asyncio.gather(*(close(session) for session in sessions))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.send_timeout + 1.0):
                 await self.wait_sessions(0)
