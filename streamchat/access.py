@@ -157,7 +157,10 @@ def admit(
 def check_token(token: str | None, keys: KeyStore) -> str:
     """The identity for a ``hello`` token, or :class:`Unauthorized`."""
     if not token:
-        raise Unauthorized("this server needs an API key: give it in 'hello' as 'token'")
+        raise Unauthorized(
+            "this server needs an API key (a bearer token, a streamchat.key subprotocol, "
+            "or 'token' in 'hello')"
+        )
     if not keys.check(token):
         raise Unauthorized("the API key is not valid")
     return key_identity(token)

@@ -44,6 +44,8 @@ from .interactive import LineReader, run_interactive
 
 __all__ = ["EXIT_USAGE", "EXIT_INTERRUPTED", "build_parser", "main"]
 
+API_KEY_ENV = "STREAMCHAT_API_KEY"
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 assert (EXIT_OK, EXIT_FAILED, EXIT_CONNECT, EXIT_SOURCE) == (0, 1, 3, 4)
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"session URL (default: {DEFAULT_URL})")
     parser.add_argument(
         "--api-key",
-        default=os.environ.get("STREAMCHAT_API_KEY"),
+        default=os.environ.get(API_KEY_ENV),
         help="API key for servers that require one (default: $STREAMCHAT_API_KEY)",
     )
     parser.add_argument(
@@ -257,6 +259,8 @@ async def _run(args: argparse.Namespace, display: Display) -> int:
         )
     except ServerError as exc:
         display.error(exc)
+        if exc.code == "unauthorized":
+            display.problem(f"give the key with --api-key or ${API_KEY_ENV}", code=EXIT_CONNECT)
         display.fail(EXIT_CONNECT)
         return EXIT_CONNECT
     except ClientError as exc:
