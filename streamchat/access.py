@@ -143,10 +143,10 @@ def admit(
     _check_origin(headers.get("origin"), headers.get("host"), allowed_origins)
     offered = list(subprotocols)
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
-    key = _bearer(headers.get("authorization")) or _key_subprotocol(offered)
     address = f"addr:{client_host or 'unknown'}"
-    if not keys.enabled:
+    if not keys.enabled:  # an Authorization header is then a proxy's business, not ours
         return Grant(address, subprotocol, needs_token=False)
+    key = _bearer(headers.get("authorization")) or _key_subprotocol(offered)
     if key is None:
         return Grant(address, subprotocol, needs_token=True)
     if not keys.check(key):

@@ -89,8 +89,7 @@ class ServerState:
         sessions = list(self.sessions)
         logger.info("shutting down: %d session(s) open", len(sessions))
         reason = "the server is shutting down"
-        for session in sessions:
-            session.going_away(reason, timeout)
+        await asyncio.gather(*(s.going_away(reason, timeout) for s in sessions))
         await asyncio.gather(*(s.wait_answers(timeout) for s in sessions))
 
         async def close(session: Session) -> None:

@@ -31,12 +31,14 @@ from .access import Grant, admit, check_token
 from .config import Settings
 from .errors import (
     AccessError,
+    CloseCode,
     IdleTimeout,
     MessageTooLarge,
     OriginNotAllowed,
     ServerBusy,
     StreamchatError,
     Unauthorized,
+    close_reason,
 )
 from .limits import RateLimiter
 from .messages import ClientMessage, Hello, VideoChunk, decode_client, encode_server
@@ -48,6 +50,10 @@ if TYPE_CHECKING:
 __all__ = ["session_endpoint"]
 
 logger = logging.getLogger("streamchat.endpoint")
+
+SHUTTING_DOWN = "the server is shutting down"
+TOKEN_TIMEOUT = 10.0
+"""Seconds a session admitted without a key has to send ``hello`` with one."""
 
 _HTTP_STATUS: dict[type[AccessError], int] = {
     Unauthorized: 401,
@@ -72,19 +78,24 @@ async def session_endpoint(websocket: WebSocket) -> None:
         logger.info("session refused (%s): %s", exc.code, exc.message)
         await _deny(websocket, exc)
         return
+    connection: _Connection | None = None
     try:
         await websocket.accept(subprotocol=grant.subprotocol)
         session = Session(state.settings, state.engine, session_id=uuid.uuid4().hex[:12])
         await state.add(session)
         session.log.info("session %s opened (%s)", session.id, grant.identity)
+        connection = _Connection(websocket, session, state, grant)
+        if state.closing:  # the drain began during the handshake, and did not see this one
+            await session.going_away(SHUTTING_DOWN, 0.0)
+            await session.close_soon(CloseCode.GOING_AWAY, SHUTTING_DOWN)
         try:
-            await _Connection(websocket, session, state, grant).run()
+            await connection.run()
         finally:
             await session.aclose()
             await state.discard(session)
             session.log.info("session %s closed", session.id)
     finally:
-        state.release(grant.identity)
+        state.release(connection.identity if connection is not None else grant.identity)
 
 
 async def _deny(websocket: WebSocket, exc: AccessError) -> None:
@@ -97,7 +108,7 @@ async def _deny(websocket: WebSocket, exc: AccessError) -> None:
     try:
         await websocket.send_denial_response(response)
     except RuntimeError:  # the server has no denial-response extension
-        await websocket.close(exc.close_code, exc.message[:120])
+        await websocket.close(exc.close_code, close_reason(exc.message))
 
 
 class _Connection:
@@ -108,7 +119,9 @@ class _Connection:
         self.session = session
         self.state = state
         self.settings: Settings = state.settings
-        self.keys = state.keys
+        self.identity = grant.identity
+        """What this session counts against per-client limits (a key given in
+        ``hello`` replaces the address it was admitted under)."""
         self.needs_token = grant.needs_token
         self.limits = RateLimiter(state.settings)
         self.binary = True
@@ -160,15 +173,18 @@ class _Connection:
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            # Until a session without a key at the handshake authenticates, it only
+            # gets a short while: it holds a place in the server's session limits.
+            idle = self.settings.idle_timeout
+            if self.needs_token:
+                idle = min(idle, TOKEN_TIMEOUT)
             try:
-                async with asyncio.timeout(self.settings.idle_timeout):
+                async with asyncio.timeout(idle):
                     event = await self.websocket.receive()
             except TimeoutError:
-                if self.session.busy or self.failed:
+                if self.failed or (self.session.busy and not self.needs_token):
                     continue
-                await self._fail(
-                    IdleTimeout(f"nothing to do for {self.settings.idle_timeout:g} s: closing")
-                )
+                await self._fail(IdleTimeout(f"nothing to do for {idle:g} s: closing"))
                 continue
             if event["type"] == "websocket.disconnect":
                 return
@@ -195,6 +211,11 @@ class _Connection:
             except Exception as exc:  # a bug: tell the client, keep the session
                 self.session.log.exception("session %s: %s failed", self.session.id, message.type)
                 await self.session.report(exc)
+            if isinstance(message, VideoChunk):
+                # Pushed video over its rate is paced, never dropped: read on later.
+                delay = self.limits.video_delay(loop.time(), len(message.data))
+                if delay > 0:
+                    await asyncio.sleep(delay)
 
     def _decode(self, data: bytes | str, now: float) -> ClientMessage:
         """Check one incoming message against every limit, then parse it."""
@@ -206,12 +227,14 @@ class _Connection:
         if size > max_bytes:
             raise MessageTooLarge(f"a message is limited to {max_bytes} bytes; send smaller chunks")
         message = decode_client(data)
-        if isinstance(message, VideoChunk):
-            self.limits.admit_video(now, len(message.data))
         if self.needs_token:
             if not isinstance(message, Hello):
                 raise Unauthorized(f"send 'hello' with your API key before '{message.type}'")
-            identity = check_token(message.token, self.keys)
+            identity = check_token(message.token, self.state.keys)
+            self.state.release(self.identity)
+            self.identity = "addr:-"  # counted nowhere, should the new place be refused
+            self.state.reserve(identity)  # ServerBusy is fatal: the key has enough sessions
+            self.identity = identity
             self.needs_token = False
             self.session.log.info("session %s: authenticated as %s", self.session.id, identity)
         return message

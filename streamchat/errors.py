@@ -79,6 +79,7 @@ __all__ = [
     "VideoTooLarge",
     "VideoTooLong",
     "VideoUnsupported",
+    "close_reason",
     "to_error_fields",
 ]
 
@@ -244,6 +245,14 @@ class UrlFetchFailed(VideoError):
 
 class EngineFailure(StreamchatError):
     code = "engine_error"
+
+
+def close_reason(message: str) -> str:
+    """A close frame's reason is limited to 123 bytes of UTF-8."""
+    encoded = message.encode()
+    if len(encoded) <= 123:
+        return message
+    return encoded[:120].decode(errors="ignore") + "..."
 
 
 def to_error_fields(exc: BaseException) -> tuple[str, str, bool]:

@@ -1,11 +1,15 @@
 """Per-session rate limits: token buckets, fed the loop's clock. No I/O.
 
 A session may send ``message_burst`` messages at once and
-``messages_per_second`` on average; pushed video may arrive in a burst of one
-feed buffer and ``video_bytes_per_second`` on average. A message over either
-limit is refused with ``rate_limited`` and dropped (the session goes on). A
-client that keeps sending after being refused, more than a further burst's
-worth, is flooding: the session is closed with close code 4429.
+``messages_per_second`` on average. A message over that is refused with
+``rate_limited`` and dropped (the session goes on); a client that keeps
+sending after being refused, more than a further burst's worth, is flooding:
+the session is closed with close code 4429.
+
+Pushed video is never dropped for its rate (a gap inside a container stream
+corrupts what follows it): after a burst of one feed buffer, chunks beyond
+``video_bytes_per_second`` are *paced*. The limiter says how long the reader
+must wait before taking the next message, and TCP slows the client down.
 """
 
 from __future__ import annotations
@@ -48,18 +52,23 @@ class RateLimiter:
         burst = max(settings.message_burst, 1)
         self.messages = TokenBucket(settings.messages_per_second, burst)
         self.refusals = TokenBucket(settings.messages_per_second, burst)
-        rate = settings.video_bytes_per_second
-        self.video = TokenBucket(rate, max(settings.feed_bytes, rate, settings.max_message_bytes))
+        self.video = TokenBucket(settings.video_bytes_per_second, settings.feed_bytes)
 
     def admit_message(self, now: float) -> None:
         """Raise :class:`RateLimited` (or :class:`Flooding`) unless a message may go on."""
         if not self.messages.take(now):
             self._refuse(now, f"more than {self.messages.rate:g} messages per second")
 
-    def admit_video(self, now: float, size: int) -> None:
-        """Raise :class:`RateLimited` (or :class:`Flooding`) unless ``size`` pushed bytes may."""
-        if not self.video.take(now, size):
-            self._refuse(now, f"more than {self.video.rate:.0f} video bytes per second")
+    def video_delay(self, now: float, size: int) -> float:
+        """Seconds to wait before reading on, after ``size`` pushed bytes (0: none).
+
+        The bytes are always taken; the allowance may go negative, and the
+        wait is what brings it back to zero.
+        """
+        bucket = self.video
+        bucket.take(now, 0.0)  # refill up to now
+        bucket.tokens -= size
+        return max(0.0, -bucket.tokens / bucket.rate)
 
     def _refuse(self, now: float, what: str) -> None:
         if not self.refusals.take(now):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .config import Settings
 from .decoder import DecoderOptions, decode_image, decode_stream
 from .engine.base import Engine, EngineError, GenerationRequest, Usage
-from .errors import EngineFailure, StreamchatError, to_error_fields
+from .errors import EngineFailure, StreamchatError, close_reason
 from .feed import ByteFeed
 from .fetch import fetch_into
 from .messages import AnswerDelta, ClientMessage, ServerMessage, VideoStatus
@@ -115,35 +115,33 @@ class Session:
 
     async def fail(self, exc: StreamchatError) -> None:
         """Tell the client about a fatal error, then close with the error's code."""
-        _, message, _ = to_error_fields(exc)
         await self._run([self.protocol.error(exc)])
-        await self.close_soon(exc.close_code, message)
+        await self.close_soon(exc.close_code, exc.message)
 
     async def close_soon(self, code: int, reason: str) -> None:
         """Close once what is queued has been sent (given up if the client reads nothing)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.send_timeout):
-                await self.outbox.put(Close(code, _close_reason(reason)))
+                await self.outbox.put(Close(code, close_reason(reason)))
 
     @property
     def busy(self) -> bool:
         """Work is in flight (an answer, a source), so silence from the client is not idleness."""
         return bool(self._answers) or bool(self._sources)
 
-    def going_away(self, reason: str, timeout: float) -> None:
-        """The server is stopping: tell the client (if there is room) and refuse new questions."""
+    async def going_away(self, reason: str, timeout: float) -> None:
+        """The server is stopping: tell the client and refuse new questions from now on."""
         for action in self.protocol.going_away(reason, timeout):
             assert isinstance(action, Send)
-            if not self.outbox.full():
-                self.outbox.put_nowait(action.message)
+            with contextlib.suppress(TimeoutError):  # a client reading nothing is dropped anyway
+                async with asyncio.timeout(self.settings.send_timeout):
+                    await self.outbox.put(action.message)
 
-    async def wait_answers(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for the answers in flight; whether they all finished."""
+    async def wait_answers(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the answers in flight to finish by themselves."""
         tasks = list(self._answers.values())
-        if not tasks:
-            return True
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        return not pending
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
     async def abort_answers(self, reason: str) -> None:
         """End the answers in flight now; each ends with ``finish_reason`` ``reason``."""
@@ -372,11 +370,3 @@ class Session:
                 self.log.warning("%d decoder(s) did not stop in time", len(pending))
                 for task in pending:
                     task.cancel()
-
-
-def _close_reason(message: str) -> str:
-    """A close frame's reason is limited to 123 bytes of UTF-8."""
-    encoded = message.encode()
-    if len(encoded) <= 123:
-        return message
-    return encoded[:120].decode(errors="ignore") + "..."

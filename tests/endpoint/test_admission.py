@@ -23,7 +23,7 @@ from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import CloseCode
 from tests.endpoint.test_endpoint import SETTINGS, Peer
-from tests.media import encode_image
+from tests.media import chunks, encode_image, encode_video
 
 KEY = "k-3f9a1c"
 AUTH = dataclasses.replace(SETTINGS, api_keys=frozenset({KEY}))
@@ -197,17 +197,33 @@ def test_messages_over_the_rate_are_refused_and_flooding_closes_with_4429(
         assert _closed_with(ws) == CloseCode.RATE_LIMITED
 
 
-def test_pushed_video_over_its_byte_rate_is_refused(engine: FakeEngine) -> None:
-    settings = dataclasses.replace(
-        SETTINGS, video_bytes_per_second=1, feed_bytes=4000, max_message_bytes=4000
-    )
+def test_pushed_video_over_its_byte_rate_is_paced_and_kept(
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks beyond the rate are read later, never dropped: every byte reaches the source."""
+    waits: list[float] = []
+    sleep = asyncio.sleep
+
+    async def recorded(delay: float) -> None:
+        waits.append(delay)
+        await sleep(0)
+
+    monkeypatch.setattr("streamchat.endpoint.asyncio.sleep", recorded)
+    data = encode_video(container="webm", codec="vp8", seconds=1.0)
+    settings = dataclasses.replace(SETTINGS, video_bytes_per_second=1000, feed_bytes=len(data) // 2)
     with _client(settings, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
         peer = Peer(ws)
         assert _hello(peer)["type"] == "ready"
-        peer.send({"type": "video.chunk", "data": b"\x1a\x45\xdf\xa3" + bytes(2996)})
-        peer.send({"type": "video.chunk", "data": bytes(1001)})  # the burst is 4000 bytes
-        error = peer.recv_type("error")
-        assert error["code"] == "rate_limited" and "video bytes" in error["message"]
+        for piece in chunks(data, len(data) // 4 + 1):
+            peer.send({"type": "video.chunk", "data": piece})
+        peer.send({"type": "video.end"})
+        while (status := peer.recv_type("video.status"))["state"] == "decoding":
+            pass
+    assert status["state"] == "ended" and status["bytes_received"] == len(data)
+    assert status["frames"] > 0
+    assert waits and all(w > 0 for w in waits)
+    # No time passes in the recorded sleeps, so the last wait is the whole excess over the burst.
+    assert waits[-1] == pytest.approx((len(data) - len(data) // 2) / 1000, rel=0.05)
 
 
 def test_an_idle_session_is_closed_with_4408(engine: FakeEngine) -> None:
@@ -294,3 +310,23 @@ def test_ready_tells_the_rates_to_keep_to(engine: FakeEngine) -> None:
     assert limits["messages_per_second"] == 50.0
     assert limits["message_burst"] == settings.message_burst
     assert (limits["video_bytes_per_second"], limits["idle_timeout"]) == (1 << 20, 90.0)
+
+
+def test_a_key_given_in_hello_counts_against_its_own_session_limit(engine: FakeEngine) -> None:
+    settings = dataclasses.replace(SETTINGS, api_keys=frozenset({"one"}), max_sessions_per_client=1)
+    with _client(settings, engine) as client, client.websocket_connect(SESSION_PATH) as first:
+        assert _hello(Peer(first), token="one")["type"] == "ready"
+        with client.websocket_connect(SESSION_PATH) as second:
+            error = _hello(Peer(second), token="one")
+            assert (error["code"], error["fatal"]) == ("server_busy", True)
+            assert _closed_with(second) == CloseCode.TRY_AGAIN_LATER
+
+
+def test_a_session_without_a_key_has_little_time_to_give_one(
+    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("streamchat.endpoint.TOKEN_TIMEOUT", 0.1)
+    with _client(AUTH, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        error = Peer(ws).recv()
+        assert (error["code"], error["fatal"]) == ("idle_timeout", True)
+        assert _closed_with(ws) == CloseCode.IDLE_TIMEOUT

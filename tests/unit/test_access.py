@@ -33,7 +33,7 @@ def _admit(
 
 
 def test_no_keys_configured_admits_by_address() -> None:
-    grant = _admit({"host": "h:1"}, keys=OPEN)
+    grant = _admit({"host": "h:1", "authorization": "Basic cHJveHk6dXNlcg=="}, keys=OPEN)
     assert grant.identity == "addr:10.0.0.7"
     assert not grant.needs_token
 

@@ -53,10 +53,10 @@ def test_a_client_that_slows_down_is_served_again() -> None:
         limiter.admit_message(step * 0.125)
 
 
-def test_video_bytes_have_their_own_budget() -> None:
-    settings = Settings(video_bytes_per_second=1000, feed_bytes=1000, max_message_bytes=1000)
+def test_video_over_its_rate_is_paced_not_refused() -> None:
+    settings = Settings(video_bytes_per_second=1000, feed_bytes=2000)
     limiter = RateLimiter(settings)
-    limiter.admit_video(0.0, 1000)
-    with pytest.raises(RateLimited, match="video bytes"):
-        limiter.admit_video(0.0, 1)
-    limiter.admit_video(0.5, 500)
+    assert limiter.video_delay(0.0, 2000) == 0.0  # one buffer's burst
+    assert limiter.video_delay(0.0, 500) == 0.5  # half a second's worth over
+    assert limiter.video_delay(0.5, 1000) == 1.0  # back to zero at 0.5 s, 1 s more now
+    assert limiter.video_delay(10.0, 100) == 0.0  # refilled (never beyond the burst)
