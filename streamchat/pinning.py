@@ -23,6 +23,7 @@ drops the headers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
@@ -175,7 +176,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
     ) -> None:
         backend = _PinnedBackend(host, port, addresses, network or httpcore.AnyIOBackend())
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context or httpx.create_ssl_context(),
+            ssl_context=ssl_context or _default_ssl_context(),
             network_backend=backend,
             max_connections=1,
         )
@@ -206,3 +207,9 @@ class PinnedTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._pool.aclose()
+
+
+@functools.cache
+def _default_ssl_context() -> ssl.SSLContext:
+    """Built once: loading the CA bundle takes tens of milliseconds, on the event loop."""
+    return httpx.create_ssl_context()
