@@ -82,17 +82,19 @@ def percentiles(values: Sequence[float]) -> dict[str, float | int]:
     }
 
 
-def base_parser(description: str, *, repeat: int) -> argparse.ArgumentParser:
-    """The flags every benchmark takes: ``--quick``, ``--repeat``, ``--out``."""
+def base_parser(description: str, *, repeat: int | None) -> argparse.ArgumentParser:
+    """The flags every benchmark takes: ``--quick``, ``--out``, and ``--repeat`` unless
+    ``repeat`` is None (a benchmark that repeats in its own units)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick",
         action="store_true",
         help="only check that the benchmark runs: tiny inputs, one repetition",
     )
-    parser.add_argument(
-        "--repeat", type=int, default=repeat, help="repetitions (default: %(default)s)"
-    )
+    if repeat is not None:
+        parser.add_argument(
+            "--repeat", type=int, default=repeat, help="repetitions (default: %(default)s)"
+        )
     parser.add_argument(
         "--out",
         type=Path,

@@ -192,8 +192,7 @@ async def _ws_window(
 
     ``ws`` opens a new session for every question, pushing the clip again: the
     window is the same (same frames, so the same cache keys for vLLM) and the
-    session has no history. ``history_turns=0`` cannot say that: it means
-    unlimited history.
+    session has no history.
     """
     results = []
     session_per_ask = series == "ws"
@@ -419,7 +418,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.split("\n\n")[0], repeat=1)
+    parser = base_parser(__doc__.split("\n\n")[0], repeat=None)  # repeats by --windows
     parser.add_argument("--windows", type=int, default=30, help="fresh windows per series")
     parser.add_argument("--asks-per-window", type=int, default=4, help="first + later asks")
     parser.add_argument("--seconds", type=float, default=16.0, help="clip length")

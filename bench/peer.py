@@ -21,7 +21,7 @@ an MP4 with its index first (vLLM's OpenCV reader finds no frames in an
 MPEG-TS given as bytes; streamchat streams such an MP4). For each clip
 length and repetition: the first ask (a clip neither server has
 seen: every repetition is a different clip) and a second one on the same clip
-(streamchat: same session and window; vLLM: the same request body again).
+(streamchat: same session and window; vLLM: a second request on the same file).
 Times at the client: time to first token (request sent to the first streamed
 chunk that carries text *or* ends the answer, so an answer that ends at once is
 still timed) and total (to the end of the answer); each answer's generated

@@ -87,7 +87,7 @@ UNLIMITED = (
 )
 """Admission and rate limits lifted: every benchmark client connects from 127.0.0.1,
 and the figures are about the pipeline, not the policy (by default 8 sessions per
-client and 8 MiB/s of pushed video per session)."""
+client, 200 messages and 32 MiB of pushed video per second per session)."""
 
 
 @contextlib.asynccontextmanager

@@ -89,3 +89,4 @@ async def server_process(
         if process.returncode is None:
             process.kill()
             await process.wait()
+        await running._drain  # the log reader ends with the process's stderr

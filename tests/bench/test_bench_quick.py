@@ -104,7 +104,7 @@ def test_concurrency_quick(tmp_path: Path) -> None:
     for step in search["steps"]:
         assert step["server_cpu_cores"] > 0 and step["rss_peak_mib"] > 0
         assert step["frames_per_session"]["median"] > 0
-    assert result["max_sessions_held"]["median"] >= 0
+    assert 0 <= result["max_sessions_held"]["median"] <= 2
 
 
 @pytest.mark.engine
@@ -146,6 +146,6 @@ def test_peer_quick(tmp_path: Path) -> None:
     assert run["streamchat"]["frames_in_window"] > 0
     for side in ("streamchat", "vllm"):
         for ask in run[side]["asks"]:
-            assert ask["finish_reason"] and ask["completion_tokens"] >= 0
+            assert ask["completion_tokens"] > 0 or ask["finish_reason"] == "stop"
     flags = result["engine_flags"]
     assert flags[flags.index("--max-model-len") + 1] == str(result["max_model_len"])

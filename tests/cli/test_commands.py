@@ -50,7 +50,6 @@ async def test_serve_tiny_model_answers_and_shuts_down_gracefully(
             long = busy.ask("Describe every frame in detail.", max_tokens=1500)
             await anext(long)  # in flight now
             srv.process.send_signal(signal.SIGTERM)
-            stopping = asyncio.get_running_loop().time()
             await long.result()
             assert long.done is not None
             assert long.done.finish_reason in ("stop", "length", "shutdown")
@@ -58,14 +57,13 @@ async def test_serve_tiny_model_answers_and_shuts_down_gracefully(
                 closed = await session.wait_closed(timeout=30)
                 assert closed.code == 1001, closed
                 assert session.going_away is not None and "shutting down" in session.going_away
+        # The process must exit by itself (a liveness bound, not a timing goal: 1 s for
+        # answers, then vLLM's own shutdown, a few seconds here).
         async with asyncio.timeout(60):
             code = await srv.process.wait()
-        elapsed = asyncio.get_running_loop().time() - stopping
         log = "\n".join(srv.log)
         assert code == 0, log
         assert "Application shutdown complete" in log, log
-        # 1 s for answers, then vLLM's own shutdown (a few seconds on this machine).
-        assert elapsed < 30, (elapsed, log)
     # Children exit once their parent is gone; wait for that (bounded), then none may remain.
     _, alive = await asyncio.to_thread(psutil.wait_procs, children, 30)
     assert not [c for c in alive if c.status() != psutil.STATUS_ZOMBIE], alive
