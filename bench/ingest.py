@@ -9,8 +9,10 @@ repetition, the same file goes through, in turn:
   pushes 64 KiB chunks through a :class:`~streamchat.feed.ByteFeed` into
   :func:`~streamchat.decoder.decode_stream` (sampling 2 fps, resized by swscale
   to the default 448x448 pixel budget), as a session does;
-* ``feed-keyframes``: the same with ``keyframes_only=True``, the fast path
-  (not reachable through the protocol yet: only in-process);
+* ``feed-keyframes``: the same with ``keyframes_only=True``, the fast path;
+* ``feed-area``: ``feed`` with swscale's plain ``AREA`` conversion, as before
+  full chroma interpolation (``FULL_CHR_H_INT | ACCURATE_RND``) was adopted: the
+  ratio ``feed`` / ``feed-area`` is what the sharper colour edges cost;
 * ``push``: end to end, the bundled client pushing the file over a loopback
   WebSocket to ``streamchat serve --engine fake`` in a subprocess, timed from
   the first chunk to the ``ended`` status;
@@ -35,6 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from av.video.reformatter import Interpolation
+
+from streamchat import decoder
 from streamchat.config import Settings
 from streamchat.decoder import DecoderOptions, decode_stream
 from streamchat.feed import ByteFeed
@@ -49,7 +54,7 @@ __all__ = ["main"]
 
 FPS = 2.0
 CHUNK_BYTES = 64 * 1024
-MODES = ("ffmpeg", "feed", "feed-keyframes", "push", "url")
+MODES = ("ffmpeg", "feed", "feed-keyframes", "feed-area", "push", "url")
 STREAMCHAT_MODES = MODES[1:]
 _SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
 _QUICK_SIZES = {"180p": (320, 180)}
@@ -66,6 +71,16 @@ def run_ffmpeg(tool: str, clip: Clip) -> float:
     started = time.perf_counter()
     subprocess.run(command, check=True, timeout=_RUN_TIMEOUT, stdin=subprocess.DEVNULL)
     return time.perf_counter() - started
+
+
+def run_feed_area(clip: Clip) -> float:
+    """``run_feed`` with the decoder's conversion set back to plain ``AREA`` for this run."""
+    full = decoder._INTERPOLATION
+    decoder._INTERPOLATION = Interpolation.AREA
+    try:
+        return run_feed(clip, keyframes_only=False)
+    finally:
+        decoder._INTERPOLATION = full
 
 
 def run_feed(clip: Clip, *, keyframes_only: bool) -> float:
@@ -153,6 +168,7 @@ async def _measure_clip(
     runs: dict[str, Callable[[], Any]] = {
         "feed": lambda: asyncio.to_thread(run_feed, clip, keyframes_only=False),
         "feed-keyframes": lambda: asyncio.to_thread(run_feed, clip, keyframes_only=True),
+        "feed-area": lambda: asyncio.to_thread(run_feed_area, clip),
         "push": lambda: run_push(server, clip),
         "url": lambda: run_url(server, base_url, clip),
     }

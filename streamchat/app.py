@@ -27,10 +27,12 @@ from starlette.staticfiles import StaticFiles
 
 from . import __version__
 from .access import KeyStore
+from .budget import VisionCosts, plan
 from .config import Settings
 from .endpoint import session_endpoint
 from .engine.base import Engine
 from .errors import CloseCode, ServerBusy
+from .prompt import MAX_CLIPS
 
 if TYPE_CHECKING:
     from .session import Session
@@ -149,6 +151,47 @@ async def _health(request: Request) -> JSONResponse:
     )
 
 
+def _fit_context(settings: Settings, costs: VisionCosts | None) -> Settings:
+    """Settings whose window fits the model's context (see :mod:`streamchat.budget`).
+
+    Raises ``ValueError`` when not even a couple of frames fit: the server
+    must not start and fail on every question.
+    """
+    if costs is None:
+        return settings
+    fitted = plan(
+        costs,
+        window_frames=settings.window_frames,
+        max_pixels=settings.max_pixels,
+        answer_tokens=settings.max_tokens_limit,
+        reserve_tokens=settings.context_reserve,
+        max_clips=MAX_CLIPS,
+    )
+    if fitted.lowered_from is not None:
+        logger.warning(
+            "a window of %d frames does not fit the model's context of %d tokens "
+            "(%d tokens a frame, %d for answers, %d reserved): lowered to %d frames",
+            fitted.lowered_from,
+            costs.max_model_len,
+            fitted.tokens_per_frame,
+            settings.max_tokens_limit,
+            settings.context_reserve,
+            fitted.window_frames,
+        )
+    logger.info(
+        "context: %d tokens, %d a frame, at most %d frames a question",
+        costs.max_model_len,
+        fitted.tokens_per_frame,
+        fitted.max_ask_frames,
+    )
+    return dataclasses.replace(
+        settings,
+        window_frames=fitted.window_frames,
+        max_ask_frames=fitted.max_ask_frames,
+        tokens_per_frame=fitted.tokens_per_frame,
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -169,6 +212,7 @@ def create_app(
             resolved = settings
             if settings.frame_factor is None and served.frame_factor is not None:
                 resolved = dataclasses.replace(settings, frame_factor=served.frame_factor)
+            resolved = _fit_context(resolved, served.vision_costs)
             app.state.streamchat = ServerState(resolved, served, KeyStore.from_settings(resolved))
             yield
 

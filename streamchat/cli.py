@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("max_tokens", int, "default generated tokens per answer"),
         ("max_tokens_limit", int, "largest max_tokens a client may ask for"),
         ("history_turns", int, "earlier turns replayed with each question"),
+        ("context_reserve", int, "context tokens kept for the question and history"),
         ("fetch_timeout", float, "seconds a URL fetch may wait for the server"),
         ("fetch_max_bytes", int, "largest video fetched from a URL"),
         ("fetch_max_redirects", int, "redirects followed per URL, each one checked"),

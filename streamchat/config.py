@@ -26,6 +26,7 @@ DEFAULT_MAX_QUESTION_CHARS = 4000
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_TOKENS_LIMIT = 2048
 DEFAULT_HISTORY_TURNS = 8
+DEFAULT_CONTEXT_RESERVE = 1024
 DEFAULT_STATUS_INTERVAL = 0.5
 DEFAULT_OUTBOX_MESSAGES = 256
 DEFAULT_FETCH_MAX_BYTES = 2 * 1024 * 1024 * 1024
@@ -80,6 +81,14 @@ class Settings:
     max_tokens: int = DEFAULT_MAX_TOKENS
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
     history_turns: int = DEFAULT_HISTORY_TURNS
+    context_reserve: int = DEFAULT_CONTEXT_RESERVE
+    """Tokens of the model's context kept for the chat template, the question and the
+    history, besides the video and the longest answer (:mod:`streamchat.budget`)."""
+    max_ask_frames: int | None = None
+    """Most frames one question carries; None: no limit. Set by the app from the
+    model's context (:func:`streamchat.budget.plan`), not by hand."""
+    tokens_per_frame: int | None = None
+    """Most context tokens one frame costs (set by the app with ``max_ask_frames``)."""
     status_interval: float = DEFAULT_STATUS_INTERVAL
     outbox_messages: int = DEFAULT_OUTBOX_MESSAGES
 

@@ -19,8 +19,12 @@ placed one nominal frame interval after the previous one.
 Failures surface as :mod:`streamchat.errors` video errors with messages meant
 for the client; :func:`decode_image` does the same for single JPEG/PNG images.
 
+Orientation: a frame's display matrix (rotation and mirroring, as phones
+write portrait video) is applied before sizing, so the model gets the
+picture as players show it (:func:`~streamchat.sampling.orientation`).
+
 Hostile media: FFmpeg only ever reads the bytes it is given, through a
-demuxer from :data:`DEMUXERS` (WebM/Matroska, MP4/MOV, MPEG-TS), whether the
+demuxer from :data:`DEMUXERS` (WebM/Matroska, MP4/MOV, MPEG-TS, AVI), whether the
 client named the container or it was probed: playlists (HLS), concat lists,
 image sequences and every other demuxer are refused before their header is
 read, and no protocol (``file:``, ``http:``, ...) may be opened from inside
@@ -59,7 +63,9 @@ import numpy as np
 import numpy.typing as npt
 from av.container import InputContainer
 from av.packet import Packet
+from av.sidedata.sidedata import Type as SideDataType
 from av.video.frame import VideoFrame
+from av.video.reformatter import Interpolation
 from av.video.stream import VideoStream
 
 from .config import (
@@ -80,8 +86,11 @@ from .sampling import (
     DEFAULT_FACTOR,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
+    UPRIGHT,
     FrameSampler,
+    Orientation,
     Timeline,
+    orientation,
     target_size,
 )
 from .window import Frame
@@ -91,8 +100,14 @@ __all__ = ["DEMUXERS", "DecodeReport", "DecoderOptions", "decode_image", "decode
 logger = logging.getLogger("streamchat.decoder")
 
 
-_CONTAINERS = {"webm": "webm", "matroska": "matroska", "mp4": "mp4", "mpegts": "mpegts"}
-DEMUXERS = "matroska,webm,mov,mp4,mpegts"
+_CONTAINERS = {
+    "webm": "webm",
+    "matroska": "matroska",
+    "mp4": "mp4",
+    "mpegts": "mpegts",
+    "avi": "avi",
+}
+DEMUXERS = "matroska,webm,mov,mp4,mpegts,avi"
 """FFmpeg's ``format_whitelist``: the only demuxers it may use, probed or hinted.
 
 A demuxer's name lists its aliases (``"matroska,webm"``, ``"mov,mp4,m4a,..."``);
@@ -101,7 +116,7 @@ one alias on this list admits it.
 # Probed inputs that do not start like an MP4 (`mp4_header`) must not reach
 # the MP4 demuxer, whose prober also accepts a stream that starts with any box:
 # their header and fragments would go unchecked.
-_NOT_MP4 = "matroska,webm,mpegts"
+_NOT_MP4 = "matroska,webm,mpegts,avi"
 # Options every input is opened with. An empty protocol whitelist: the bytes
 # come from our reader, and nothing inside them may make FFmpeg open a file or
 # a URL (HLS segments, concat entries, MP4 data references).
@@ -109,7 +124,12 @@ _SANDBOX = {"format_whitelist": DEMUXERS, "protocol_whitelist": ""}
 # A declared MP4 index may hold this many samples per allowed frame, over all
 # tracks (audio packets outnumber video frames; 48 kHz AAC: 47 per second).
 _INDEX_SAMPLES_PER_FRAME = 4
-_INTERPOLATION = "AREA"  # as fast as bilinear in swscale, and averages when shrinking
+# AREA is as fast as bilinear in swscale and averages when shrinking. Without
+# full chroma interpolation swscale upsamples 4:2:0 chroma by repeating it,
+# which smears colour edges (a mean error of 2.6 levels against the official
+# Qwen preprocessing on 720p, 1.4 with the flags); see docs/benchmarks.md for
+# their cost.
+_INTERPOLATION = Interpolation.AREA | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
 _MAX_LEADING_SKIPS = 300  # non-key packets dropped while waiting for a first keyframe
 
 
@@ -124,7 +144,7 @@ class DecoderOptions:
     * ``factor``, ``min_pixels``, ``max_pixels``: the model's resize rule
       (:func:`target_size`).
     * ``container``: demuxer hint, ``"webm"``, ``"matroska"``, ``"mp4"`` or
-      ``"mpegts"``, or ``None`` to probe. A hint saves probing and turns
+      ``"mpegts"``, ``"avi"``, or ``None`` to probe. A hint saves probing and turns
       garbage into a clear "not a valid ... stream" error.
     * ``max_decode_pixels``: the largest source frame (width x height) decoded
       at all. FFmpeg enforces it inside the decoder, so a resolution bomb costs
@@ -316,7 +336,7 @@ def _open(reader: SafeReader, options: DecoderOptions) -> InputContainer:
         # A probed demuxer that is not on the format whitelist; a hinted one always is.
         if hint is None and reader.failure() is None:
             raise VideoUnsupported(
-                "unsupported container: send WebM, Matroska, MP4 or MPEG-TS"
+                "unsupported container: send WebM, Matroska, MP4, MPEG-TS or AVI"
             ) from exc
         raise
 
@@ -395,7 +415,8 @@ def _decode_container(
                     "the limit per source"
                 )
             if sampler.take(pts):
-                emit(Frame(pts=pts, image=_to_image(frame, sizes.target(frame))))
+                turn, size = sizes.shape(frame)
+                emit(Frame(pts=pts, image=_to_image(frame, size, turn)))
                 report.frames_emitted += 1
 
 
@@ -462,41 +483,60 @@ def _check_pixels(width: int, height: int, limit: int) -> None:
 
 
 class _SizeCache:
-    """Target size per source size: recomputed only when the source size changes."""
+    """How each frame is shown and sized: recomputed only when the source changes.
+
+    A frame's display matrix (a phone's portrait video is stored landscape
+    with a -90 degree matrix) decides its orientation; the model's size is
+    computed from the picture as shown, and the frame is resized to that
+    size as stored, then turned upright by a view.
+    """
 
     def __init__(self, options: DecoderOptions) -> None:
         self._options = options
-        self._source: tuple[int, int] = (0, 0)
-        self._target: tuple[int, int] = (0, 0)
+        self._source: tuple[int, int, bytes | None] = (0, 0, None)
+        self._shape: tuple[Orientation, tuple[int, int]] = (UPRIGHT, (0, 0))
 
-    def target(self, frame: VideoFrame) -> tuple[int, int]:
-        source = (frame.width, frame.height)
+    def shape(self, frame: VideoFrame) -> tuple[Orientation, tuple[int, int]]:
+        """The frame's orientation and the ``(width, height)`` to resize it to, as stored."""
+        matrix = frame.side_data.get(SideDataType.DISPLAYMATRIX)  # type: ignore[call-overload]
+        source = (frame.width, frame.height, None if matrix is None else bytes(matrix))
         if source != self._source:
-            _check_pixels(*source, self._options.max_decode_pixels)
-            self._target = target_size(
-                *source,
+            _check_pixels(frame.width, frame.height, self._options.max_decode_pixels)
+            turn = UPRIGHT
+            if source[2] is not None and len(source[2]) == 36:
+                turn = orientation(struct.unpack("<9i", source[2]))
+            width, height = target_size(
+                *turn.displayed(frame.width, frame.height),
                 factor=self._options.factor,
                 min_pixels=self._options.min_pixels,
                 max_pixels=self._options.max_pixels,
             )
-            if self._source != (0, 0):
-                logger.info("video size changed from %dx%d to %dx%d", *self._source, *source)
+            if self._source[:2] != (0, 0) and self._source[:2] != source[:2]:
+                logger.info(
+                    "video size changed from %dx%d to %dx%d", *self._source[:2], *source[:2]
+                )
+            if turn != UPRIGHT:
+                logger.info("video shown turned %s", turn)
             self._source = source
-        return self._target
+            self._shape = (turn, turn.stored(width, height))
+        return self._shape
 
 
-def _to_image(frame: VideoFrame, size: tuple[int, int]) -> npt.NDArray[np.uint8]:
-    """RGB at ``size``, resized inside swscale, copied once into an array of its own.
+def _to_image(
+    frame: VideoFrame, size: tuple[int, int], turn: Orientation = UPRIGHT
+) -> npt.NDArray[np.uint8]:
+    """RGB at ``size`` (as stored), resized inside swscale, upright, copied once.
 
     ``to_ndarray`` returns a view of PyAV's converted frame, with row padding
-    unless ``width * 3`` is a multiple of the row alignment: the copy makes it
-    contiguous and independent of any FFmpeg buffer.
+    unless ``width * 3`` is a multiple of the row alignment; turning it
+    upright is another view: the one copy makes it contiguous and independent
+    of any FFmpeg buffer.
     """
     width, height = size
-    view = frame.to_ndarray(
+    view: npt.NDArray[np.uint8] = frame.to_ndarray(  # type: ignore[assignment]  # rgb24
         format="rgb24", width=width, height=height, interpolation=_INTERPOLATION
     )
-    return np.array(view, dtype=np.uint8, order="C", copy=True)
+    return np.array(turn.apply(view), order="C", copy=True)
 
 
 def _ffmpeg_failure(

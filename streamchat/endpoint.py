@@ -6,8 +6,10 @@ JSON body naming the error. An admitted connection runs two tasks:
 
 * the **reader** never stops receiving while the session lives, so a
   disconnect is seen the moment it happens and the session's engine requests
-  are aborted at once. It enforces message size, rate limits and the idle
-  timeout, and decodes each message for the session;
+  are aborted at once. It decodes each message for the session and enforces
+  message size, rate limits (see :mod:`streamchat.limits`: pushed media is
+  paced by reading later, anything else over its rate is refused) and the
+  idle timeout;
 * the **writer** sends the session's outbox in the encoding (msgpack or JSON)
   of the client's most recent message. Each send must finish within
   ``send_timeout``: a client that stops reading is disconnected rather than
@@ -20,10 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import msgpack
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -41,7 +47,8 @@ from .errors import (
     close_reason,
 )
 from .limits import RateLimiter
-from .messages import ClientMessage, Hello, VideoChunk, decode_client, encode_server
+from .messages import MAX_ID_CHARS, ClientMessage, Hello, decode_client, encode_server
+from .protocol import message_id
 from .session import Close, Session
 
 if TYPE_CHECKING:
@@ -54,6 +61,9 @@ logger = logging.getLogger("streamchat.endpoint")
 SHUTTING_DOWN = "the server is shutting down"
 TOKEN_TIMEOUT = 10.0
 """Seconds a session admitted without a key has to send ``hello`` with one."""
+
+PEEK_CHARS = 64 * 1024
+"""How much of a message too large to parse is read for the id of the ask it may be."""
 
 _HTTP_STATUS: dict[type[AccessError], int] = {
     Unauthorized: 401,
@@ -194,8 +204,9 @@ class _Connection:
             if data is None or self.failed:
                 continue
             self.binary = isinstance(data, bytes)
+            now = loop.time()
             try:
-                message = self._decode(data, loop.time())
+                message, delay = self._decode(data, now)
             except StreamchatError as exc:
                 if exc.fatal:
                     await self._fail(exc)
@@ -210,26 +221,46 @@ class _Connection:
                 await self.session.handle(message)
             except Exception as exc:  # a bug: tell the client, keep the session
                 self.session.log.exception("session %s: %s failed", self.session.id, message.type)
-                await self.session.report(exc)
-            if isinstance(message, VideoChunk):
-                # Pushed video over its rate is paced, never dropped: read on later.
-                delay = self.limits.video_delay(loop.time(), len(message.data))
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await self.session.report(exc, id=message_id(message))
+            if delay > 0:
+                # Pushed media over its rate is paced, never dropped: read on later.
+                remaining = now + delay - loop.time()
+                if remaining > 0:
+                    await asyncio.sleep(remaining)
 
-    def _decode(self, data: bytes | str, now: float) -> ClientMessage:
-        """Check one incoming message against every limit, then parse it."""
-        self.limits.admit_message(now)
+    def _decode(self, data: bytes | str, now: float) -> tuple[ClientMessage, float]:
+        """Parse one incoming message and check it against every limit.
+
+        Returns the message and how long to wait before reading the next one
+        (pushed media over its byte rate). A message is parsed before it is
+        charged: which budget it counts against depends on its type, and a
+        refusal of an ``ask`` must name its id. Parsing is
+        bounded all the same: nothing over ``max_message_bytes`` is parsed,
+        and a client sending over its message rate is refused, then closed.
+        Messages refused before they are read count against the message rate.
+        """
         max_bytes = self.settings.max_message_bytes
         size = len(data)
         if isinstance(data, str) and size * 4 > max_bytes:
             size = len(data.encode("utf-8", "surrogatepass"))  # text frames: bytes, not characters
         if size > max_bytes:
-            raise MessageTooLarge(f"a message is limited to {max_bytes} bytes; send smaller chunks")
-        message = decode_client(data)
+            id = _peek_id(data)
+            self.limits.admit_message(now, id=id)
+            raise MessageTooLarge(
+                f"a message is limited to {max_bytes} bytes; send smaller chunks", id=id
+            )
+        try:
+            message = decode_client(data)
+        except StreamchatError as exc:
+            self.limits.admit_message(now, id=exc.id)
+            raise
+        delay = self.limits.admit(now, message)
         if self.needs_token:
             if not isinstance(message, Hello):
-                raise Unauthorized(f"send 'hello' with your API key before '{message.type}'")
+                raise Unauthorized(
+                    f"send 'hello' with your API key before '{message.type}'",
+                    id=message_id(message),
+                )
             identity = check_token(message.token, self.state.keys)
             self.state.release(self.identity)
             self.identity = "addr:-"  # counted nowhere, should the new place be refused
@@ -237,10 +268,79 @@ class _Connection:
             self.identity = identity
             self.needs_token = False
             self.session.log.info("session %s: authenticated as %s", self.session.id, identity)
-        return message
+        return message, delay
 
     async def _fail(self, exc: StreamchatError) -> None:
         """Send the fatal error, then close; messages read meanwhile are ignored."""
         self.failed = True
         self.session.log.info("session %s: %s", self.session.id, exc.code)
         await self.session.fail(exc)
+
+
+# -- the id of a message too large to parse -------------------------------------------
+# Wire-format code, the one piece outside messages.py: it belongs there (as a
+# public peek_id) when that module is next changed.
+
+_PEEKED = frozenset({"type", "id"})
+_JSON = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _peek_id(data: bytes | str) -> str | None:
+    """The id of an ``ask`` too large to parse, if its head names one.
+
+    Only the first :data:`PEEK_CHARS` are read, and top-level values other
+    than ``type`` and ``id`` are skipped, so the cost is bounded whatever the
+    message holds. Clients write ``type`` and ``id`` before the question (the
+    bundled client and browsers' ``JSON.stringify`` of ``{type, id, text}``
+    do); an id found nowhere in the head is not named.
+    """
+    fields: dict[str, object] = {}
+    try:
+        head = data[:PEEK_CHARS]
+        pairs = _msgpack_pairs(head) if isinstance(head, bytes) else _json_pairs(head)
+        for key, value in pairs:
+            fields[key] = value
+            if len(fields) == len(_PEEKED):
+                break
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException):
+        pass  # the head ends, or is not a map: what was found so far stands
+    id = fields.get("id")
+    if fields.get("type") != "ask" or not isinstance(id, str):
+        return None
+    return id if 0 < len(id) <= MAX_ID_CHARS else None
+
+
+def _msgpack_pairs(head: bytes) -> Iterator[tuple[str, object]]:
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(head) or 1)
+    unpacker.feed(head)
+    for _ in range(unpacker.read_map_header()):
+        key = unpacker.unpack()
+        if isinstance(key, str) and key in _PEEKED:
+            yield key, unpacker.unpack()
+        else:
+            unpacker.skip()
+
+
+def _json_pairs(head: str) -> Iterator[tuple[str, object]]:
+    at = _skip_space(head, 0)
+    if head[at : at + 1] != "{":
+        return
+    at += 1
+    while True:
+        key, at = _JSON.raw_decode(head, _skip_space(head, at))
+        at = _skip_space(head, at)
+        if head[at : at + 1] != ":":
+            return
+        value, at = _JSON.raw_decode(head, _skip_space(head, at + 1))
+        if isinstance(key, str) and key in _PEEKED:
+            yield key, value
+        at = _skip_space(head, at)
+        if head[at : at + 1] != ",":
+            return
+        at += 1
+
+
+def _skip_space(text: str, at: int) -> int:
+    match = _SPACE.match(text, at)
+    return match.end() if match else at

@@ -22,6 +22,7 @@
     │   ├── UnknownId                   unknown_id: ``cancel`` of an answer not in flight
     │   ├── DuplicateId                 duplicate_id: ``ask`` with the id of an answer in flight
     │   ├── TooManyAsks                 too_many_asks
+    │   ├── ContextTooLong              context_too_long: the prompt cannot fit the model's context
     │   └── ServerShutdown              server_shutdown: the server is stopping, no new questions
     ├── VideoError                      a video source failed; frames already decoded stay
     │   ├── VideoDecodeError            video_decode_failed: corrupt data
@@ -50,6 +51,7 @@ __all__ = [
     "AskError",
     "BadMessage",
     "CloseCode",
+    "ContextTooLong",
     "DuplicateHello",
     "DuplicateId",
     "EngineFailure",
@@ -197,6 +199,10 @@ class DuplicateId(AskError):
 
 class TooManyAsks(AskError):
     code = "too_many_asks"
+
+
+class ContextTooLong(AskError):
+    code = "context_too_long"
 
 
 class ServerShutdown(AskError):

@@ -19,12 +19,36 @@ request forgery at every hop:
    1-3 again, at most ``fetch_max_redirects`` of them.
 
 ``fetch_timeout`` bounds the total time spent waiting for the remote side
-(resolving, connecting, every read, across redirects), so a server that
-drips a byte at a time cannot hold a fetch longer; time spent waiting for the
-decoder to make room is not counted, so a slow decoder does not fail a good
-URL. Logs name the host only: a query string may carry a token.
+(resolving, connecting, every read, across redirects and range requests), so
+a server that drips a byte at a time cannot hold a fetch longer; time spent
+waiting for the decoder to make room is not counted, so a slow decoder does
+not fail a good URL. ``fetch_max_bytes`` bounds the bytes downloaded for one
+URL, over all its requests. Logs name the host only: a query string may
+carry a token.
 
 ``file:`` URLs are read only from below ``allowed_file_dir``.
+
+An MP4 whose index (``moov``) follows its media (FFmpeg's default layout, and
+what most cameras and phones write) cannot be decoded from its first byte.
+When the first read shows one (:func:`~streamchat.faststart.sniff`), the
+fetch leaves the body there and feeds the decoder the file's streamable
+("faststart") form instead (:func:`~streamchat.faststart.rewrite`): ``ftyp``,
+the index rewritten for its new place, then the media. The index comes from
+a range request (a seek for ``file:``) from the end of the media, the media
+from a second one starting where the first read stopped: bytes already read
+are used, never fetched again, and a file that fits in the first read needs
+no other request. Both go to the final URL over the same pinned connection
+pool, within the same deadline and byte limit; a redirect in answer to
+either is refused, and so is a file whose size or ``ETag`` changes between
+them. The cost is those two requests, and what the network had in flight on
+the first one when it was left (a few hundred KiB on loopback). The index is
+refused from its size, before it is read, when it would make a header over
+the decoder's limit (``VideoTooLarge``); a file that ends before its index
+(cut short, or still being written) is ``VideoDecodeError``. A server that
+ignores ranges (``200`` instead of ``206``) is read through: the bytes
+before the wanted ones are dropped as they arrive, never held, so its media
+is downloaded twice, within the same limits. Every other stream goes to the
+feed exactly as it arrives, with no extra request.
 """
 
 from __future__ import annotations
@@ -32,27 +56,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import httpcore
 import httpx
 
 from .config import Settings
+from .decoder import DecoderOptions
 from .errors import UrlFetchFailed, UrlNotAllowed
 from .feed import ByteFeed
 from .netguard import IPAddress, Resolver, resolve_allowed, system_resolver
 from .pinning import PinnedTransport
+from .relayout import CHUNK_BYTES, LocalFile, RandomAccess, stream_faststart, stream_head
 from .urlpolicy import HttpTarget, allowed_file, check_http_url, redirect_target, url_scheme
 
 __all__ = ["CHUNK_BYTES", "fetch_into"]
 
-CHUNK_BYTES = 256 * 1024
-
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Identity: a compressed body could expand far past the size limit in one chunk.
 _HEADERS = {"Accept": "*/*", "Accept-Encoding": "identity", "User-Agent": "streamchat"}
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 logger = logging.getLogger("streamchat.fetch")
 
@@ -64,19 +91,23 @@ async def fetch_into(
     *,
     resolver: Resolver | None = None,
     network: httpcore.AsyncNetworkBackend | None = None,
+    max_index_bytes: int = DecoderOptions.max_header_bytes,
 ) -> None:
     """Stream ``url`` into ``feed`` and close it; raise a typed error on failure.
 
     ``resolver`` answers DNS questions (the event loop's ``getaddrinfo`` by
     default) and ``network`` makes TCP connections to checked addresses
     (httpcore's default); tests replace both to play a network.
+    ``max_index_bytes`` is the largest MP4 header (``ftyp`` and ``moov``)
+    fetched for an index at the end: the decoder's own limit.
     """
+    fetch = _Fetch(settings, max_index_bytes)
     scheme = url_scheme(url)
     if scheme in ("http", "https"):
         target = check_http_url(url, allowed_domains=settings.fetch_allowed_domains)
-        await _fetch_http(target, feed, settings, resolver or system_resolver, network)
+        await _fetch_http(target, feed, fetch, resolver or system_resolver, network)
     elif scheme == "file":
-        await _read_file(allowed_file(url, settings.allowed_file_dir), feed, settings)
+        await _read_file(allowed_file(url, settings.allowed_file_dir), feed, fetch)
     else:
         raise UrlNotAllowed(f"URL scheme {scheme or '(none)'!r} is not allowed: use http or https")
     feed.close()
@@ -104,17 +135,38 @@ class _Budget:
             self._left -= loop.time() - started
 
 
+class _Fetch:
+    """One URL's limits, and what it has spent of them over all its requests."""
+
+    def __init__(self, settings: Settings, max_index_bytes: int) -> None:
+        self.settings = settings
+        self.max_index_bytes = max_index_bytes
+        self.budget = _Budget(settings.fetch_timeout)
+        self.received = 0
+        self.ranges = False
+        """Set once more than one request (or seek) reads the file."""
+
+    def count(self, size: int) -> None:
+        """Count ``size`` more bytes downloaded; refuse beyond ``fetch_max_bytes``."""
+        self.received += size
+        if self.ranges and self.received > self.settings.fetch_max_bytes:
+            raise UrlFetchFailed(
+                f"more than {self.settings.fetch_max_bytes} bytes downloaded for the video"
+            )
+        _check_size(self.received, self.settings)
+
+
 async def _fetch_http(
     target: HttpTarget,
     feed: ByteFeed,
-    settings: Settings,
+    fetch: _Fetch,
     resolver: Resolver,
     network: httpcore.AsyncNetworkBackend | None,
 ) -> None:
-    budget = _Budget(settings.fetch_timeout)
+    settings = fetch.settings
     for _hop in range(settings.fetch_max_redirects + 1):
         try:
-            async with budget.waiting():
+            async with fetch.budget.waiting():
                 addresses = await resolve_allowed(
                     target.host,
                     target.port,
@@ -125,7 +177,7 @@ async def _fetch_http(
             logger.info("refused to fetch from %s: %s", target.host, exc.message)
             raise
         logger.info("fetching from %s port %d (%s)", target.host, target.port, addresses[0])
-        location = await _get(target, addresses, feed, settings, budget, network)
+        location = await _get(target, addresses, feed, fetch, network)
         if location is None:
             return
         try:
@@ -144,36 +196,41 @@ async def _get(
     target: HttpTarget,
     addresses: list[IPAddress],
     feed: ByteFeed,
-    settings: Settings,
-    budget: _Budget,
+    fetch: _Fetch,
     network: httpcore.AsyncNetworkBackend | None,
 ) -> str | None:
     """GET ``target`` from ``addresses`` into ``feed``; a redirect's ``Location`` instead.
 
     The transport is used without an ``httpx.AsyncClient``: the client would
-    log every request's full URL (query string and all) at INFO level.
+    log every request's full URL (query string and all) at INFO level. Range
+    requests for an index at the end reuse it: same checked addresses.
     """
-    request = httpx.Request("GET", target.url, headers=_HEADERS)
-    request.extensions["timeout"] = httpx.Timeout(settings.fetch_timeout).as_dict()
     try:
         async with PinnedTransport(
             target.host, target.port, [str(a) for a in addresses], network=network
         ) as (transport):
-            async with budget.waiting():
-                response = await transport.handle_async_request(request)
+            remote = _HttpFile(transport, target, fetch)
+            response = await remote.send()
             try:
                 if response.status_code in _REDIRECTS:
                     location: str | None = response.headers.get("Location")
                     if not location:
                         raise UrlFetchFailed("the URL redirects nowhere")
                     return location
-                _check_response(response, settings)
-                await _stream_body(response, feed, settings, budget)
-                return None
+                _check_response(response, fetch.settings)
+                remote.first(response)
+                async with contextlib.aclosing(_body(response, fetch)) as chunks:
+                    found = await stream_head(chunks, feed, fetch.max_index_bytes)
             finally:
                 await response.aclose()
+            if found is not None:
+                remote.head, layout = found
+                logger.info("%s: the MP4's index follows its media: range requests", target.host)
+                fetch.ranges = True
+                await stream_faststart(remote, layout, feed, limit=fetch.max_index_bytes)
+            return None
     except httpx.TimeoutException:
-        raise UrlFetchFailed(f"no answer within {settings.fetch_timeout:g} s") from None
+        raise UrlFetchFailed(f"no answer within {fetch.settings.fetch_timeout:g} s") from None
     except httpx.HTTPError as exc:
         logger.info("fetch from %s failed: %s", target.host, exc.__class__.__name__)
         raise UrlFetchFailed("could not fetch the URL (connection failed)") from None
@@ -182,29 +239,129 @@ async def _get(
 def _check_response(response: httpx.Response, settings: Settings) -> None:
     if response.status_code != 200:
         raise UrlFetchFailed(f"the URL answered HTTP {response.status_code}")
+    _check_identity(response)
+    length = _content_length(response)
+    if length is not None:
+        _check_size(length, settings)
+
+
+def _check_identity(response: httpx.Response) -> None:
     if response.headers.get("Content-Encoding", "identity").lower() != "identity":
         raise UrlFetchFailed("the server sent a compressed response")
+
+
+def _content_length(response: httpx.Response) -> int | None:
     length = response.headers.get("Content-Length")
-    if length is not None and length.isdigit():
-        _check_size(int(length), settings)
+    return int(length) if length is not None and length.isdigit() else None
 
 
-async def _stream_body(
-    response: httpx.Response, feed: ByteFeed, settings: Settings, budget: _Budget
-) -> None:
-    received = 0
+async def _body(response: httpx.Response, fetch: _Fetch) -> AsyncGenerator[bytes, None]:
+    """The body's chunks as they come, each counted; waiting for them spends the budget."""
     chunks = response.aiter_raw(CHUNK_BYTES)
     while True:
-        async with budget.waiting():
+        async with fetch.budget.waiting():
             chunk = await anext(chunks, None)
         if chunk is None:
             return
-        received += len(chunk)
-        _check_size(received, settings)
-        await feed.put(chunk)  # backpressure from the decoder: not the server's time
+        fetch.count(len(chunk))
+        yield chunk
 
 
-async def _read_file(path: Path, feed: ByteFeed, settings: Settings) -> None:
+class _HttpFile(RandomAccess):
+    """The final URL of a fetch, read by offset with range requests on its transport."""
+
+    def __init__(
+        self, transport: httpx.AsyncBaseTransport, target: HttpTarget, fetch: _Fetch
+    ) -> None:
+        super().__init__()
+        self._transport = transport
+        self._target = target
+        self._fetch = fetch
+        self._etag: str | None = None
+
+    async def send(self, headers: dict[str, str] | None = None) -> httpx.Response:
+        request = httpx.Request("GET", self._target.url, headers={**_HEADERS, **(headers or {})})
+        request.extensions["timeout"] = httpx.Timeout(self._fetch.settings.fetch_timeout).as_dict()
+        async with self._fetch.budget.waiting():
+            return await self._transport.handle_async_request(request)
+
+    def first(self, response: httpx.Response) -> None:
+        """Remember what the plain GET said of the file, to tell if it changes."""
+        self.size = _content_length(response)
+        self._etag = response.headers.get("ETag")
+
+    async def _remote(self, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
+        """Range requests until ``end``: a server may answer one with fewer bytes than asked."""
+        position = start
+        while end is None or position < end:
+            got = 0
+            async with contextlib.aclosing(self._request(position, end)) as chunks:
+                async for chunk in chunks:
+                    got += len(chunk)
+                    yield chunk
+            position += got
+            # Nothing more, or a 200 that carried the rest: the file ends here.
+            if not got or not self.seeks or (self.size is not None and position >= self.size):
+                return
+
+    async def _request(self, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
+        last = "" if end is None else str(end - 1)
+        response = await self.send({"Range": f"bytes={start}-{last}"})
+        try:
+            skip = self._skip(response, start)
+            if skip is None:
+                return
+            left = None if end is None else end - start
+            async with contextlib.aclosing(_body(response, self._fetch)) as chunks:
+                async for chunk in chunks:
+                    if skip >= len(chunk):  # a server ignoring ranges: read through
+                        skip -= len(chunk)
+                        continue
+                    piece = chunk[skip:] if left is None else chunk[skip : skip + left]
+                    skip = 0
+                    yield piece
+                    if left is not None:
+                        left -= len(piece)
+                        if left == 0:
+                            return
+        finally:
+            await response.aclose()
+
+    def _skip(self, response: httpx.Response, start: int) -> int | None:
+        """How many bytes of the body come before ``start``; ``None``: the file ends before it."""
+        status = response.status_code
+        if status == 416:
+            return None
+        if status == 206:
+            _check_identity(response)
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+            if match is None or int(match[1]) != start:
+                raise UrlFetchFailed("the server answered a range request with other bytes")
+            self._same_file(response, None if match[3] == "*" else int(match[3]))
+            return 0
+        if status == 200:
+            _check_response(response, self._fetch.settings)
+            self._same_file(response, _content_length(response))
+            if self.seeks:
+                logger.info(
+                    "%s ignores range requests: reading through to the bytes wanted",
+                    self._target.host,
+                )
+                self.seeks = False
+            return start
+        raise UrlFetchFailed(f"the URL answered HTTP {status} to a range request")
+
+    def _same_file(self, response: httpx.Response, size: int | None) -> None:
+        etag = response.headers.get("ETag")
+        if (size is not None and self.size not in (None, size)) or (
+            etag is not None and self._etag not in (None, etag)
+        ):
+            raise UrlFetchFailed("the file changed on the server while it was being fetched")
+        if self.size is None:
+            self.size = size
+
+
+async def _read_file(path: Path, feed: ByteFeed, fetch: _Fetch) -> None:
     try:
         # Checked before opening: opening a FIFO would block its thread for good.
         if not stat.S_ISREG((await asyncio.to_thread(path.stat)).st_mode):
@@ -212,12 +369,15 @@ async def _read_file(path: Path, feed: ByteFeed, settings: Settings) -> None:
         handle = await asyncio.to_thread(path.open, "rb")
     except OSError:
         raise UrlFetchFailed("the file cannot be opened") from None
-    received = 0
     try:
-        while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
-            received += len(chunk)
-            _check_size(received, settings)
-            await feed.put(chunk)
+        local = LocalFile(handle, os.fstat(handle.fileno()).st_size, fetch.count)
+        async with local.open(0, None) as cursor, contextlib.aclosing(cursor.rest()) as chunks:
+            found = await stream_head(chunks, feed, fetch.max_index_bytes)
+        if found is not None:
+            local.head, layout = found
+            logger.info("the MP4 file's index follows its media: reading it first")
+            fetch.ranges = True
+            await stream_faststart(local, layout, feed, limit=fetch.max_index_bytes)
     finally:
         handle.close()
 

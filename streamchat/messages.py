@@ -47,7 +47,7 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
-CONTAINER_FORMATS = frozenset({"webm", "matroska", "mp4", "mpegts"})
+CONTAINER_FORMATS = frozenset({"webm", "matroska", "mp4", "mpegts", "avi"})
 MAX_ID_CHARS = 128
 MAX_TOKEN_CHARS = 512
 
@@ -152,6 +152,9 @@ class VideoStatus:
     frames_decoded: int
     frames_dropped: int
     bytes_received: int
+    width: int = 0
+    """Width of the newest frame as the model gets it (upright, resized); 0 before any."""
+    height: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

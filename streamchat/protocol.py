@@ -65,6 +65,7 @@ __all__ = [
     "StartSource",
     "State",
     "StopSource",
+    "message_id",
 ]
 
 
@@ -144,6 +145,21 @@ Action = (
     | StartAnswer
     | (CancelAnswer)
 )
+
+
+def message_id(message: ClientMessage) -> str | None:
+    """The id an error refusing ``message`` names: an ``ask``'s, else none.
+
+    Every refusal of an ``ask``, for whatever reason (a rate, a size, the
+    state of the session), names it, so the client can end the answer it
+    waits for. A refused ``cancel`` does not: its id is that of an answer
+    which may still be running, and an error naming it would read as that
+    answer's end (only ``unknown_id``, which says there is no such answer,
+    names a cancel's id). The answer then ends by itself, with ``answer.done``.
+    """
+    if isinstance(message, Ask):
+        return message.id
+    return None
 
 
 # --- state -----------------------------------------------------------------
@@ -244,7 +260,7 @@ class SessionProtocol:
         if isinstance(message, Hello):
             return self._hello(message)
         if self.state is State.AWAITING_HELLO:
-            raise HelloRequired(f"send 'hello' before '{message.type}'")
+            raise HelloRequired(f"send 'hello' before '{message.type}'", id=message_id(message))
         match message:
             case VideoChunk():
                 return self._chunk(message)
@@ -313,6 +329,8 @@ class SessionProtocol:
             "max_question_chars": s.max_question_chars,
             "max_tokens": o.sampling.max_tokens,
             "max_tokens_limit": s.max_tokens_limit,
+            "tokens_per_frame": s.tokens_per_frame or 0,
+            "max_ask_frames": s.max_ask_frames or 0,
             "keyframes_only": o.keyframes_only,
             "messages_per_second": s.messages_per_second,
             "message_burst": s.message_burst,
@@ -382,7 +400,11 @@ class SessionProtocol:
             start=ask.start,
             end=ask.end,
             last_seconds=ask.last_seconds,
-            max_frames=min(ask.max_frames or self.options.window_frames, s.max_window_frames),
+            max_frames=min(
+                ask.max_frames or self.options.window_frames,
+                s.max_window_frames,
+                s.max_ask_frames or s.max_window_frames,
+            ),
         )
         if not frames:
             what = "in the asked range" if len(self.window) else "yet"
@@ -477,13 +499,20 @@ class SessionProtocol:
         }
         return [Send(AnswerDone(id=id, finish_reason=finish_reason, usage=fields))]
 
-    def error(self, exc: BaseException) -> Send:
+    def error(self, exc: BaseException, *, id: str | None = None) -> Send:
+        """The ``error`` for ``exc``, naming the error's own id, else ``id``.
+
+        ``id`` is that of the ``ask`` or ``cancel`` being handled when ``exc``
+        (a bug, say) was raised: it was refused, so the client must hear which.
+        """
         code, message, fatal = to_error_fields(exc)
-        id = exc.id if isinstance(exc, StreamchatError) else None
+        if isinstance(exc, StreamchatError) and exc.id is not None:
+            id = exc.id
         return Send(Error(code=code, message=message, id=id, fatal=fatal))
 
     def status(self) -> VideoStatus:
         source = self.source
+        width, height = self.window.newest_size
         state = "ended"
         if source is not None:
             state = "failed" if source.failed else ("decoding" if source.active else "ended")
@@ -499,6 +528,8 @@ class SessionProtocol:
             frames_decoded=source.frames_decoded if source else 0,
             frames_dropped=self.window.evicted,
             bytes_received=source.bytes_received if source else 0,
+            width=width,
+            height=height,
         )
 
     def going_away(self, reason: str, timeout: float) -> list[Action]:

@@ -132,10 +132,17 @@ def mp4_header(reader: SafeReader, limit: int, *, required: bool) -> bytes | Non
         if size == 1:  # a 64-bit size follows
             head += _read_all(reader, 8)
             (size,) = struct.unpack(">Q", head[8:])
-        if kind in _MP4_MEDIA_BOXES:
+        if kind == b"mdat":
             raise VideoUnsupported(
-                "this MP4 cannot be decoded as a stream: media comes before its index "
-                "(send fragmented MP4 from its start, or a +faststart MP4)"
+                "this MP4 has its index (moov) after the media, so it cannot be decoded as it "
+                "arrives: send the file with streamchat-client (it remuxes files), or its URL "
+                "in video.url, or remux it first (ffmpeg -i in.mp4 -c copy -movflags +faststart "
+                "out.mp4)"
+            )
+        if kind == b"moof":
+            raise VideoUnsupported(
+                "this MP4 stream starts with a fragment (moof) without its header (moov): "
+                "send a fragmented MP4 from its first byte"
             )
         if kind not in _MP4_PREFIX_BOXES | {b"moov"} or size < len(head):
             raise VideoDecodeError("the data is not a valid mp4 video stream")

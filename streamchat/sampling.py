@@ -5,6 +5,8 @@
 * :class:`FrameSampler`: frames at ``fps`` by presentation time.
 * :class:`Timeline`: source timestamps -> seconds from the first frame,
   never going backwards.
+* :func:`orientation`: a container's display matrix -> how to turn the
+  stored picture upright (:class:`Orientation`).
 
 No PyAV here: these are unit-tested with plain numbers.
 """
@@ -13,6 +15,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 from .config import DEFAULT_FRAME_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
@@ -20,8 +27,11 @@ __all__ = [
     "DEFAULT_FACTOR",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_PIXELS",
+    "UPRIGHT",
     "FrameSampler",
+    "Orientation",
     "Timeline",
+    "orientation",
     "target_size",
 ]
 
@@ -149,3 +159,78 @@ class Timeline:
                 pts = self.last
         self.last = pts
         return pts
+
+
+@dataclass(frozen=True, slots=True)
+class Orientation:
+    """How to turn a stored picture upright: transpose first, then flip.
+
+    The eight ways a display matrix can place a picture (four quarter turns,
+    each possibly mirrored) are each a transpose or not followed by a flip of
+    the rows and/or the columns. All three are numpy views, so turning a
+    frame upright costs no copy of its own.
+    """
+
+    transpose: bool = False
+    flip_rows: bool = False
+    """Upside down: the last row first (a vertical flip)."""
+    flip_cols: bool = False
+    """Mirrored: the last column first (a horizontal flip)."""
+
+    def displayed(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` as shown, of a picture stored ``width`` x ``height``."""
+        return (height, width) if self.transpose else (width, height)
+
+    def stored(self, width: int, height: int) -> tuple[int, int]:
+        """``(width, height)`` to store a picture shown ``width`` x ``height``."""
+        return self.displayed(width, height)  # a transpose is its own inverse
+
+    def apply(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """``image`` (rows, columns, channels) upright, as a view."""
+        if self.transpose:
+            image = image.transpose(1, 0, 2)
+        if self.flip_rows:
+            image = image[::-1]
+        if self.flip_cols:
+            image = image[:, ::-1]
+        return image
+
+
+UPRIGHT = Orientation()
+
+# FFmpeg's transpose filter's directions, as (transpose, flip_rows, flip_cols).
+_CLOCK = Orientation(True, False, True)  # a quarter turn clockwise
+_CCLOCK = Orientation(True, True, False)  # a quarter turn counter-clockwise
+_CLOCK_FLIP = Orientation(True, True, True)
+_CCLOCK_FLIP = Orientation(True, False, False)
+
+
+def orientation(matrix: Sequence[int] | None) -> Orientation:
+    """How to show a picture stored with the 3x3 display ``matrix`` (16.16 fixed point).
+
+    The same choice as the FFmpeg command line's autorotate (``ffmpeg``'s
+    ``get_rotation`` and the transpose / hflip / vflip it inserts), so frames
+    come out as players show them: a phone's portrait video stored landscape
+    with a -90 degree matrix turns a quarter clockwise. A matrix whose angle
+    is not a multiple of 90 degrees (rare: an editor's free rotation) is
+    rounded to the nearest quarter turn rather than resampled: a quarter turn
+    costs no pixel, and the picture stays within a few degrees of upright.
+    A degenerate matrix (zero scale) is ignored.
+    """
+    if matrix is None or len(matrix) != 9:
+        return UPRIGHT
+    m = matrix
+    scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return UPRIGHT
+    theta = math.degrees(math.atan2(m[1] / scale1, m[0] / scale0)) % 360.0
+    quarter = round(theta / 90.0) % 4
+    if abs(theta - 90.0 * quarter) % 360.0 > 1.0 and abs(theta - 90.0 * quarter) < 359.0:
+        logger.info("display rotation of %.1f degrees rounded to %d", theta, 90 * quarter)
+    if quarter == 1:
+        return _CCLOCK_FLIP if m[3] > 0 else _CLOCK
+    if quarter == 3:
+        return _CLOCK_FLIP if m[3] < 0 else _CCLOCK
+    if quarter == 2:
+        return Orientation(False, m[4] < 0, m[0] < 0)
+    return Orientation(False, m[4] < 0, False)

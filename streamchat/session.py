@@ -109,9 +109,12 @@ class Session:
     async def handle(self, message: ClientMessage) -> None:
         await self._run(self.protocol.receive(message, now=self._loop.time()))
 
-    async def report(self, exc: BaseException) -> None:
-        """Tell the client about an error found before the protocol saw a message."""
-        await self._run([self.protocol.error(exc)])
+    async def report(self, exc: BaseException, *, id: str | None = None) -> None:
+        """Tell the client about an error the protocol did not report itself.
+
+        ``id``: the ``ask`` or ``cancel`` it refuses, named unless ``exc`` names one.
+        """
+        await self._run([self.protocol.error(exc, id=id)])
 
     async def fail(self, exc: StreamchatError) -> None:
         """Tell the client about a fatal error, then close with the error's code."""
@@ -338,6 +341,9 @@ class Session:
             if current is not None:
                 current.uncancel()
             reason = self._abort_reason
+        except StreamchatError as exc:  # the engine's typed refusal (a prompt over the context)
+            exc.id = id
+            await self._run([self.protocol.error(exc)])
         except EngineError as exc:
             self.log.warning("engine failed on %s: %s", request.request_id, exc)
             await self._run([self.protocol.error(EngineFailure(f"the model failed: {exc}", id=id))])

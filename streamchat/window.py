@@ -82,6 +82,11 @@ class FrameWindow:
     def last_pts(self) -> float | None:
         return self._frames[-1].pts if self._frames else None
 
+    @property
+    def newest_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the newest frame, ``(0, 0)`` when empty."""
+        return self._frames[-1].size if self._frames else (0, 0)
+
     def push(self, frame: Frame) -> None:
         """Append ``frame``, evicting the oldest frames to stay within bounds.
 

@@ -9,8 +9,8 @@
             print(delta, end="")
 
 Standalone: it speaks protocol v1 (``docs/protocol.md``) with websockets and
-msgpack; PyAV is loaded only to pace or probe local files and to read live
-sources (cameras, streams) with :meth:`Session.stream_live`.
+msgpack; PyAV is loaded only to inspect, remux or pace local files and to
+read live sources (cameras, streams) with :meth:`Session.stream_live`.
 """
 
 from __future__ import annotations

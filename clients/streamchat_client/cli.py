@@ -9,8 +9,10 @@
 
 Where the video comes from decides how it travels:
 
-* a local file is pushed as it is (as fast as the server decodes, or with
-  ``--realtime`` paced like a live camera);
+* a local file is pushed as it is when the server can read it as a stream,
+  else remuxed here without re-encoding (an MP4 with its index at the end,
+  AVI, ...); as fast as the server decodes, or with ``--realtime`` paced
+  like a live camera;
 * an ``http(s)``/``file:`` URL is fetched by the server (``video.url``), or,
   with ``--push``, read here with PyAV and pushed;
 * ``--device DEV`` (a camera, ``v4l2`` by default on Linux) and ``--live SRC``
@@ -56,7 +58,8 @@ BUFFER_SECONDS = 2.0
 
 EPILOG = """\
 sources:
-  FILE                  a local file, pushed as it is
+  FILE                  a local file, pushed as it is when the server can read it as a
+                        stream, else remuxed here (MP4 index at the end, AVI, ...)
   http(s)://... file:   fetched by the server; with --push read here (PyAV) and pushed
   --device DEV          a camera (v4l2 on Linux unless --input-format says otherwise)
   --live SRC            anything PyAV opens (rtsp://, an HLS playlist, a file played at
@@ -72,7 +75,7 @@ exit codes:
   2    usage error (bad arguments, no such file)
   3    cannot connect to the server (or it refused the session)
   4    the video source failed: cannot be opened or read here, or the server
-       could not fetch or decode it
+       could not fetch or decode it, or ended or refused it while it was pushed
   130  interrupted (Ctrl-C)
 """
 
@@ -145,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=_positive_int, help="tokens per answer at most")
     parser.add_argument(
         "--format",
-        choices=["webm", "matroska", "mp4", "mpegts"],
-        help="container hint for a pushed file or a URL (default: from the name, else probed)",
+        choices=["webm", "matroska", "mp4", "mpegts", "avi"],
+        help="container hint for a file sent as it is, or a URL (default: what PyAV finds in "
+        "a file, else probed)",
     )
     parser.add_argument(
         "--timeout",
@@ -267,11 +271,7 @@ async def _run(args: argparse.Namespace, display: Display) -> int:
         display.problem(str(exc), code=EXIT_CONNECT)
         return EXIT_CONNECT
     async with session:
-        limits = session.limits
-        display.info(
-            f"session {session.session_id} on {session.ready.model}: "
-            f"{limits.fps:g} fps, {limits.window_frames} frames in the window"
-        )
+        display.ready(session.ready)
         try:
             await _stream_and_ask(session, args, display)
         except ServerError as exc:
@@ -280,7 +280,10 @@ async def _run(args: argparse.Namespace, display: Display) -> int:
             else:
                 display.error(exc)
         except SourceError as exc:
-            display.problem(str(exc), code=EXIT_SOURCE)
+            if exc.error is not None and any(exc.error is known for known in session.errors):
+                display.fail(EXIT_SOURCE)  # the server's reason is already on screen
+            else:
+                display.problem(str(exc), code=EXIT_SOURCE)
         except SessionClosed as exc:
             display.problem(str(exc))
         except TimeoutError:

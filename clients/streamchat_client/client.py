@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from .answer import DEFAULT_MAX_PIECES, Answer
-from .errors import ClientError, ProtocolViolation, ServerError, SessionClosed
+from .errors import ClientError, ProtocolViolation, ServerError, SessionClosed, SourceError
 from .handshake import hello_message, open_session
 from .inbox import ErrorCallback, Inbox, StatusCallback
 from .messages import (
@@ -82,7 +82,8 @@ class Session:
         self._closing = False
         self._violation: ProtocolViolation | None = None
         self._sources_started = 0
-        self._pushing = False
+        self._pushing = False  # a pushed source is open: the next chunk continues it
+        self._source_open = False  # a pushed or URL source may still be playing on the server
         self._next_id = 0
         self._receiver = asyncio.create_task(self._receive(), name=f"receive-{ready.session}")
 
@@ -191,15 +192,22 @@ class Session:
         ``data`` may be cut anywhere; it is sent as ``video.chunk`` messages of
         at most ``chunk_bytes`` (and never more than the server accepts).
         ``format`` is the demuxer hint, used when these bytes start a source.
+        Raises :class:`SourceError` (with the server's ``code``) once the
+        server has failed or refused the open source, and sends nothing more
+        of it; stops early, without error, once the server ended it by itself.
+        Call :meth:`end_video` to start another source after either.
         """
         step = self._chunk_size(chunk_bytes)
         view = memoryview(data)
         for offset in range(0, len(view), step):
-            await self._send_chunk(bytes(view[offset : offset + step]), format)
+            if not await self._send_chunk(bytes(view[offset : offset + step]), format):
+                return
 
     async def end_video(self) -> None:
         """No more bytes for the current source; the next chunk starts a new one."""
         self._pushing = False
+        self._source_open = False
+        self._inbox.end_push()
         await self._send({"type": "video.end"})
 
     async def send_file(
@@ -209,31 +217,44 @@ class Session:
         realtime: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         format: str | None = None,
+        remux: bool | None = None,
         end: bool = True,
         on_progress: ProgressCallback | None = None,
     ) -> int:
-        """Push a local video file's bytes as a new source; return how many were sent.
+        """Push a local video file as a new source; return how many bytes were sent.
 
-        With ``realtime``, bytes are paced to the media's duration (probed with
-        PyAV), so a 10 s file takes about 10 s, like a live camera: each chunk
-        leaves when the media it holds would have been recorded. Otherwise
-        the file goes as fast as the server decodes it: once half the server's
+        A file the server can read as a stream (WebM/Matroska, MPEG-TS, an MP4
+        that is fragmented or has its index first) goes as it is; any other
+        (an MP4/MOV with its index at the end, AVI, ...) is remuxed here with
+        PyAV, without re-encoding, into fragmented MP4 (Matroska for codecs
+        MP4 cannot carry), keeping the display matrix, so a portrait phone
+        video stays portrait. Only a codec no container carries (raw frames)
+        is re-encoded. ``remux`` forces (``True``) or forbids (``False``) the
+        remux; ``format`` is the demuxer hint for a file sent as it is
+        (default: what PyAV found). Raises :class:`SourceError` if PyAV cannot
+        open the file, and when the server fails or refuses the source: the
+        push stops at once, with the server's ``code``.
+
+        With ``realtime``, the push is paced to the media's timestamps, so a
+        10 s file takes about 10 s, like a live camera. Otherwise it goes as
+        fast as the server decodes it: once half the server's
         ``video_buffer_bytes`` are undecoded (told by ``video.status``), the
         client waits for decoding to catch up rather than overflow the buffer,
-        which would drop a chunk and corrupt the stream. ``format`` defaults to
-        a guess from the file suffix. A pushed source still open is ended
-        first, since a second file appended to it would not be a valid stream;
-        this one is ended too unless ``end`` is false. ``on_progress`` is
-        called with a :class:`PushStats` after every chunk.
+        which would drop a chunk and corrupt the stream. A source still open
+        is ended first, since a file appended to it would not be a valid
+        stream; this one is ended too (also after a failure) unless ``end`` is
+        false. ``on_progress`` is called with a :class:`PushStats` after every
+        chunk.
         """
         sink = self._sink(chunk_bytes)
-        if self._pushing:  # a file is a source of its own
+        if self._source_open:  # a file is a source of its own
             await self.end_video()
-        stats = await push_file(
-            sink, path, realtime=realtime, format=format, on_progress=on_progress
-        )
-        if end:
-            await self.end_video()
+        try:
+            stats = await push_file(
+                sink, path, realtime=realtime, format=format, remux=remux, on_progress=on_progress
+            )
+        finally:
+            await self._end_push(end)
         return stats.bytes_sent
 
     async def stream_live(
@@ -253,20 +274,22 @@ class Session:
         ``source`` is anything ``av.open`` takes: a camera (``"/dev/video0"``
         with ``input_format="v4l2"``), an RTSP or ``http(s)`` stream, a file.
         The video stream is remuxed in a worker thread without re-encoding
-        when its codec fits (H.264 → MPEG-TS, VP8/VP9 → WebM), else re-encoded
-        to H.264, and sent as ``video.chunk`` messages as the muxer writes it.
+        into fragmented MP4 (Matroska for codecs MP4 cannot carry, e.g. VP8),
+        keeping its display matrix; raw frames are re-encoded to H.264. It is
+        sent as ``video.chunk`` messages as the muxer writes it.
         ``pace`` (default: only for a local file) holds each packet until its
         timestamp is due, so a file plays like a camera; unpaced pushes wait
         for the server's decoder instead of overflowing its buffer.
         ``options`` are PyAV/FFmpeg input options, ``duration`` stops after
         that many seconds of media; otherwise it runs until the source ends or
         the task is cancelled. Returns what was sent (a :class:`PushStats`);
-        raises :class:`SourceError` if the source cannot be opened or read.
+        raises :class:`SourceError` if the source cannot be opened or read,
+        or once the server fails or refuses it (then with the server's ``code``).
         The source is ended afterwards (also after a failure or cancellation)
         unless ``end`` is false.
         """
         sink = self._sink(chunk_bytes)
-        if self._pushing:
+        if self._source_open:
             await self.end_video()
         try:
             return await push_live(
@@ -279,11 +302,16 @@ class Session:
                 on_progress=on_progress,
             )
         finally:
-            # Also when the source fails or the push is cancelled: the server then
-            # decodes what it has and ends the source instead of waiting for more.
-            if end and self._pushing and not self.closed:
-                with contextlib.suppress(ClientError):
-                    await self.end_video()
+            await self._end_push(end)
+
+    async def _end_push(self, end: bool) -> None:
+        # Also when the push fails or is cancelled: the server then decodes what it has
+        # and ends the source instead of waiting for more. After the server failed or
+        # refused the source, it must be ended anyway, so that no later chunk continues it.
+        over = self._inbox.push_stop is not None or self._inbox.push_ended
+        if self._pushing and not self.closed and (end or over):
+            with contextlib.suppress(ClientError):
+                await self.end_video()
 
     async def send_url(self, url: str, *, format: str | None = None) -> None:
         """Have the server fetch and decode ``url`` as a new source (replacing the current one)."""
@@ -291,7 +319,9 @@ class Session:
         if format is not None:
             message["format"] = format
         self._pushing = False
+        self._inbox.end_push()
         self._sources_started += 1
+        self._source_open = True
         await self._send(message)
 
     async def send_image(self, data: bytes, *, pts: float | None = None) -> None:
@@ -476,14 +506,33 @@ class Session:
                 del self._inbox.answers[answer.id]
             answer._fail(exc)
 
-    async def _send_chunk(self, data: bytes, format: str | None) -> None:
+    async def _send_chunk(self, data: bytes, format: str | None) -> bool:
+        """Send the next chunk of the pushed source; ``False`` if the server ended it.
+
+        Raises :class:`SourceError` once the server failed or refused the
+        source: a chunk sent after that would be dropped, or would start a new
+        source from the middle of the stream.
+        """
         message: dict[str, Any] = {"type": "video.chunk", "data": data}
-        if not self._pushing:
+        if self._pushing:
+            stop = self._inbox.push_stop
+            if stop is not None:
+                raise SourceError(
+                    f"the server stopped the video source: {stop.code}: {stop.message}",
+                    code=stop.code,
+                    error=stop,
+                )
+            if self._inbox.push_ended:
+                return False
+        else:
             self._pushing = True
+            self._source_open = True
             self._sources_started += 1
+            self._inbox.start_push(self._sources_started)
             if format is not None:
                 message["format"] = format
         await self._send(message)
+        return True
 
     def _sink(self, chunk_bytes: int) -> ChunkSink:
         return ChunkSink(
@@ -512,6 +561,8 @@ class Session:
         """
         budget = self.limits.video_buffer_bytes // 2
         while True:
+            if self._inbox.push_stop is not None or self._inbox.push_ended:
+                return  # the next send says so
             status = self.status
             decoded = 0
             if status is not None and status.source >= self._sources_started:

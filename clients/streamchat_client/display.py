@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from .answer import Answer
 from .errors import ServerError
 from .inbox import SOURCE_ENDING
-from .messages import VideoStatus
+from .messages import Ready, VideoStatus
 from .sources import PushStats
 
 __all__ = ["EXIT_CONNECT", "EXIT_FAILED", "EXIT_OK", "EXIT_SOURCE", "Display", "print_answer"]
@@ -65,6 +65,7 @@ class Display:
         self._pushed: PushStats | None = None
         self._last_state: tuple[int, str] | None = None
         self._last_drawn = 0.0
+        self._told: tuple[str, str | None] | None = None  # the push whose route was told
 
     # -- outcome ------------------------------------------------------------
 
@@ -118,6 +119,30 @@ class Display:
             about = f" (answer {error.id})" if error.id else ""
             self._line(self.err, f"server error{about}: {error.code}: {error.message}")
 
+    def ready(self, ready: Ready) -> None:
+        """The session is open: its model and the limits that matter for asking."""
+        if self.json_lines:
+            self.emit(
+                {
+                    "type": "ready",
+                    "session": ready.session,
+                    "model": ready.model,
+                    "protocol": ready.protocol,
+                    "limits": asdict(ready.limits),
+                }
+            )
+            return
+        limits = ready.limits
+        text = (
+            f"session {ready.session} on {ready.model}: "
+            f"{limits.fps:g} fps, {limits.window_frames} frames in the window"
+        )
+        if limits.max_ask_frames:  # 0 or None: not told
+            text += f", at most {limits.max_ask_frames} per question"
+        if limits.tokens_per_frame:
+            text += f", {limits.tokens_per_frame} tokens a frame"
+        self.info(text)
+
     # -- answers ------------------------------------------------------------
 
     def delta(self, id: str, text: str) -> None:
@@ -151,17 +176,24 @@ class Display:
     def pushed(self, stats: PushStats) -> None:
         """Take the client's own push progress (a push's ``on_progress`` callback)."""
         self._pushed = stats
-        if not self.json_lines:
-            self._draw(False)
+        if self.json_lines:
+            return
+        if self._told != (stats.source, stats.container):
+            self._told = (stats.source, stats.container)
+            self.info(f"pushing {stats.source}: {route(stats)}")
+        self._draw(False)
 
     def progress_text(self) -> str:
         """The progress line: what the server decoded, then what the client sent."""
         parts = []
         status = self._status
         if status is not None:
+            size = ""
+            if status.width is not None and status.height is not None:
+                size = f", {status.width}x{status.height}"  # as the model gets them
             parts.append(
                 f"source {status.source} {status.state}: {status.frames} frames "
-                f"({status.span:.1f} s buffered), decode lag {status.decode_lag:.2f} s, "
+                f"({status.span:.1f} s buffered{size}), decode lag {status.decode_lag:.2f} s, "
                 f"{_size(status.backlog_bytes)} undecoded"
             )
         pushed = self._pushed
@@ -205,6 +237,20 @@ class Display:
                 return
             self._line(self.err, self.progress_text())
         self._last_drawn = now
+
+
+_CONTAINERS = {"mp4": "fragmented MP4", "matroska": "Matroska", "webm": "WebM", "mpegts": "MPEG-TS"}
+
+
+def route(stats: PushStats) -> str:
+    """How a push's video travels, for people: ``"h264, remuxed into fragmented MP4"``."""
+    codec = stats.codec or "video"
+    container = _CONTAINERS.get(stats.container or "", stats.container or "a probed container")
+    if stats.reencoded:
+        return f"{codec}, re-encoded into {container}"
+    if stats.remuxed:
+        return f"{codec}, remuxed into {container} without re-encoding"
+    return f"{codec} in {container}, as it is"
 
 
 def _size(count: int) -> str:

@@ -7,7 +7,8 @@
     ├── ServerError             the server sent an ``error``: code, message, id, fatal
     ├── SessionClosed           the connection is gone; pending answers and waits end with it
     ├── ProtocolViolation       the server sent something protocol v1 does not allow
-    └── SourceError             a local video source could not be opened or read (PyAV)
+    └── SourceError             a pushed video source failed: PyAV could not open or read it
+                                here, or the server ended or refused it (``code``, ``error``)
 
 Local misuse (an id that is too long, an image larger than the server takes)
 raises :class:`ValueError` before anything is sent, because no server was
@@ -94,9 +95,21 @@ class ProtocolViolation(ClientError):
 
 
 class SourceError(ClientError):
-    """A video source the client reads itself (a camera, a stream, a file) failed.
+    """A video source the client pushes (a file, a camera, a stream) failed.
 
-    Raised by ``Session.stream_live`` when PyAV cannot open the source, finds
-    no video in it, or a read fails; the server's own verdict on what it was
-    sent arrives as a :class:`ServerError` instead.
+    Raised by ``Session.send_file``, ``Session.stream_live`` and
+    ``Session.send_bytes``. Either PyAV could not open or read the source
+    here (``code`` is ``None``), or the server ended or refused the source
+    while it was being pushed: then ``code`` is the server's error code
+    (``video_unsupported``, ``video_too_long``, ``video_backlog_full``, ...)
+    and ``error`` the :class:`ServerError` it sent. The push stops at once in
+    both cases: bytes sent after that would only start a new source from the
+    middle of the stream.
     """
+
+    def __init__(
+        self, message: str, *, code: str | None = None, error: ServerError | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.error = error

@@ -41,6 +41,9 @@ SOURCE_ENDING = frozenset(
     }
 )
 """Session errors that end the current source (its status then says ``failed``)."""
+PUSH_ENDING = SOURCE_ENDING | {"video_backlog_full", "source_busy"}
+"""Session errors after which a push must stop: the source ended, or a chunk was refused and
+the stream has a hole (what follows would only corrupt it, or start a new source mid-stream)."""
 _ANSWER_CONTINUES = frozenset({"engine_error"})
 """Answer errors after which the server still sends that answer's ``answer.done``."""
 _NOT_ABOUT_ANSWER = frozenset({"unknown_id", "duplicate_id"})
@@ -69,6 +72,15 @@ class Inbox:
         self.closed: SessionClosed | None = None
         self.going_away: str | None = None
         """The reason the server gave in ``going_away`` (it is shutting down)."""
+        self.push_source: int | None = None
+        """The number the current push's source gets on the server, while a push is open."""
+        self.push_stop: ServerError | None = None
+        """Why the server failed or refused the open push's source: the push must stop."""
+        self.push_ended = False
+        """The server ended the open push's source by itself (its demuxer reached the end of
+        the stream, e.g. before an MP4's trailing boxes): the rest is not video; stop sending."""
+        self._push_seen = False  # a status of the push's own source has arrived
+        self._push_suspect: ServerError | None = None  # a source error not yet attributed
         self._status_event = asyncio.Event()
 
     def dispatch(self, message: Mapping[str, Any]) -> None:
@@ -87,9 +99,8 @@ class Inbox:
                 answer._done(done)
         elif kind == "video.status":
             self.status = parse_status(message)
-            # Wake every waiter of this status; later waiters get a fresh event.
-            event, self._status_event = self._status_event, asyncio.Event()
-            event.set()
+            self._push_status(self.status)
+            self._wake()
             _call(self.on_status, self.status)
         elif kind == "error":
             self._error(parse_error(message))
@@ -113,10 +124,67 @@ class Inbox:
         self.errors.append(error)
         if error.code in SOURCE_ENDING:
             self.source_error = error
+        self._push_error(error)
         _call(self.on_error, error)
 
+    # -- the open push ---------------------------------------------------------
+    #
+    # Errors carry no source number, so one that arrives just after a push has
+    # started a new source may still be about the previous source (whose
+    # decoder failed before the server saw the new chunk, or refused chunks
+    # still in flight). The server reports errors only for its current source
+    # and follows a source's failure with its ``failed`` status, which does
+    # carry the number: once a status of the push's own source has arrived,
+    # every later error is about it; before that, a source error waits for
+    # the status that follows it. ``source_busy`` answers the chunk just sent.
+
+    def start_push(self, source: int) -> None:
+        """A push starts source ``source`` (the client's count of sources started)."""
+        self.push_source = source
+        self.push_stop = None
+        self.push_ended = False
+        self._push_seen = False
+        self._push_suspect = None
+
+    def end_push(self) -> None:
+        """The push's source was ended (``video.end``): later errors are not about a push."""
+        self.push_source = None
+        self._push_suspect = None
+
+    def _push_error(self, error: ServerError) -> None:
+        if self.push_source is None or self.push_stop is not None:
+            return
+        if error.code == "source_busy" or (error.code in PUSH_ENDING and self._push_seen):
+            self.push_stop = error
+            self._wake()  # a push waiting for decoding progress must stop now
+        elif error.code in SOURCE_ENDING:
+            self._push_suspect = error
+
+    def _push_status(self, status: VideoStatus) -> None:
+        if self.push_source is None:
+            return
+        if status.source < self.push_source:
+            self._push_suspect = None  # that error was about the previous source
+            return
+        self._push_seen = True
+        if status.state == "failed" and self.push_stop is None:
+            self.push_stop = (
+                self._push_suspect
+                or self.source_error
+                or ServerError("video_failed", "the video source failed without an error message")
+            )
+        elif status.state == "ended":
+            self.push_ended = True
+        self._push_suspect = None
+
+    def _wake(self) -> None:
+        """Wake every waiter of :meth:`next_status`; later waiters get a fresh event."""
+        event, self._status_event = self._status_event, asyncio.Event()
+        event.set()
+
     async def next_status(self) -> None:
-        """Return at the next ``video.status``; raise :class:`SessionClosed` once closed."""
+        """Return at the next ``video.status`` (or when a push must stop; waiters re-check
+        what they wait for); raise :class:`SessionClosed` once closed."""
         if self.closed is not None:
             raise self.closed
         await self._status_event.wait()

@@ -91,9 +91,17 @@ class Limits:
     """The server decodes keyframes only for this session (asked for in ``hello``)."""
     messages_per_second: float | None = None
     """Sustained message rate the server allows (``None``: not told, an older server)."""
+    message_burst: int | None = None
+    """Messages the server takes at once above that rate."""
     video_bytes_per_second: int | None = None
     idle_timeout: float | None = None
     """The server closes the session after this long with nothing to do."""
+    tokens_per_frame: int | None = None
+    """The most context tokens one frame costs the model: 0 when the server's engine cannot
+    tell, ``None`` from an older server that does not say."""
+    max_ask_frames: int | None = None
+    """The most frames one answer sees (what fits the model's context; more in the asked range
+    are thinned evenly): 0 or ``None`` as for :attr:`tokens_per_frame`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +131,10 @@ class VideoStatus:
     frames_decoded: int
     frames_dropped: int
     bytes_received: int
+    width: int | None = None
+    """Width of the frames the model gets, upright and resized (``None``: an older server)."""
+    height: int | None = None
+    """Their height: ``height > width`` for portrait video."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,8 +226,11 @@ def parse_ready(raw: Mapping[str, Any]) -> Ready:
         max_tokens_limit=lim.integer("max_tokens_limit"),
         keyframes_only=lim.flag("keyframes_only"),
         messages_per_second=lim.opt_number("messages_per_second"),
+        message_burst=lim.opt_integer("message_burst"),
         video_bytes_per_second=lim.opt_integer("video_bytes_per_second"),
         idle_timeout=lim.opt_number("idle_timeout"),
+        tokens_per_frame=lim.opt_integer("tokens_per_frame"),
+        max_ask_frames=lim.opt_integer("max_ask_frames"),
     )
     return Ready(
         session=f.text("session"),
@@ -239,6 +254,8 @@ def parse_status(raw: Mapping[str, Any]) -> VideoStatus:
         frames_decoded=f.integer("frames_decoded"),
         frames_dropped=f.integer("frames_dropped"),
         bytes_received=f.integer("bytes_received"),
+        width=f.opt_integer("width"),
+        height=f.opt_integer("height"),
     )
 
 

@@ -1,13 +1,32 @@
-"""The PyAV side of a live push: any input in, an in-memory container stream out.
+"""The PyAV side of a remuxed push: any input in, an in-memory container stream out.
 
 Runs in a worker thread (:func:`run`) and talks to the event loop only
 through a :class:`Bridge`, a bounded queue: it opens the source, copies its
-video packets into a container the server reads (H.264 → MPEG-TS, VP8/VP9 →
-WebM) or re-encodes them (H.264, else VP8) when the codec fits none, waits
-for each packet's timestamp when pacing, and hands over the muxer's bytes as
-they are written. What it hands over: one :class:`Opened`, then
-:class:`Piece` after :class:`Piece`, then :data:`END` or a :class:`Failed`.
-See :mod:`streamchat_client.sources` for the event loop side.
+video packets into a container the server reads as a stream, waits for each
+packet's timestamp when pacing, and hands over the muxer's bytes as they are
+written. What it hands over: one :class:`Opened`, then :class:`Piece` after
+:class:`Piece`, then :data:`END` or a :class:`Failed`. See
+:mod:`streamchat_client.sources` for the event loop side.
+
+The container (measured with PyAV 18, FFmpeg 8; see ``clients/README.md``):
+
+* **Fragmented MP4** first. The stream is copied with its codec parameters
+  and coded side data (``add_stream_from_template``), so the display matrix
+  of a portrait or mirrored phone video travels in the track header, and
+  every timestamp arrives exactly as the source has it. A fragment is cut at
+  each keyframe and every :data:`FRAGMENT_SECONDS`, which bounds both the
+  latency of a live source and what the muxer holds.
+* **Matroska** for codecs MP4 cannot carry (VP8, ProRes, MS-MPEG4, ...). It
+  keeps the display matrix too, and costs less per cluster, but rounds
+  timestamps to the millisecond.
+* MPEG-TS, which the live push used before, loses the display matrix.
+
+Only what neither container carries is re-encoded (raw frames; H.264 or
+VP8, whichever encoder the FFmpeg build has), and H.264/HEVC with B-frames
+from AVI, which stores no presentation timestamps: copied, their frames
+would be out of order; re-encoded, they are stamped in display order at the
+stream's frame rate. A re-encoded stream does not keep the display matrix.
+Audio is never sent: the server ignores it.
 """
 
 from __future__ import annotations
@@ -21,19 +40,36 @@ from fractions import Fraction
 from typing import Any
 
 from .errors import SourceError
+from .media import main_video
 
 __all__ = ["END", "Bridge", "Failed", "Opened", "Piece", "run"]
 
-_REMUX = {"h264": "mpegts", "vp8": "webm", "vp9": "webm"}
-"""Codecs copied as they are, and the container they travel in."""
+FRAGMENT_SECONDS = 0.2
+"""The longest MP4 fragment or Matroska cluster: the muxer's bytes leave at least this often."""
+_CARRIERS = ("mp4", "matroska")
+"""Containers a stream is copied into, in order of preference (see the module docstring)."""
 _MUX_OPTIONS = {
-    # flush_packets: the muxer's bytes leave with every packet, not every 32 KiB.
-    "mpegts": {"flush_packets": "1"},
-    # WebM is written a cluster at a time: short clusters keep the latency down.
-    "webm": {"flush_packets": "1", "live": "1", "cluster_time_limit": "200"},
+    # flush_packets: the muxer's bytes leave as they are written, not every 32 KiB.
+    "mp4": {
+        "movflags": "frag_keyframe+empty_moov+default_base_moof",
+        "frag_duration": str(round(FRAGMENT_SECONDS * 1_000_000)),
+        "flush_packets": "1",
+    },
+    # Matroska is written a cluster at a time: short clusters keep the latency down.
+    "matroska": {
+        "flush_packets": "1",
+        "live": "1",
+        "cluster_time_limit": str(round(FRAGMENT_SECONDS * 1000)),
+    },
 }
-_ENCODERS = (("libx264", "mpegts"), ("libvpx", "webm"))
-"""Encoders for everything else, in order of preference."""
+_REENCODED = frozenset({"rawvideo"})
+"""Codecs re-encoded although a container could hold them: raw frames are 10-100 times the
+bytes of any compressed stream."""
+_NO_PTS = (frozenset({"avi"}), frozenset({"h264", "hevc"}))
+"""Demuxers that store no presentation timestamps, and codecs whose B-frames then come out
+of order (FFmpeg's MPEG-4 Part 2 parser recovers them; its H.264 and HEVC parsers do not)."""
+_ENCODERS = (("libx264", "mp4"), ("libvpx", "matroska"))
+"""Encoders for what is re-encoded, in order of preference."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +169,10 @@ def run(
         except Exception as exc:  # FFmpegError, OSError, ValueError for an unknown format
             raise SourceError(f"cannot open {source}: {exc}") from exc
         with container:
-            if not container.streams.video:
+            stream = main_video(container)
+            if stream is None:
                 raise SourceError(f"{source} has no video stream")
-            _remux(bridge, container, container.streams.video[0], duration, pace)
+            _remux(bridge, container, stream, duration, pace)
     except SourceError as exc:
         bridge.put(Failed(exc))
         return
@@ -157,17 +194,33 @@ def _remux(bridge: Bridge, container: Any, stream: Any, duration: float | None, 
 
     codec = stream.codec_context.name
     output_file = _Collector()
-    target = _REMUX.get(codec)
-    encoder: str | None = None
-    if target is None:
+    restamp = _needs_restamp(container, stream)
+    reencoder: _Encoder | None = None
+    output, out_stream, target = None, None, ""
+    if codec not in _REENCODED and not restamp:
+        for target in _CARRIERS:
+            output = av.open(output_file, "w", format=target, options=_MUX_OPTIONS[target])
+            try:
+                out_stream = output.add_stream_from_template(stream)
+                break
+            except ValueError:  # "'mp4' format does not support 'vp8' codec"
+                output.close()
+                output = None
+                output_file.take()  # nothing was written, but keep no trace of it
+            except BaseException:
+                output.close()
+                raise
+    if output is None:
         encoder, target = _pick_encoder()
-    with av.open(output_file, "w", format=target, options=_MUX_OPTIONS[target]) as output:
-        reencoder: _Encoder | None = None
-        if encoder is None:
-            out_stream = output.add_stream_from_template(stream)
-        else:
-            reencoder = _Encoder(output, encoder, stream)
-        if not bridge.put(Opened(target, codec, encoder is not None)):
+        output = av.open(output_file, "w", format=target, options=_MUX_OPTIONS[target])
+        rate = (stream.average_rate or stream.guessed_rate) if restamp else None
+        try:
+            reencoder = _Encoder(output, encoder, stream, rate=rate)
+        except BaseException:
+            output.close()
+            raise
+    with output:
+        if not bridge.put(Opened(target, codec, reencoder is not None)):
             return
         first: float | None = None
         media = 0.0
@@ -182,9 +235,9 @@ def _remux(bridge: Bridge, container: Any, stream: Any, duration: float | None, 
             seconds = float(stamp * packet.time_base)
             if first is None:
                 first = seconds
-            media = seconds - first
-            if duration is not None and media >= duration:
+            if duration is not None and seconds - first >= duration:
                 break
+            media = seconds - first
             if pace:
                 delay = clock + media - time.monotonic()
                 if delay > 0 and bridge.stop.wait(delay):  # pacing is the feature
@@ -202,11 +255,23 @@ def _remux(bridge: Bridge, container: Any, stream: Any, duration: float | None, 
                     return
                 unsent = 0
         if reencoder is not None:
+            for frame in stream.codec_context.decode(None):  # frames the decoder still holds
+                output.mux(reencoder.encode(frame, media))
             output.mux(reencoder.flush())
     # Closing the output writes the container's trailer, if it has one.
     tail = output_file.take()
     if tail:
         bridge.put(Piece(tail, unsent, media))
+
+
+def _needs_restamp(container: Any, stream: Any) -> bool:
+    """Whether the packets' presentation timestamps are guesses that put B-frames out of order."""
+    demuxers, codecs = _NO_PTS
+    return (
+        bool(demuxers & set(container.format.name.split(",")))
+        and stream.codec_context.name in codecs
+        and bool(stream.codec_context.has_b_frames)
+    )
 
 
 def _pick_encoder() -> tuple[str, str]:
@@ -222,9 +287,14 @@ def _pick_encoder() -> tuple[str, str]:
 
 
 class _Encoder:
-    """Re-encodes decoded frames for a codec no container of the server's takes as it is."""
+    """Re-encodes decoded frames for a codec no container of the server's takes as it is.
 
-    def __init__(self, output: Any, encoder: str, stream: Any) -> None:
+    Frames keep their own times; with ``rate`` they are stamped in the order
+    the decoder gives them, one ``1 / rate`` apart, for sources whose
+    timestamps are not in display order.
+    """
+
+    def __init__(self, output: Any, encoder: str, stream: Any, *, rate: Fraction | None) -> None:
         context = stream.codec_context
         options = (
             {"preset": "ultrafast", "tune": "zerolatency"}
@@ -236,12 +306,18 @@ class _Encoder:
         self.stream.height = max(2, context.height // 2 * 2)
         self.stream.pix_fmt = "yuv420p"
         self.stream.codec_context.time_base = _ENCODE_TIME_BASE
+        self._rate = rate
+        self._count = 0
         self._first: float | None = None
         self._last_pts: int | None = None
 
     def encode(self, frame: Any, media: float) -> list[Any]:
         """Encode one decoded frame at its time since the source's first frame."""
-        seconds = float(frame.time) if frame.time is not None else media
+        if self._rate:
+            seconds = float(self._count / self._rate)
+            self._count += 1
+        else:
+            seconds = float(frame.time) if frame.time is not None else media
         if self._first is None:
             self._first = seconds
         image = frame.reformat(width=self.stream.width, height=self.stream.height, format="yuv420p")

@@ -1,18 +1,24 @@
-"""Pushing video from the client: local files as they are, anything else through PyAV.
+"""Pushing video from the client: local files, and anything else through PyAV.
 
 Two ways to feed a session's ``video.chunk`` stream, both independent of the
 WebSocket (they write to a :class:`ChunkSink`, which the session provides):
 
-* :func:`push_file` sends a local file's bytes unchanged, as fast as the
-  server decodes them or paced to the file's duration.
+* :func:`push_file` sends a local file: its bytes unchanged when the server
+  can read them as a stream (:func:`~streamchat_client.media.plan_file`),
+  else remuxed like a live source; as fast as the server decodes them or
+  paced to the media's time.
 * :func:`push_live` opens any input PyAV can (a file, an ``http(s)``/RTSP
   stream, a camera such as ``/dev/video0`` with ``input_format="v4l2"``) in a
-  worker thread and remuxes its video stream, without re-encoding when the
-  codec fits a container the server reads (H.264 → MPEG-TS, VP8/VP9 → WebM;
-  anything else, e.g. a webcam's MJPEG or raw frames, is re-encoded to H.264,
-  or VP8 if the FFmpeg build has no H.264 encoder). The container is written
-  to memory and its bytes are pushed as they are produced, paced by the
-  packets' timestamps when the source does not pace itself (a file).
+  worker thread and remuxes its video stream without re-encoding into
+  fragmented MP4, or Matroska for codecs MP4 cannot carry, keeping the
+  display matrix (see :mod:`streamchat_client.remux`); only raw frames are
+  re-encoded. The container is written to memory and its bytes are pushed
+  as they are produced, paced by the packets' timestamps when the source
+  does not pace itself (a file).
+
+Either push stops at once when the sink refuses a chunk: the sink raises
+:class:`~streamchat_client.errors.SourceError` when the server failed or
+refused the source, and returns ``False`` when the server ended it by itself.
 
 The worker thread (:mod:`streamchat_client.remux`) never touches the event
 loop's objects: it hands bytes over through a bounded queue and wakes the
@@ -32,7 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import remux
-from .media import guess_format, probe_duration
+from .media import guess_format, plan_file, probe_duration
 from .remux import END, Bridge, Failed, Opened, Piece
 
 __all__ = [
@@ -66,6 +72,8 @@ class PushStats:
     """The source's video codec."""
     reencoded: bool = False
     """Whether the video was re-encoded because its codec fits no container the server reads."""
+    remuxed: bool = False
+    """Whether the bytes sent were written by the client's muxer (not a file's own bytes)."""
     packets: int = 0
     """Video packets sent (0 for a file pushed as it is)."""
     chunks: int = 0
@@ -86,8 +94,11 @@ ProgressCallback = Callable[[PushStats], object]
 class ChunkSink:
     """Where a push writes: the session's chunk sender and its flow control."""
 
-    send: Callable[[bytes, str | None], Awaitable[None]]
-    """Send the next ``video.chunk`` of the current source (the hint matters on the first)."""
+    send: Callable[[bytes, str | None], Awaitable[bool]]
+    """Send the next ``video.chunk`` of the current source (the hint matters on the first).
+
+    ``False`` when the server ended the source by itself (nothing more can go to it);
+    raises :class:`~streamchat_client.errors.SourceError` when it failed or refused it."""
     wait_decoded: Callable[[int], Awaitable[None]]
     """Hold an unpaced push until the server has decoded enough of the given bytes sent."""
     chunk_bytes: int
@@ -96,7 +107,7 @@ class ChunkSink:
     """The server's undecoded-byte buffer (``video_buffer_bytes``)."""
 
 
-# --- local files, as they are -------------------------------------------------
+# --- local files -------------------------------------------------------------
 
 
 async def push_file(
@@ -105,12 +116,24 @@ async def push_file(
     *,
     realtime: bool = False,
     format: str | None = None,
+    remux: bool | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> PushStats:
-    """Send ``path``'s bytes unchanged as the current source (see ``Session.send_file``)."""
+    """Send ``path`` as the current source, as it is or remuxed (see ``Session.send_file``)."""
     path = Path(path)
+    if remux is None:
+        plan = await asyncio.to_thread(plan_file, path)
+        remux, container, codec = plan.remux, format or plan.container, plan.codec
+    else:
+        container, codec = format or guess_format(path), None
+    if remux:
+        # An absolute path: FFmpeg would take "name:..." for a protocol.
+        stats = await push_live(
+            sink, str(path.resolve()), pace=realtime, on_progress=on_progress, label=str(path)
+        )
+        return stats
+    stats = PushStats(str(path), container=container, codec=codec)
     size = path.stat().st_size
-    stats = PushStats(str(path), container=format or guess_format(path))
     step = sink.chunk_bytes
     duration: float | None = None
     if realtime:
@@ -132,7 +155,8 @@ async def push_file(
                     await asyncio.sleep(delay)  # pacing is the feature
             else:
                 await sink.wait_decoded(sent)
-            await sink.send(piece, stats.container)
+            if not await sink.send(piece, stats.container):
+                break
             stats.bytes_sent = sent
             stats.chunks += 1
             stats.elapsed = loop.time() - started
@@ -161,6 +185,7 @@ async def push_live(
     pace: bool | None = None,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
     on_progress: ProgressCallback | None = None,
+    label: str | None = None,
 ) -> PushStats:
     """Open ``source`` with PyAV in a worker thread and push its video, remuxed, as it comes.
 
@@ -170,8 +195,9 @@ async def push_live(
     not pacing anything else (a camera or a stream paces itself). An unpaced
     push still waits for the server's decoder rather than overflow its buffer.
     ``duration`` stops after that many seconds of media. Raises
-    :class:`SourceError` if the source cannot be opened or read; cancelling
-    stops the worker and closes the source.
+    :class:`SourceError` if the source cannot be opened or read, or the
+    server fails or refuses it; cancelling stops the worker and closes the
+    source. ``label`` names the source in :class:`PushStats` (default: ``source``).
     """
     if pace is None:
         pace = input_format is None and is_local_file(source)
@@ -183,7 +209,7 @@ async def push_live(
         name=f"streamchat-source-{source}",
         daemon=True,  # a camera read that never returns must not keep the process alive
     )
-    stats = PushStats(source)
+    stats = PushStats(label or source, remuxed=True)
     started = loop.time()
     worker.start()
     try:
@@ -211,7 +237,8 @@ async def push_live(
                     break
                 batch.append(more)
                 size += len(more.data)
-            await _send_pieces(sink, stats, batch, pace, started, loop, on_progress)
+            if not await _send_pieces(sink, stats, batch, pace, started, loop, on_progress):
+                return stats
     finally:
         bridge.stop.set()
         with contextlib.suppress(asyncio.CancelledError, Exception):  # a second cancel: go
@@ -226,13 +253,15 @@ async def _send_pieces(
     started: float,
     loop: asyncio.AbstractEventLoop,
     on_progress: ProgressCallback | None,
-) -> None:
+) -> bool:
+    """Send ``pieces``; ``False`` if the server ended the source meanwhile."""
     data = b"".join(piece.data for piece in pieces)
     for offset in range(0, len(data), sink.chunk_bytes):
         part = data[offset : offset + sink.chunk_bytes]
         if not pace:
             await sink.wait_decoded(stats.bytes_sent + len(part))
-        await sink.send(part, stats.container)
+        if not await sink.send(part, stats.container):
+            return False
         stats.bytes_sent += len(part)
         stats.chunks += 1
     stats.packets += sum(piece.packets for piece in pieces)
@@ -240,3 +269,4 @@ async def _send_pieces(
     stats.elapsed = loop.time() - started
     if on_progress is not None:
         on_progress(stats.snapshot())
+    return True

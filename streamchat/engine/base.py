@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from ..budget import VisionCosts
 from ..window import Frame
 
 __all__ = [
@@ -94,6 +95,11 @@ class Engine(Protocol):
     @property
     def frame_factor(self) -> int | None:
         """Frame sides the model wants as multiples of this (patch x merge), if known."""
+        ...
+
+    @property
+    def vision_costs(self) -> VisionCosts | None:
+        """What video costs in the model's context, if known (the app plans the window by it)."""
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:

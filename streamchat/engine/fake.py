@@ -13,14 +13,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 
+from ..budget import VisionCosts
 from .base import Delta, EngineError, GenerationRequest, Usage
 
 __all__ = ["FakeEngine"]
 
 
 class FakeEngine:
-    def __init__(self, *, model_name: str = "fake", fail_with: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str = "fake",
+        fail_with: str | None = None,
+        vision_costs: VisionCosts | None = None,
+    ) -> None:
         self._model_name = model_name
+        self.vision_costs = vision_costs
+        """What video costs the fake's "model" (None: no context to fit, as before)."""
         self._running: set[str] = set()
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..prompt import build_messages, video_metadata
+from ..budget import VisionCosts
+from ..errors import ContextTooLong
+from ..prompt import MAX_CLIPS, build_messages, clip_frames, split_clips, video_metadata
 from ..window import Frame
 from . import cpu_compat
 from .base import ChatTurn, Delta, EngineError, FinishReason, GenerationRequest, Usage
@@ -54,14 +56,18 @@ __all__ = [
 
 logger = logging.getLogger("streamchat.engine")
 
-DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_MAX_MODEL_LEN = 8192
+"""Room for the default window of 720p (4,032 video tokens for Qwen2-VL), the history
+and the longest answer; see :mod:`streamchat.budget`."""
 DEFAULT_MAX_NUM_SEQS = 8
-DEFAULT_KV_CACHE_BYTES = 64 * 1024 * 1024
-"""Enough for a few short conversations with a tiny model; real models want more
+DEFAULT_KV_CACHE_BYTES = 512 * 1024 * 1024
+"""Two full 8192-token contexts of Qwen2-VL-2B (28 KiB a token); more sessions want more
 (``VLLM_CPU_KVCACHE_SPACE``, in whole GiB, overrides it on CPU)."""
 
-_METADATA_MODEL_TYPES = frozenset({"qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
-"""Model types whose processors require ``(frames, metadata)`` for a video."""
+_FAMILIES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
+_FAMILIES["qwen3_vl_moe"] = "qwen3_vl"
+"""Model types -> the family whose video metadata :func:`~streamchat.prompt.video_metadata`
+builds (Qwen2.5-VL and Qwen3-VL require it; Qwen2-VL takes none)."""
 
 _FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop",
@@ -97,7 +103,8 @@ def engine_defaults() -> dict[str, Any]:
     """Settings that work on CPU as well as GPU for a video chat model.
 
     Eager mode (no graph capture or compilation: start-up dominates on CPU),
-    one video and one image per prompt (what :mod:`streamchat.prompt` builds),
+    the videos and image a prompt of :mod:`streamchat.prompt` may hold (a
+    window cut into clips at gaps),
     and a fixed KV cache size rather than a fraction of device memory, so the
     footprint is predictable.
     """
@@ -107,7 +114,7 @@ def engine_defaults() -> dict[str, Any]:
         "max_num_seqs": DEFAULT_MAX_NUM_SEQS,
         "kv_cache_memory_bytes": DEFAULT_KV_CACHE_BYTES,
         "enforce_eager": True,
-        "limit_mm_per_prompt": {"video": 1, "image": 1},
+        "limit_mm_per_prompt": {"video": MAX_CLIPS, "image": 1},
         "seed": 0,
         "disable_log_stats": True,
     }
@@ -150,10 +157,13 @@ class VllmEngine:
         model_config = llm.model_config
         hf_config = model_config.hf_config
         self._model_name = str(model_config.served_model_name or model_config.model)
-        self._needs_metadata = hf_config.model_type in _METADATA_MODEL_TYPES
+        self._family = _FAMILIES.get(hf_config.model_type, hf_config.model_type)
         self._tokenizer = llm.get_tokenizer()
         self._video_token_id = _video_token_id(hf_config, self._tokenizer)
         self._frame_factor = _frame_factor(hf_config)
+        processor = _hf_processor(model_config)
+        self._chat_template: str | None = getattr(processor, "chat_template", None)
+        self._costs = _vision_costs(model_config, self._family, self._tokenizer, processor)
         self._digests = FrameDigests() if content_ids else None
 
     @property
@@ -163,6 +173,10 @@ class VllmEngine:
     @property
     def model_name(self) -> str:
         return self._model_name
+
+    @property
+    def vision_costs(self) -> VisionCosts | None:
+        return self._costs
 
     @property
     def llm(self) -> Any:
@@ -257,8 +271,10 @@ class VllmEngine:
                 prompt = self._prompt(request, history)
                 (engine_input,) = await self._live().renderer.render_cmpl_async([prompt])
             except VLLMValidationError as exc:
-                if exc.parameter != "input_tokens" or not history:
+                if exc.parameter not in ("input_tokens", "input_text"):
                     raise EngineError(f"could not prepare the prompt: {exc}") from exc
+                if not history:
+                    raise self._too_long(request, exc.value) from exc
                 logger.info("request %s: history trimmed to fit", request.request_id)
                 history.pop(0)
             except Exception as exc:
@@ -266,27 +282,45 @@ class VllmEngine:
             else:
                 return engine_input
 
+    def _too_long(self, request: GenerationRequest, length: object) -> ContextTooLong:
+        """The typed refusal of a question whose prompt alone overflows the context."""
+        limit = self._costs.max_model_len if self._costs else "the model's"
+        return ContextTooLong(
+            f"the question with its {len(request.frames)} frames needs {length} tokens, "
+            f"more than the context of {limit} tokens: ask about fewer frames "
+            "(max_frames, last_seconds) or a shorter question"
+        )
+
     def _prompt(self, request: GenerationRequest, history: Sequence[ChatTurn]) -> dict[str, Any]:
-        """Prompt text from the model's chat template, with the frames as its video."""
+        """Prompt text from the model's chat template, with the frames as its videos.
+
+        The processor's template is preferred, as vLLM's own chat path does:
+        some checkpoints' tokenizers carry a text-only template.
+        """
         messages = build_messages(request.question, request.frames, history, fps=request.fps)
         text = self._tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages,
+            chat_template=self._chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
         )
         prompt: dict[str, Any] = {"prompt": text}
-        if request.frames:
-            # One frame is shown twice: a video is made of two-frame temporal
-            # patches, and Qwen3-VL's processor refuses fewer frames than that
-            # (the others pad to two themselves, so the tokens are the same).
-            frames = list(request.frames) * (2 if len(request.frames) == 1 else 1)
+        videos: list[Any] = []
+        ids: list[str] = []
+        for clip in split_clips(request.frames):
+            frames = clip_frames(clip)
             video: Any = _stack_frames(frames)
-            metadata = video_metadata(frames, request.fps) if self._needs_metadata else None
+            metadata = video_metadata(frames, request.fps, family=self._family)
             if metadata is not None:
                 video = (video, metadata)
-            prompt["multi_modal_data"] = {"video": video}
+            videos.append(video)
             if self._digests is not None:
                 size = _newest_size(frames)
-                video_id = self._digests.video_id(frames, video_size=size, metadata=metadata)
-                prompt["multi_modal_uuids"] = {"video": [video_id]}
+                ids.append(self._digests.video_id(frames, video_size=size, metadata=metadata))
+        if videos:
+            prompt["multi_modal_data"] = {"video": videos}
+            if ids:
+                prompt["multi_modal_uuids"] = {"video": ids}
         return prompt
 
 
@@ -422,6 +456,63 @@ def _finish_reason(reason: str | None) -> FinishReason:
     if mapped is None:
         raise EngineError(f"the engine finished the answer with {reason!r}")
     return mapped
+
+
+def _hf_processor(model_config: Any) -> Any:
+    """The model's Hugging Face processor (its chat template and video limits), or None."""
+    try:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+            model_config.model, trust_remote_code=model_config.trust_remote_code
+        )
+    except Exception:  # an unusual model: the processor is vLLM's business
+        logger.info("no Hugging Face processor for %s", model_config.model)
+        return None
+
+
+def _vision_costs(
+    model_config: Any, family: str, tokenizer: Any, processor: Any
+) -> VisionCosts | None:
+    """The model's video token arithmetic (:mod:`streamchat.budget`), from its own configs.
+
+    Patch, merge and temporal patch sizes come from the vision config; the
+    smallest frame from the video processor (frames below it are enlarged);
+    Qwen3-VL's per-pair text from its tokenizer: a timestamp at its longest
+    and the vision start and end tokens its processor writes around each pair.
+    """
+    vision = getattr(model_config.hf_config, "vision_config", None)
+    patch = getattr(vision, "patch_size", None)
+    merge = getattr(vision, "spatial_merge_size", None)
+    if not isinstance(patch, int) or not isinstance(merge, int):
+        return None
+    temporal = getattr(vision, "temporal_patch_size", 2)
+    pair_text = 0
+    if family == "qwen3_vl":
+        pair_text = len(tokenizer.encode("<14400.0 seconds>", add_special_tokens=False)) + 2
+    return VisionCosts(
+        max_model_len=int(model_config.max_model_len),
+        factor=patch * merge,
+        temporal_patch=int(temporal),
+        min_frame_pixels=_min_frame_pixels(processor, family),
+        pair_text_tokens=pair_text,
+    )
+
+
+def _min_frame_pixels(processor: Any, family: str) -> int:
+    """The video processor's smallest frame in pixels (0 when it cannot be read).
+
+    Qwen2-VL's and Qwen2.5-VL's ``size.shortest_edge`` bounds each frame;
+    Qwen3-VL's bounds a whole video (frames x height x width), so a
+    two-frame clip is the worst case.
+    """
+    size = getattr(getattr(processor, "video_processor", None), "size", None)
+    shortest = getattr(size, "shortest_edge", None)
+    if shortest is None and isinstance(size, dict):
+        shortest = size.get("shortest_edge")
+    if not isinstance(shortest, int):
+        return 0
+    return shortest // 2 if family == "qwen3_vl" else shortest
 
 
 def _frame_factor(hf_config: Any) -> int | None:

@@ -2,7 +2,9 @@
 
 Every test gets its own uvicorn server and :class:`FakeEngine`, so a gated
 engine or a closed server cannot leak into the next test; starting one costs
-milliseconds. Clips are encoded once per test session.
+milliseconds. Clips are encoded once per test session, and so are the files
+the ``ffmpeg`` tool writes the way cameras and phones do
+(``tests/support/ffmpeg.py``), each on first use.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Live sources, interactive mode and progress display of the bundled client.
 
-Live sources are played from files generated with PyAV (Matroska/MPEG-TS
-H.264, WebM VP8, Matroska MJPEG), opened by the client's PyAV worker exactly
-as a camera or an RTSP stream would be, against a real uvicorn server with
-the scripted :class:`FakeEngine`. Interactive mode runs the CLI as a
+Live sources are played from files generated with PyAV (Matroska H.264, WebM
+VP8, Matroska MJPEG, raw frames in AVI), opened by the client's PyAV worker
+exactly as a camera or an RTSP stream would be, against a real uvicorn server
+with the scripted :class:`FakeEngine`. Interactive mode runs the CLI as a
 subprocess with questions written to its stdin.
 """
 
@@ -36,14 +36,14 @@ TIMEOUT = 20.0
 
 @pytest.fixture(scope="module")
 def mkv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2 s Matroska H.264 clip: remuxed to MPEG-TS without re-encoding."""
+    """A 2 s Matroska H.264 clip: remuxed to fragmented MP4 without re-encoding."""
     path = tmp_path_factory.mktemp("live") / "clip.mkv"
     return encode_video(path, container="matroska", codec="h264", seconds=CLIP_SECONDS)
 
 
 @pytest.fixture(scope="module")
 def mjpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2 s Matroska MJPEG clip (what many webcams send): must be re-encoded."""
+    """A 2 s Matroska MJPEG clip (what many webcams send): copied, the server decodes MJPEG."""
     path = tmp_path_factory.mktemp("live") / "mjpeg.mkv"
     with av.open(str(path), "w", format="matroska") as output:
         stream = output.add_stream("mjpeg", rate=CLIP_FPS)
@@ -51,6 +51,22 @@ def mjpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for i in range(round(CLIP_SECONDS * CLIP_FPS)):
             frame = av.VideoFrame.from_ndarray(pattern_frame(i, 160, 120), format="rgb24")
             frame = frame.reformat(format="yuvj420p")
+            frame.pts = i
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    return path
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2 s AVI of raw frames (what a v4l2 camera gives without MJPEG): must be re-encoded."""
+    path = tmp_path_factory.mktemp("live") / "raw.avi"
+    with av.open(str(path), "w", format="avi") as output:
+        stream = output.add_stream("rawvideo", rate=CLIP_FPS)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        for i in range(round(CLIP_SECONDS * CLIP_FPS)):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(i, 160, 120), format="rgb24")
+            frame = frame.reformat(format="yuv420p")
             frame.pts = i
             output.mux(stream.encode(frame))
         output.mux(stream.encode(None))
@@ -67,7 +83,7 @@ def _source_threads() -> list[threading.Thread]:
 async def test_stream_live_remuxes_h264_and_paces_to_packet_timestamps(
     server: LiveServer, mkv: Path
 ) -> None:
-    """A Matroska H.264 file played as a live source is remuxed to MPEG-TS without
+    """A Matroska H.264 file played as a live source is remuxed to fragmented MP4 without
     re-encoding, takes its media duration while questions are answered, and every frame
     reaches the server."""
     loop = asyncio.get_running_loop()
@@ -84,7 +100,7 @@ async def test_stream_live_remuxes_h264_and_paces_to_packet_timestamps(
         answer = await session.ask("What now?").result()
         assert session.errors == []
     assert early.done is not None and 0 < early.done.usage.frames < 4
-    assert (stats.container, stats.codec, stats.reencoded) == ("mpegts", "h264", False)
+    assert (stats.container, stats.codec, stats.reencoded) == ("mp4", "h264", False)
     assert stats.packets == round(CLIP_SECONDS * CLIP_FPS)
     last_packet = CLIP_SECONDS - 1 / CLIP_FPS
     assert stats.media_seconds == pytest.approx(last_packet)
@@ -102,14 +118,15 @@ async def test_stream_live_remuxes_h264_and_paces_to_packet_timestamps(
 
 @pytest.mark.parametrize(
     ("fixture", "container", "reencoded"),
-    [("clip", "webm", False), ("mjpeg", "mpegts", True)],
+    [("clip", "matroska", False), ("mjpeg", "mp4", False), ("raw", "mp4", True)],
 )
 async def test_stream_live_picks_a_container_or_reencodes(
     server: LiveServer, request: pytest.FixtureRequest, fixture: str, container: str,
     reencoded: bool,
 ) -> None:  # fmt: skip
-    """VP8 travels as WebM as it is; MJPEG fits no container the server reads and is
-    re-encoded (to H.264 in MPEG-TS); the server decodes every frame of both."""
+    """VP8 fits no MP4 and travels in Matroska as it is; MJPEG is copied into fragmented MP4
+    (the server decodes it); raw frames are re-encoded (to H.264); the server decodes every
+    frame of each."""
     path: Path = request.getfixturevalue(fixture)
     async with connect(server.url, fps=2) as session:
         stats = await session.stream_live(str(path), pace=False)
@@ -213,16 +230,23 @@ def _status(frames: int, state: str = "decoding") -> VideoStatus:
 
 
 def test_progress_redraws_one_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a TTY progress is one line, cut to the terminal's width and redrawn in place,
-    and ended before an answer is printed."""
+    """On a TTY progress is one line, cut to the terminal's width and redrawn in place
+    (after one line telling how the video travels), and ended before an answer is printed."""
     monkeypatch.setenv("COLUMNS", "300")
     out, err = io.StringIO(), _Terminal()
     display = Display(out=out, err=err)
-    display.pushed(PushStats("cam", packets=3, chunks=2, bytes_sent=2500, media_seconds=1.5))
+    display.pushed(
+        PushStats("cam", container="mp4", codec="mjpeg", remuxed=True, packets=3, chunks=2,
+                  bytes_sent=2500, media_seconds=1.5)
+    )  # fmt: skip
+    told, _ = err.getvalue().split("\n", 1)
+    assert told == "pushing cam: mjpeg, remuxed into fragmented MP4 without re-encoding"
+    err.seek(0)
+    err.truncate()
     display.status(_status(3))
     display.status(_status(4, "ended"))
     assert "\n" not in err.getvalue()
-    assert err.getvalue().count("\r\x1b[K") == 3
+    assert err.getvalue().count("\r\x1b[K") == 2
     last = err.getvalue().rsplit("\r\x1b[K", 1)[1]
     assert last == (
         "source 1 ended: 4 frames (2.0 s buffered), decode lag 0.25 s, 2.0 KB undecoded"

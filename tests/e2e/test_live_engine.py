@@ -54,8 +54,10 @@ async def test_two_sessions_at_once(live: Live, tmp_path: Path) -> None:
     """Two sessions share the engine and each sees only its own window."""
 
     async def one(fps: float, seconds: float) -> int:
+        directory = tmp_path / f"fps{fps:g}"  # each its own file: they run side by side
+        directory.mkdir()
         async with connect(live.url, fps=fps) as session:
-            await session.send_file(clip(tmp_path, "webm", "vp8", seconds=seconds))
+            await session.send_file(clip(directory, "webm", "vp8", seconds=seconds))
             await session.wait_ended(timeout=60)
             answer = await session.ask("Describe it.", max_tokens=24).result()
             assert answer.done is not None and answer.done.finish_reason in ("stop", "length")

@@ -21,10 +21,10 @@ from streamchat.engine.base import (
     ChatTurn,
     Delta,
     Engine,
-    EngineError,
     GenerationRequest,
     SamplingOptions,
 )
+from streamchat.errors import ContextTooLong
 from streamchat.window import Frame
 
 if TYPE_CHECKING:
@@ -204,10 +204,12 @@ async def test_abort_of_an_unknown_id_is_ignored(vllm_engine: VllmEngine) -> Non
     assert_idle(vllm_engine)
 
 
-async def test_engine_rejection_is_an_engine_error(vllm_engine: VllmEngine) -> None:
-    """A request vLLM refuses (longer than the model's context) raises ``EngineError``."""
-    with pytest.raises(EngineError):
-        await collect(vllm_engine.generate(ask("too-long", [], question="word " * 4000)))
+async def test_a_prompt_over_the_context_is_a_typed_refusal(vllm_engine: VllmEngine) -> None:
+    """A question that cannot fit even without history is ``context_too_long``, naming the limit."""
+    assert vllm_engine.vision_costs is not None
+    limit = vllm_engine.vision_costs.max_model_len
+    with pytest.raises(ContextTooLong, match=f"context of {limit} tokens"):
+        await collect(vllm_engine.generate(ask("too-long", [], question="word " * limit)))
     assert_idle(vllm_engine)
 
 
@@ -215,16 +217,18 @@ async def test_history_beyond_the_context_is_trimmed_oldest_first(
     vllm_engine: VllmEngine,
 ) -> None:
     """A long session still gets answers: the oldest turns give way to the new question."""
-    history = [ChatTurn(f"q{i} " + "word " * 300, "answer " * 300) for i in range(4)]
+    assert vllm_engine.vision_costs is not None
+    limit = vllm_engine.vision_costs.max_model_len
+    history = [ChatTurn(f"q{i} " + "word " * 600, "answer " * 600) for i in range(8)]
     deltas = await collect(
         vllm_engine.generate(ask("long-history", make_frames(4), history=history))
     )
     usage = deltas[-1].usage
     assert usage is not None and deltas[-1].finish_reason in ("stop", "length")
-    assert usage.prompt_tokens <= 2048
+    assert usage.prompt_tokens <= limit
     tokenizer = Tokenizer.from_file(str(Path(vllm_engine.model_name) / "tokenizer.json"))
     untrimmed = sum(len(tokenizer.encode(t.question + t.answer).ids) for t in history)
-    assert untrimmed > 2048, "the whole history could not have fit"
+    assert untrimmed > limit, "the whole history could not have fit"
     assert_idle(vllm_engine)
 
 
@@ -289,3 +293,43 @@ def test_frame_digests_are_computed_once_and_forgotten_with_their_frames() -> No
     del frames, image
     gc.collect()
     assert len(digests) == 0
+
+
+async def test_a_full_default_window_of_720p_fits_and_costs_what_the_processor_counts(
+    vllm_engine: VllmEngine,
+) -> None:
+    """32 frames of 720p, sized by the server's rule, are answered; vLLM's video tokens equal
+    the official processor's count for the same frames (the faithful tiny model's)."""
+    from streamchat.config import Settings
+    from streamchat.prompt import build_messages
+    from streamchat.sampling import target_size
+    from tests.engine.test_tiny_model import _process, _processor
+
+    settings = Settings()
+    factor = vllm_engine.frame_factor
+    assert factor is not None
+    width, height = target_size(1280, 720, factor=factor, max_pixels=settings.max_pixels)
+    rng = np.random.default_rng(7)
+    frames = [
+        Frame(pts=i / settings.fps, image=rng.integers(0, 256, (height, width, 3), np.uint8))
+        for i in range(settings.window_frames)
+    ]
+    deltas = await collect(vllm_engine.generate(ask("full-720p", frames, max_tokens=4)))
+    usage = deltas[-1].usage
+    assert usage is not None and deltas[-1].finish_reason in ("stop", "length")
+
+    processor = _processor(Path(vllm_engine.model_name))
+    family = vllm_engine.llm.model_config.hf_config.model_type
+    text = processor.tokenizer.apply_chat_template(
+        build_messages("What happens?", frames, fps=settings.fps),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    official = _process(processor, family, text, frames, settings.fps)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert usage.video_tokens == int((official["input_ids"][0] == pad).sum())
+    assert usage.video_tokens == 16 * (height // factor) * (width // factor)
+    costs = vllm_engine.vision_costs
+    assert costs is not None
+    assert usage.prompt_tokens <= costs.video_tokens(32, settings.max_pixels) + 200
+    assert_idle(vllm_engine)

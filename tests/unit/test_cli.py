@@ -9,6 +9,7 @@ import pytest
 from streamchat.cli import build_parser, settings_from_args
 from streamchat.config import Settings
 from streamchat.engine.vllm import engine_args_from_cli
+from streamchat.prompt import MAX_CLIPS
 
 
 def test_session_flags_become_settings() -> None:
@@ -40,7 +41,7 @@ def test_engine_flags_are_vllms_own_with_our_defaults(tmp_path: Path) -> None:
     )
     assert (args.model, args.max_model_len, args.tensor_parallel_size) == (model, 1024, 2)
     assert args.enforce_eager is True
-    assert args.limit_mm_per_prompt == {"video": 1, "image": 1}
+    assert args.limit_mm_per_prompt == {"video": MAX_CLIPS, "image": 1}
 
 
 def test_unknown_engine_flag_is_a_usage_error(tmp_path: Path) -> None:

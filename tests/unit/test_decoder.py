@@ -512,7 +512,7 @@ def test_a_failing_source_becomes_a_decode_error() -> None:
 def test_options_refuse_unknown_containers_and_bad_budgets() -> None:
     """DecoderOptions validates its container hint and resize budget up front."""
     with pytest.raises(ValueError):
-        DecoderOptions(container="avi")
+        DecoderOptions(container="gif")
     with pytest.raises(ValueError):
         DecoderOptions(min_pixels=10_000, max_pixels=5_000)
 

@@ -102,7 +102,7 @@ def test_unknown_type() -> None:
         ({"type": "hello", "fps": True}, "'fps'"),
         ({"type": "hello", "fps": -1}, "'fps'"),
         ({"type": "video.chunk"}, "'data'"),
-        ({"type": "video.chunk", "data": b"x", "format": "avi"}, "'format'"),
+        ({"type": "video.chunk", "data": b"x", "format": "gif"}, "'format'"),
         ({"type": "video.url"}, "'url'"),
         ({"type": "cancel", "id": 5}, "'id'"),
     ],

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 
 from streamchat.config import Settings
 from streamchat.engine.base import Usage
+from streamchat.errors import NoFrames
 from streamchat.messages import (
     AnswerDone,
     Ask,
     Cancel,
+    ClientMessage,
     Error,
     Generation,
     Hello,
@@ -34,6 +38,7 @@ from streamchat.protocol import (
     StartSource,
     State,
     StopSource,
+    message_id,
 )
 from streamchat.window import Frame
 
@@ -59,7 +64,7 @@ def with_frames(protocol: SessionProtocol, count: int = 4) -> SessionProtocol:
     return protocol
 
 
-def errors(actions: list[object]) -> list[Error]:
+def errors(actions: Sequence[object]) -> list[Error]:
     return [a.message for a in actions if isinstance(a, Send) and isinstance(a.message, Error)]
 
 
@@ -259,3 +264,35 @@ def test_history_turns_zero_keeps_no_history() -> None:
     [again] = protocol.receive(Ask(id="b", text="and now?"), now=0.0)
     assert isinstance(again, StartAnswer)
     assert again.request.history == ()
+
+
+def test_asks_before_hello_are_refused_by_their_id() -> None:
+    """hello_required names the ask it refuses, so the client can end the answer it waits for."""
+    protocol = SessionProtocol(SETTINGS, session_id="s1", model="m")
+    refused = [
+        (error.code, error.id)
+        for message in (Ask(id="q1", text="what?"), Cancel(id="c1"), VideoEnd())
+        for error in errors(protocol.receive(message, now=0.0))
+    ]
+    assert refused == [("hello_required", "q1"), ("hello_required", None), ("hello_required", None)]
+
+
+def test_an_unexpected_failure_while_handling_an_ask_names_it() -> None:
+    """A bug's internal_error carries the id it is given; an error's own id comes first."""
+    protocol = opened()
+    bug = protocol.error(RuntimeError("secret"), id="q1").message
+    own = protocol.error(NoFrames("none yet", id="q2"), id="q1").message
+    assert isinstance(bug, Error) and isinstance(own, Error)
+    assert (bug.code, bug.id, "secret" in bug.message) == ("internal_error", "q1", False)
+    assert (own.code, own.id) == ("no_frames", "q2")
+
+
+def test_message_id_is_the_id_of_asks_only() -> None:
+    """A refusal names an ask's id; never a cancel's, which is that of an answer maybe running."""
+    messages: list[ClientMessage] = [
+        Ask(id="q", text="t"),
+        Cancel(id="c"),
+        Hello(),
+        VideoChunk(data=b"x"),
+    ]
+    assert [message_id(m) for m in messages] == ["q", None, None, None]

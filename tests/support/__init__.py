@@ -1,0 +1,1 @@
+"""Helpers shared by the test packages (media written by real tools, file servers, ...)."""
