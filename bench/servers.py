@@ -208,6 +208,9 @@ async def serve_app(app: Any, *, ws_max_size: int) -> AsyncIterator[str]:
     """
     import uvicorn
 
+    from streamchat.config import Settings
+    from streamchat.serving import server_config
+
     # IPPROTO_TCP, not the default 0: asyncio disables Nagle's algorithm only on
     # sockets whose proto says TCP, and accepted sockets inherit it. With 0, an
     # answer's deltas after the first wait ~40 ms for the client's delayed ACK.
@@ -216,14 +219,9 @@ async def serve_app(app: Any, *, ws_max_size: int) -> AsyncIterator[str]:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        ws="websockets-sansio",  # what `streamchat serve` runs
-        ws_per_message_deflate=False,
-        ws_max_size=ws_max_size,
-        lifespan="on",
-    )
+    config = server_config(
+        app, Settings(), log_level="warning", ws_max_size=ws_max_size, lifespan="on"
+    )  # what `streamchat serve` runs
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

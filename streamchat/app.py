@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -26,20 +27,23 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from . import __version__
-from .access import KeyStore
+from .access import KeyStore, RefusalLog
 from .budget import VisionCosts, plan
 from .config import Settings
-from .endpoint import session_endpoint
+from .endpoint import RefusedHandshakeFilter, session_endpoint
 from .engine.base import Engine
-from .errors import CloseCode, ServerBusy
+from .errors import AccessError, CloseCode, ServerBusy
 from .prompt import MAX_CLIPS
 
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["SESSION_PATH", "ServerState", "create_app"]
+__all__ = ["SESSION_PATH", "ServerState", "Waiting", "create_app"]
 
 SESSION_PATH = "/v1/session"
+
+REFUSAL_LOG_INTERVAL = 10.0
+"""Seconds between summaries of refused handshakes (see :class:`~streamchat.access.RefusalLog`)."""
 
 logger = logging.getLogger("streamchat.app")
 
@@ -47,8 +51,31 @@ EngineFactory = Callable[[], AbstractAsyncContextManager[Engine]]
 
 
 @dataclass(eq=False)
+class Waiting:
+    """A place held by a connection that has not authenticated yet.
+
+    See :meth:`ServerState.reserve_waiting`; ``on_evict`` is how the state
+    tells the connection it gave its place up.
+    """
+
+    address: str
+    number: int
+    """Admission order: the lowest is the oldest."""
+    evicted: bool = False
+    on_evict: Callable[[], None] | None = None
+
+
+@dataclass(eq=False)
 class ServerState:
-    """What every session of one app shares."""
+    """What every session of one app shares.
+
+    Two kinds of places, counted apart, each synchronously (a check and its
+    count are never split by another handshake): *sessions*
+    (:meth:`reserve`), held by clients that authenticated, and *waiting*
+    places (:meth:`reserve_waiting`), held by connections that have not yet.
+    However many connections wait, they take nothing from the sessions', so
+    clients without a key can never keep a key holder out.
+    """
 
     settings: Settings
     engine: Engine
@@ -58,28 +85,113 @@ class ServerState:
     """Shutting down: new sessions are refused."""
     _per_client: Counter[str] = field(default_factory=Counter)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _waiting: dict[Waiting, None] = field(default_factory=dict)
+    """Oldest first (dicts keep their insertion order)."""
+    _waiting_by_address: dict[str, dict[Waiting, None]] = field(default_factory=dict)
+    _numbers: itertools.count[int] = field(default_factory=itertools.count)
+    refusals: RefusalLog = field(default_factory=lambda: RefusalLog(REFUSAL_LOG_INTERVAL))
+    _refusals_due: asyncio.TimerHandle | None = None
 
     def reserve(self, identity: str) -> None:
         """Count a new session against the limits, or raise :class:`ServerBusy`.
 
-        Synchronous, so the check and the count cannot be split by another
-        handshake; :meth:`release` gives the place back.
+        :meth:`release` gives the place back.
         """
+        self._check(identity)
+        self._per_client[identity] += 1
+
+    def _check(self, identity: str | None) -> None:
+        """Raise :class:`ServerBusy` if a session for ``identity`` (None: any) would be refused."""
         s = self.settings
         if self.closing:
             raise ServerBusy("the server is shutting down")
         if self._per_client.total() >= s.max_sessions:
             raise ServerBusy(f"the server is full ({s.max_sessions} sessions): try again later")
-        if self._per_client[identity] >= s.max_sessions_per_client:
+        if identity is not None and self._per_client[identity] >= s.max_sessions_per_client:
             raise ServerBusy(
                 f"at most {s.max_sessions_per_client} sessions per client: close one first"
             )
-        self._per_client[identity] += 1
 
     def release(self, identity: str) -> None:
         self._per_client[identity] -= 1
         if self._per_client[identity] <= 0:
             del self._per_client[identity]
+
+    @property
+    def waiting(self) -> int:
+        """Connections holding a waiting place."""
+        return len(self._waiting)
+
+    def reserve_waiting(self, address: str, *, then: str | None) -> Waiting:
+        """A place for a connection yet to authenticate, or :class:`ServerBusy`.
+
+        ``then`` is the identity its session will count under once it has, if
+        already known (auth off: its address): a connection that would then
+        be refused is refused now. One address holds at most
+        ``max_pending_per_address`` places. When all ``max_pending_sessions``
+        are held, the address holding the most gives up its oldest (its
+        connection is told ``server_busy`` and closed) rather than the
+        newcomer being refused: connections that only hold places cannot
+        keep a newcomer out, and a client waiting alone (as one does for a
+        round trip) only gives way once ``max_pending_sessions`` addresses
+        wait at once. :meth:`release_waiting` gives the place back.
+        """
+        s = self.settings
+        self._check(then)
+        mine = self._waiting_by_address.get(address, {})
+        if len(mine) >= s.max_pending_per_address:
+            raise ServerBusy(
+                f"at most {s.max_pending_per_address} connections per client may wait to "
+                "authenticate: send 'hello' on those first"
+            )
+        if len(self._waiting) >= s.max_pending_sessions:
+            if not self._waiting:
+                raise ServerBusy("this server takes no connections before they authenticate")
+            self._evict(self._longest_queue())
+        place = Waiting(address, next(self._numbers))
+        self._waiting[place] = None
+        self._waiting_by_address.setdefault(address, {})[place] = None
+        return place
+
+    def release_waiting(self, place: Waiting) -> None:
+        """Give a waiting place back (again is harmless: evicted places are given back at once)."""
+        self._waiting.pop(place, None)
+        mine = self._waiting_by_address.get(place.address)
+        if mine is not None:
+            mine.pop(place, None)
+            if not mine:
+                del self._waiting_by_address[place.address]
+
+    def _longest_queue(self) -> Waiting:
+        """The oldest place of the address holding the most (of those, the oldest)."""
+        queues = (next(iter(places)) for places in self._waiting_by_address.values())
+        sizes = {p: len(self._waiting_by_address[p.address]) for p in queues}
+        return min(sizes, key=lambda p: (-sizes[p], p.number))
+
+    def _evict(self, place: Waiting) -> None:
+        self.release_waiting(place)
+        place.evicted = True
+        if place.on_evict is not None:
+            place.on_evict()
+
+    def refused(self, exc: AccessError, address: str) -> None:
+        """Log a refused handshake (see :class:`~streamchat.access.RefusalLog`)."""
+        loop = asyncio.get_running_loop()
+        if self.refusals.refused(exc, address, loop.time()):
+            self._refusals_due = loop.call_later(self.refusals.interval, self._refusals_tick)
+
+    def _refusals_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._refusals_due = None
+        if self.refusals.flush(loop.time()):
+            self._refusals_due = loop.call_later(self.refusals.interval, self._refusals_tick)
+
+    def flush_refusals(self) -> None:
+        """Say what the refusal log counted so far (at shutdown)."""
+        if self._refusals_due is not None:
+            self._refusals_due.cancel()
+            self._refusals_due = None
+        self.refusals.flush(asyncio.get_running_loop().time())
 
     async def drain(self, timeout: float) -> None:
         """Stop gracefully: refuse new sessions, tell open ones, let answers finish.
@@ -213,8 +325,24 @@ def create_app(
             if settings.frame_factor is None and served.frame_factor is not None:
                 resolved = dataclasses.replace(settings, frame_factor=served.frame_factor)
             resolved = _fit_context(resolved, served.vision_costs)
-            app.state.streamchat = ServerState(resolved, served, KeyStore.from_settings(resolved))
-            yield
+            state = ServerState(resolved, served, KeyStore.from_settings(resolved))
+            app.state.streamchat = state
+            if not state.keys.enabled:
+                logger.info(
+                    "auth is off: anyone who can connect may use this server; browser pages "
+                    "only from %s",
+                    ", ".join(resolved.allowed_origins)
+                    or "their own origin on localhost or an IP address (others: --allow-origin)",
+                )
+            # The ASGI server's own lines about each refused handshake would undo RefusalLog.
+            quiet = RefusedHandshakeFilter()
+            uvicorn_log = logging.getLogger("uvicorn.error")
+            uvicorn_log.addFilter(quiet)
+            try:
+                yield
+            finally:
+                uvicorn_log.removeFilter(quiet)
+                state.flush_refusals()
 
     return Starlette(
         routes=[

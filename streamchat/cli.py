@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 
 from . import __version__
 from .config import DEFAULT_MODEL, Settings
+from .urlpolicy import parse_allowed_domain
 
 __all__ = ["build_parser", "main", "settings_from_args"]
 
@@ -85,8 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("fetch_max_redirects", int, "redirects followed per URL, each one checked"),
         ("max_source_seconds", float, "longest video per source, in video time"),
         ("max_source_frames", int, "most frames per source"),
+        ("max_index_samples", int, "most MP4 index entries per source (all tracks)"),
+        ("decoder_threads", int, "FFmpeg threads per video decoder"),
+        ("max_dns_lookups", int, "DNS lookups running at once (one per session)"),
         ("max_sessions", int, "sessions open at once; more get HTTP 503"),
         ("max_sessions_per_client", int, "sessions open at once per API key or address"),
+        ("max_pending_sessions", int, "connections yet to authenticate (not in max_sessions)"),
+        ("max_pending_per_address", int, "of those, per address; more get HTTP 503"),
+        ("hello_timeout", float, "seconds to send a valid hello (with the key if needed)"),
         ("messages_per_second", float, "sustained client messages per second per session"),
         ("message_burst", int, "client messages allowed at once"),
         ("video_bytes_per_second", int, "pushed video bytes per second per session"),
@@ -118,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="fetch_allowed_domains",
         action="append",
         default=[],
-        metavar="HOST",
-        help="only fetch URLs from this host and its subdomains (repeatable)",
+        metavar="HOST[:PORT]",
+        type=_allowed_domain,
+        help="only fetch URLs from this host and its subdomains, on this port or else the "
+        "scheme's default (repeatable)",
     )
     access = serve.add_argument_group("access")
     access.add_argument(
@@ -141,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("build-tiny-model", help="build the tiny random test model")
     tiny.add_argument("path", type=Path, nargs="?", default=DEFAULT_TINY_DIR)
     return parser
+
+
+def _allowed_domain(entry: str) -> str:
+    """An allowlist entry checked at start-up: a wrong one would silently allow nothing."""
+    try:
+        parse_allowed_domain(entry)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return entry
 
 
 def settings_from_args(
@@ -188,26 +205,13 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
         model = str(build_tiny_model(DEFAULT_TINY_DIR))
     settings = settings_from_args(args, model)
 
-    import uvicorn
-
     from .app import create_app
-    from .serving import GracefulServer
+    from .decoder import map_large_blocks
+    from .serving import GracefulServer, server_config
 
+    map_large_blocks()  # freed FFmpeg tables go back to the kernel, not to arenas
     app = create_app(settings, engine_factory=_engine_factory(args, model, rest))
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        # Chosen on the Autobahn compliance run (docs/security.md); deflate only burns CPU on
-        # already-compressed video.
-        ws="websockets-sansio",
-        ws_per_message_deflate=False,
-        ws_max_size=settings.transport_max_bytes,
-        ws_ping_interval=settings.ping_interval,
-        ws_ping_timeout=settings.ping_timeout,
-        timeout_graceful_shutdown=math.ceil(settings.send_timeout) + 5,
-    )
+    config = server_config(app, settings, host=args.host, port=args.port, log_level=args.log_level)
     GracefulServer(config, app).run()
     return 0
 

@@ -34,8 +34,14 @@ DEFAULT_FETCH_TIMEOUT = 30.0
 DEFAULT_FETCH_MAX_REDIRECTS = 5
 DEFAULT_MAX_SOURCE_SECONDS = 4 * 3600.0
 DEFAULT_MAX_SOURCE_FRAMES = 1_000_000
+DEFAULT_MAX_INDEX_SAMPLES = 500_000
+DEFAULT_DECODER_THREADS = 2
+DEFAULT_MAX_DNS_LOOKUPS = 64
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_MAX_SESSIONS_PER_CLIENT = 8
+DEFAULT_MAX_PENDING_SESSIONS = 16
+DEFAULT_MAX_PENDING_PER_ADDRESS = 4
+DEFAULT_HELLO_TIMEOUT = 10.0
 DEFAULT_MESSAGES_PER_SECOND = 200.0
 DEFAULT_MESSAGE_BURST = 400
 DEFAULT_VIDEO_BYTES_PER_SECOND = 32 * 1024 * 1024
@@ -105,11 +111,31 @@ class Settings:
     """A source (URL or pushed stream) longer than this, in video time, ends with an error."""
     max_source_frames: int = DEFAULT_MAX_SOURCE_FRAMES
     """A source with more frames than this ends with an error."""
+    max_index_samples: int = DEFAULT_MAX_INDEX_SAMPLES
+    """Most entries FFmpeg's MP4 demuxer may index per source: the samples every track
+    declares (times the edits that replay them) and every fragment's, added up. Each costs
+    memory whether or not it is ever decoded (about 70 bytes at peak), so an MP4 declaring
+    more is refused before FFmpeg reads the count."""
+    decoder_threads: int = DEFAULT_DECODER_THREADS
+    """FFmpeg threads per video decoder. Frame threads each hold frames in flight, so memory
+    per session grows with them; a fixed count keeps the bound the same on any machine."""
+    max_dns_lookups: int = DEFAULT_MAX_DNS_LOOKUPS
+    """DNS lookups running at once in the server, each in a thread of its own, at most one
+    per session (:class:`~streamchat.netguard.Lookups`)."""
 
     max_sessions: int = DEFAULT_MAX_SESSIONS
     """Sessions open at once; more are refused at the handshake (HTTP 503)."""
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     """Sessions open at once per client identity (API key, else address)."""
+    max_pending_sessions: int = DEFAULT_MAX_PENDING_SESSIONS
+    """Connections open at once that have not authenticated yet (no valid key, or, with auth
+    off, no ``hello`` yet). Counted apart from ``max_sessions``, so they never take a place a
+    key holder could have; when all are held, the address holding the most gives up its oldest."""
+    max_pending_per_address: int = DEFAULT_MAX_PENDING_PER_ADDRESS
+    """Of those, how many one address may hold; more are refused (HTTP 503)."""
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    """Seconds an unauthenticated connection has to send a valid ``hello`` (with a key when auth
+    is on). Only that ends the wait: other messages, valid or not, do not extend it."""
     messages_per_second: float = DEFAULT_MESSAGES_PER_SECOND
     message_burst: int = DEFAULT_MESSAGE_BURST
     """Messages a session may send at once; the allowance refills at ``messages_per_second``."""

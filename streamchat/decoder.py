@@ -33,7 +33,11 @@ video time and frame count per source are bounded; an MP4 header's declared
 sample counts and durations are checked before FFmpeg indexes them, and so
 are the sample counts of every fragment that follows (``Mp4Walker``), before
 FFmpeg reads them. A probed stream that does not start like an MP4 is kept
-from the MP4 demuxer, so no MP4 escapes those checks.
+from the MP4 demuxer, so no MP4 escapes those checks. Those checks also bound
+the entries FFmpeg's MP4 index may hold (``max_index_samples``), which cost
+memory whether or not they are decoded. A JPEG of more scans than
+:data:`MAX_IMAGE_SCANS` is refused before decoding. Whatever ends a decode,
+the codec context, and with it FFmpeg's threads, is freed before it returns.
 
 Measured pitfalls this module works around (see ``NOTES-pyav.md``):
 
@@ -50,12 +54,14 @@ Measured pitfalls this module works around (see ``NOTES-pyav.md``):
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 
 import av
 import av.error
@@ -69,8 +75,10 @@ from av.video.reformatter import Interpolation
 from av.video.stream import VideoStream
 
 from .config import (
+    DEFAULT_DECODER_THREADS,
     DEFAULT_FPS,
     DEFAULT_MAX_DECODE_PIXELS,
+    DEFAULT_MAX_INDEX_SAMPLES,
     DEFAULT_MAX_SOURCE_FRAMES,
     DEFAULT_MAX_SOURCE_SECONDS,
 )
@@ -95,7 +103,15 @@ from .sampling import (
 )
 from .window import Frame
 
-__all__ = ["DEMUXERS", "DecodeReport", "DecoderOptions", "decode_image", "decode_stream"]
+__all__ = [
+    "DEMUXERS",
+    "MAX_IMAGE_SCANS",
+    "DecodeReport",
+    "DecoderOptions",
+    "decode_image",
+    "decode_stream",
+    "map_large_blocks",
+]
 
 logger = logging.getLogger("streamchat.decoder")
 
@@ -133,6 +149,31 @@ _INTERPOLATION = Interpolation.AREA | Interpolation.FULL_CHR_H_INT | Interpolati
 _MAX_LEADING_SKIPS = 300  # non-key packets dropped while waiting for a first keyframe
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter
+
+
+def map_large_blocks(threshold: int = 128 * 1024) -> bool:
+    """Have glibc's malloc map every block of ``threshold`` bytes or more on its own.
+
+    Such a block goes back to the kernel as soon as it is freed. By default
+    glibc raises this threshold each time a mapped block is freed (up to 32
+    MiB), and from then on the large tables FFmpeg allocates for a source
+    (an MP4's index, tens of MiB) come from the heaps of the decoder threads'
+    arenas, which keep what is freed. Measured on a server process, 8
+    sessions each holding an MP4 of 500,000 samples, three rounds: RSS after
+    they closed stayed 86, 122, then 156 MiB above where it started, and a
+    round held 50 to 61 MiB a session as the heaps fragmented; with the
+    threshold fixed, 15-25 MiB after and 22 MiB a session, every round. Costs a ``mmap`` per
+    large block (a few a second per session). For the server's process, once,
+    before it serves; returns whether it took effect (not on other C libraries).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
 # -- options and report ------------------------------------------------------------
 
 
@@ -155,6 +196,16 @@ class DecoderOptions:
       MP4 header declaring more (duration, or samples: see
       :class:`~streamchat.reader.Mp4Declared`) is refused before opening, a
       fragment whose samples take the total beyond it before FFmpeg reads it.
+    * ``max_index_samples``: the most entries FFmpeg's MP4 demuxer may hold in
+      its index, over all tracks and fragments (``VideoTooLong`` beyond, checked
+      like the frames). It allocates them for the declared count, decoded or
+      not: about 70 bytes each at peak, 33-46 once opened (measured), so this is
+      what an MP4 costs a session at most, whatever its header declares.
+    * ``threads``: FFmpeg threads decoding (``thread_type="AUTO"``). Each frame
+      thread holds frames of its own: decoding a 4096x2304 H.264 stream with
+      16 reference frames peaked at 270 MiB with 1 thread, 300 with 2, 710
+      with 16, FFmpeg's automatic count on a 16-core machine. A fixed count makes
+      the memory a session can cost the same everywhere.
     * ``keyframes_only``: drop non-key packets before the decoder: many times
       faster, about one frame per keyframe interval.
     * ``probesize`` (bytes), ``analyzeduration`` (microseconds): how much FFmpeg
@@ -176,6 +227,8 @@ class DecoderOptions:
     max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS
     max_source_seconds: float = DEFAULT_MAX_SOURCE_SECONDS
     max_source_frames: int = DEFAULT_MAX_SOURCE_FRAMES
+    max_index_samples: int = DEFAULT_MAX_INDEX_SAMPLES
+    threads: int = DEFAULT_DECODER_THREADS
     keyframes_only: bool = False
     probesize: int = 32_768
     analyzeduration: int = 100_000
@@ -191,12 +244,14 @@ class DecoderOptions:
             self.max_decode_pixels < 1
             or self.analyzeduration < 1
             or self.max_source_frames < 1
+            or self.max_index_samples < 1
+            or self.threads < 1
             or not self.max_source_seconds > 0
             or self.max_decode_errors < 0
         ):
             raise ValueError(
-                "max_decode_pixels, analyzeduration, max_source_frames and max_source_seconds "
-                "must be positive, max_decode_errors not negative"
+                "max_decode_pixels, analyzeduration, max_source_frames, max_index_samples, "
+                "threads and max_source_seconds must be positive, max_decode_errors not negative"
             )
         # Validates the resize budget: raises ValueError for an impossible one.
         target_size(
@@ -264,8 +319,60 @@ def decode_stream(
     * Errors raised by ``source.read`` (e.g. ``VideoTimeout`` from a stalled
       ``ByteFeed``) are re-raised as they are if they are ``StreamchatError``
       instances, and wrapped in ``VideoDecodeError`` otherwise.
+
+    Whatever the outcome, the container is closed and the codec context freed
+    (its FFmpeg threads joined) before this returns or raises (:func:`_release`).
     """
     reader = SafeReader(source, stop)
+    try:
+        report = _decode_stream(reader, options, emit, stop)
+    except BaseException as exc:
+        _release(exc, reader.failure())
+        raise
+    _release(reader.failure())
+    return report
+
+
+def _release(*errors: BaseException | None) -> None:
+    """Clear the finished frames that ``errors`` (and their causes and contexts) keep alive.
+
+    A traceback keeps every frame it passed through, and each of those its
+    caller (``f_back``), and so their locals: the demuxed stream and its codec
+    context, whose FFmpeg frame threads (two or three per H.264 decoder) then
+    outlived the decode for as long as the exception did. The source's error
+    is one: raised by ``ByteFeed.read`` inside FFmpeg's read callback, its
+    frames lead back to the demux loop, and the feed and the reader keep it
+    (a stopped session's decoders all left their threads running this way).
+    Cleared, a traceback still prints its lines; the codec context is freed
+    here, in the decoder's thread. A frame still running (this one, and its
+    callers) cannot be cleared and ends the walk up its chain.
+    """
+    pending = [e for e in errors if e is not None]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        entry = error.__traceback__
+        while entry is not None:
+            frame: FrameType | None = entry.tb_frame
+            while frame is not None:
+                try:
+                    frame.clear()
+                except RuntimeError:  # still running
+                    break
+                frame = frame.f_back
+            entry = entry.tb_next
+        pending += [e for e in (error.__cause__, error.__context__) if e is not None]
+
+
+def _decode_stream(
+    reader: SafeReader,
+    options: DecoderOptions,
+    emit: Callable[[Frame], None],
+    stop: threading.Event,
+) -> DecodeReport:
     report = DecodeReport()
     try:
         with _open(reader, options) as container:
@@ -342,7 +449,11 @@ def _open(reader: SafeReader, options: DecoderOptions) -> InputContainer:
 
 
 def _check_declared(declared: Mp4Declared, options: DecoderOptions) -> None:
-    """Refuse an MP4 whose header declares more samples or time than a source may have."""
+    """Refuse an MP4 that declares more samples or time than a source may have.
+
+    The index check matters most: FFmpeg allocates an entry per declared
+    sample as it reads the count, so it is what bounds an MP4's memory.
+    """
     if declared.seconds > options.max_source_seconds:
         raise VideoTooLong(
             f"the video declares {declared.seconds:.0f} s, more than the limit of "
@@ -356,6 +467,11 @@ def _check_declared(declared: Mp4Declared, options: DecoderOptions) -> None:
             f"the video declares {declared.video_samples} frames "
             f"({declared.total_samples} samples in all tracks), more than the limit of "
             f"{options.max_source_frames} frames per source"
+        )
+    if declared.total_samples > options.max_index_samples:
+        raise VideoTooLong(
+            f"the video's index declares {declared.total_samples} samples in all tracks, more "
+            f"than the limit of {options.max_index_samples} per source"
         )
 
 
@@ -454,6 +570,7 @@ def _video_stream(container: InputContainer, options: DecoderOptions) -> VideoSt
         raise VideoUnsupported(f"no decoder for the video codec {stream.codec.name!r}")
     _check_pixels(stream.width, stream.height, options.max_decode_pixels)
     stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = options.threads
     # The decoder itself enforces the limit, also after a mid-stream size change.
     stream.codec_context.options = {"max_pixels": str(options.max_decode_pixels)}
     return stream
@@ -527,6 +644,10 @@ def _to_image(
 ) -> npt.NDArray[np.uint8]:
     """RGB at ``size`` (as stored), resized inside swscale, upright, copied once.
 
+    One thread: PyAV makes a scaler per frame, and swscale's automatic count
+    started (and ended) a pool of threads for each, for a picture of at most
+    ``max_pixels``.
+
     ``to_ndarray`` returns a view of PyAV's converted frame, with row padding
     unless ``width * 3`` is a multiple of the row alignment; turning it
     upright is another view: the one copy makes it contiguous and independent
@@ -534,7 +655,7 @@ def _to_image(
     """
     width, height = size
     view: npt.NDArray[np.uint8] = frame.to_ndarray(  # type: ignore[assignment]  # rgb24
-        format="rgb24", width=width, height=height, interpolation=_INTERPOLATION
+        format="rgb24", width=width, height=height, interpolation=_INTERPOLATION, threads=1
     )
     return np.array(turn.apply(view), order="C", copy=True)
 
@@ -561,6 +682,20 @@ def _ffmpeg_failure(
 # -- images --------------------------------------------------------------------------
 
 _IMAGE_FORMATS = {b"\x89PNG\r\n\x1a\n": "png_pipe", b"\xff\xd8\xff": "jpeg_pipe"}
+MAX_IMAGE_SCANS = 256
+"""The most JPEG scans (``SOS`` markers) an image may hold; :func:`decode_image` refuses more.
+
+A progressive JPEG is decoded scan by scan, and every scan walks all of the
+picture's blocks however few bytes it takes: a 4 MiB file of 20-byte scans
+(about 200,000 of them) over 4096x2304 took a core 28 to 60 s. Photos have 1
+(baseline) to about 10 (libjpeg's and mozjpeg's progressive scripts). The count
+is of every ``FF DA`` byte pair in the message, an upper bound on the scans
+FFmpeg can meet whatever the segments say (no parser to disagree with); it
+also counts pairs in metadata and in data after the picture (a motion
+photo's video holds one per 64 KiB on average, 64 in a 4 MiB message), hence
+the room. At this limit a picture of the largest size decodes in about 0.3 s
+of CPU (4 components, every scan walking every block).
+"""
 
 
 def decode_image(
@@ -570,14 +705,17 @@ def decode_image(
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
+    max_scans: int = MAX_IMAGE_SCANS,
 ) -> npt.NDArray[np.uint8]:
     """A JPEG or PNG image as an owned ``(H, W, 3)`` uint8 RGB array sized by :func:`target_size`.
 
     Raises ``VideoUnsupported`` for anything but JPEG/PNG, ``VideoTooLarge``
     for more than ``max_decode_pixels`` (FFmpeg refuses such a picture before
-    allocating it), ``VideoDecodeError`` for corrupt data. A truncated JPEG may
-    decode with its missing part grey, as browsers show it. EXIF orientation is
-    not applied.
+    allocating it) or a JPEG of more than ``max_scans`` scans (refused before
+    decoding: :data:`MAX_IMAGE_SCANS`), ``VideoDecodeError`` for corrupt data.
+    A truncated JPEG may decode with its missing part grey, as browsers show
+    it. EXIF orientation is not applied. One thread decodes, so an image
+    costs at most one core; the codec context is freed before this returns.
     """
     fmt = next((f for magic, f in _IMAGE_FORMATS.items() if data.startswith(magic)), None)
     if fmt is None:
@@ -585,6 +723,41 @@ def decode_image(
     declared = _declared_image_size(data)
     if declared is not None:  # FFmpeg would refuse (or allocate) only once it decodes
         _check_pixels(*declared, max_decode_pixels)
+    if fmt == "jpeg_pipe":
+        _check_scans(data, max_scans)
+    try:
+        return _decode_image(
+            data,
+            fmt,
+            factor=factor,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            max_decode_pixels=max_decode_pixels,
+        )
+    except BaseException as exc:
+        _release(exc)
+        raise
+
+
+def _check_scans(data: bytes, limit: int) -> None:
+    """Refuse a JPEG with more than ``limit`` scans, counted as its ``FF DA`` byte pairs."""
+    scans = data.count(b"\xff\xda")
+    if scans > limit:
+        raise VideoTooLarge(
+            f"the JPEG image has {scans} scans, more than the limit of {limit}: "
+            "re-encode it (a photo has at most about 10)"
+        )
+
+
+def _decode_image(
+    data: bytes,
+    fmt: str,
+    *,
+    factor: int,
+    min_pixels: int,
+    max_pixels: int,
+    max_decode_pixels: int,
+) -> npt.NDArray[np.uint8]:
     limits = {"max_pixels": str(max_decode_pixels)}
     sandbox = {"format_whitelist": fmt, "protocol_whitelist": ""}
     try:
@@ -594,6 +767,7 @@ def decode_image(
             stream = container.streams.video[0]
             _check_pixels(stream.width, stream.height, max_decode_pixels)
             stream.codec_context.options = limits
+            stream.codec_context.thread_count = 1
             for frame in container.decode(stream):
                 _check_pixels(frame.width, frame.height, max_decode_pixels)
                 size = target_size(

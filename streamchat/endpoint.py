@@ -2,7 +2,12 @@
 
 A handshake is checked before anything is accepted (origin, API key,
 capacity; see :mod:`streamchat.access`) and refused with an HTTP status and a
-JSON body naming the error. An admitted connection runs two tasks:
+JSON body naming the error, logged so that no rate of refusals floods the log.
+A connection that has not authenticated (no key at the handshake, or auth off)
+holds a *waiting* place (:meth:`ServerState.reserve_waiting`), apart from the
+sessions', until a valid ``hello``; it has ``hello_timeout`` seconds from the
+handshake for it, and nothing else it sends extends them. An admitted
+connection runs two tasks:
 
 * the **reader** never stops receiving while the session lives, so a
   disconnect is seen the moment it happens and the session's engine requests
@@ -22,18 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
 import uuid
-from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-import msgpack
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .access import Grant, admit, check_token
+from .access import admit, check_token
 from .config import Settings
 from .errors import (
     AccessError,
@@ -47,23 +49,20 @@ from .errors import (
     close_reason,
 )
 from .limits import RateLimiter
-from .messages import MAX_ID_CHARS, ClientMessage, Hello, decode_client, encode_server
+from .messages import ClientMessage, Hello, decode_client, encode_server, peek_id
 from .protocol import message_id
 from .session import Close, Session
 
 if TYPE_CHECKING:
-    from .app import ServerState
+    from .app import ServerState, Waiting
 
-__all__ = ["session_endpoint"]
+__all__ = ["RefusedHandshakeFilter", "session_endpoint"]
 
 logger = logging.getLogger("streamchat.endpoint")
 
 SHUTTING_DOWN = "the server is shutting down"
-TOKEN_TIMEOUT = 10.0
-"""Seconds a session admitted without a key has to send ``hello`` with one."""
-
-PEEK_CHARS = 64 * 1024
-"""How much of a message too large to parse is read for the id of the ask it may be."""
+CLOSE_GRACE = 1.0
+"""Seconds the writer gets to tell a connection closed before it authenticated why."""
 
 _HTTP_STATUS: dict[type[AccessError], int] = {
     Unauthorized: 401,
@@ -75,6 +74,8 @@ _HTTP_STATUS: dict[type[AccessError], int] = {
 async def session_endpoint(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.streamchat
     client = websocket.client.host if websocket.client else None
+    identity: str | None = None
+    waiting: Waiting | None = None
     try:
         grant = admit(
             websocket.headers,
@@ -83,18 +84,25 @@ async def session_endpoint(websocket: WebSocket) -> None:
             keys=state.keys,
             allowed_origins=state.settings.allowed_origins,
         )
-        state.reserve(grant.identity)
+        if grant.needs_token or not state.keys.enabled:
+            # Not authenticated yet: auth off, a session is its address's once it says hello.
+            then = None if state.keys.enabled else grant.identity
+            waiting = state.reserve_waiting(grant.identity, then=then)
+        else:
+            state.reserve(grant.identity)
+            identity = grant.identity
     except AccessError as exc:
-        logger.info("session refused (%s): %s", exc.code, exc.message)
+        state.refused(exc, client or "unknown")
         await _deny(websocket, exc)
         return
+    deadline = asyncio.get_running_loop().time() + state.settings.hello_timeout
     connection: _Connection | None = None
     try:
         await websocket.accept(subprotocol=grant.subprotocol)
         session = Session(state.settings, state.engine, session_id=uuid.uuid4().hex[:12])
         await state.add(session)
         session.log.info("session %s opened (%s)", session.id, grant.identity)
-        connection = _Connection(websocket, session, state, grant)
+        connection = _Connection(websocket, session, state, identity, waiting, deadline)
         if state.closing:  # the drain began during the handshake, and did not see this one
             await session.going_away(SHUTTING_DOWN, 0.0)
             await session.close_soon(CloseCode.GOING_AWAY, SHUTTING_DOWN)
@@ -102,14 +110,48 @@ async def session_endpoint(websocket: WebSocket) -> None:
             await connection.run()
         finally:
             await session.aclose()
+            connection.give_back()  # before it is forgotten: who waits on that sees the counts
             await state.discard(session)
             session.log.info("session %s closed", session.id)
     finally:
-        state.release(connection.identity if connection is not None else grant.identity)
+        if connection is not None:
+            connection.give_back()
+        elif identity is not None:
+            state.release(identity)
+        elif waiting is not None:
+            state.release_waiting(waiting)
+
+
+_REFUSED: ContextVar[bool] = ContextVar("streamchat_refused", default=False)
+"""Set in the task of a connection whose handshake this app refused."""
+
+_INCOMPLETE_HANDSHAKE = "ASGI callable returned without completing handshake."
+
+
+class RefusedHandshakeFilter(logging.Filter):
+    """Drops the ASGI server's own lines about a handshake the app refused.
+
+    uvicorn logs each refusal two or three times on ``uvicorn.error``: the
+    request and status, websockets' "connection rejected", and, with
+    ``websockets-sansio`` after a denial response, a false ERROR "returned
+    without completing handshake" (it never marks a denial as complete:
+    Kludex/uvicorn#3138). :class:`~streamchat.access.RefusalLog` logs
+    refusals instead, at a bounded rate. Only records logged from the task of
+    a connection :func:`_deny` refused are dropped, and of those only INFO and
+    below and that false error: a real failure there is still logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _REFUSED.get():
+            return True
+        if record.levelno <= logging.INFO:
+            return False
+        return record.msg != _INCOMPLETE_HANDSHAKE
 
 
 async def _deny(websocket: WebSocket, exc: AccessError) -> None:
     """Refuse the handshake with an HTTP status, or a close code if HTTP is not possible."""
+    _REFUSED.set(True)  # the connection's own task: what the server logs after is about it
     status = _HTTP_STATUS.get(type(exc), 403)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if status == 503:
@@ -123,27 +165,47 @@ async def _deny(websocket: WebSocket, exc: AccessError) -> None:
 
 class _Connection:
     def __init__(
-        self, websocket: WebSocket, session: Session, state: ServerState, grant: Grant
+        self,
+        websocket: WebSocket,
+        session: Session,
+        state: ServerState,
+        identity: str | None,
+        waiting: Waiting | None,
+        deadline: float,
     ) -> None:
         self.websocket = websocket
         self.session = session
         self.state = state
         self.settings: Settings = state.settings
-        self.identity = grant.identity
-        """What this session counts against per-client limits (a key given in
-        ``hello`` replaces the address it was admitted under)."""
-        self.needs_token = grant.needs_token
+        self.identity = identity
+        """What this session counts against the session limits (its key's hash, else its
+        address); None until it authenticates."""
+        self.waiting = waiting
+        """The place it holds until it authenticates (None once it has)."""
+        self.deadline = deadline
+        """When a connection still waiting is closed (loop time)."""
         self.limits = RateLimiter(state.settings)
         self.binary = True
         self.failed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         id = self.session.id
         reader = asyncio.create_task(self._read(), name=f"reader-{id}")
         writer = asyncio.create_task(self._write(), name=f"writer-{id}")
+        self._reader = reader
+        if self.waiting is not None:
+            if self.waiting.evicted:  # while the handshake was being accepted
+                self._give_way()
+            else:
+                self.waiting.on_evict = self._give_way
+                self._timer = asyncio.get_running_loop().call_at(self.deadline, self._expire)
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             for task in (reader, writer):
                 task.cancel()
             for task in (reader, writer):
@@ -183,16 +245,13 @@ class _Connection:
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            # Until a session without a key at the handshake authenticates, it only
-            # gets a short while: it holds a place in the server's session limits.
+            # A connection still waiting to authenticate is ended by its deadline instead.
             idle = self.settings.idle_timeout
-            if self.needs_token:
-                idle = min(idle, TOKEN_TIMEOUT)
             try:
                 async with asyncio.timeout(idle):
                     event = await self.websocket.receive()
             except TimeoutError:
-                if self.failed or (self.session.busy and not self.needs_token):
+                if self.failed or self.session.busy:
                     continue
                 await self._fail(IdleTimeout(f"nothing to do for {idle:g} s: closing"))
                 continue
@@ -244,7 +303,7 @@ class _Connection:
         if isinstance(data, str) and size * 4 > max_bytes:
             size = len(data.encode("utf-8", "surrogatepass"))  # text frames: bytes, not characters
         if size > max_bytes:
-            id = _peek_id(data)
+            id = peek_id(data)
             self.limits.admit_message(now, id=id)
             raise MessageTooLarge(
                 f"a message is limited to {max_bytes} bytes; send smaller chunks", id=id
@@ -255,92 +314,81 @@ class _Connection:
             self.limits.admit_message(now, id=exc.id)
             raise
         delay = self.limits.admit(now, message)
-        if self.needs_token:
-            if not isinstance(message, Hello):
+        if self.waiting is not None:
+            self._authenticate(message)
+        return message, delay
+
+    def _authenticate(self, message: ClientMessage) -> None:
+        """End the wait on a valid ``hello``: the connection becomes a counted session.
+
+        With auth on, anything else is refused (fatal); with auth off the
+        protocol refuses it (``hello_required``). Either way the deadline runs on.
+        """
+        assert self.waiting is not None
+        keys = self.state.keys
+        if not isinstance(message, Hello):
+            if keys.enabled:
                 raise Unauthorized(
                     f"send 'hello' with your API key before '{message.type}'",
                     id=message_id(message),
                 )
-            identity = check_token(message.token, self.state.keys)
-            self.state.release(self.identity)
-            self.identity = "addr:-"  # counted nowhere, should the new place be refused
-            self.state.reserve(identity)  # ServerBusy is fatal: the key has enough sessions
-            self.identity = identity
-            self.needs_token = False
+            return
+        identity = check_token(message.token, keys) if keys.enabled else self.waiting.address
+        self.state.reserve(identity)  # ServerBusy is fatal: no room for this key (or address)
+        self.identity = identity
+        self._stop_waiting()
+        if self._timer is not None:
+            self._timer.cancel()
+        if keys.enabled:
             self.session.log.info("session %s: authenticated as %s", self.session.id, identity)
-        return message, delay
+
+    def give_back(self) -> None:
+        """Give back the place this connection holds (again: nothing)."""
+        if self.identity is not None:
+            self.state.release(self.identity)
+            self.identity = None
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        if self.waiting is not None:
+            self.state.release_waiting(self.waiting)
+            self.waiting.on_evict = None
+            self.waiting = None
+
+    def _expire(self) -> None:
+        if self.waiting is not None:
+            timeout = self.settings.hello_timeout
+            self._end_waiting(IdleTimeout(f"no valid 'hello' within {timeout:g} s: closing"))
+
+    def _give_way(self) -> None:
+        self._end_waiting(
+            ServerBusy("too many connections are waiting to authenticate: try again later")
+        )
+
+    def _end_waiting(self, exc: AccessError) -> None:
+        """Close a connection still waiting to authenticate (deadline passed, or it gave way).
+
+        Synchronous, so nothing the reader may be waiting on (a client that
+        reads nothing, a paced chunk) holds the connection open: the error and
+        the close are queued if there is room, the writer gets
+        :data:`CLOSE_GRACE` seconds to send them, then the reader is stopped,
+        which ends the connection.
+        """
+        self.session.log.info("session %s: %s before authenticating", self.session.id, exc.code)
+        if not self.failed:  # else a fatal error and the close are on their way already
+            self.failed = True
+            outbox = self.session.outbox
+            error = self.session.protocol.error(exc).message
+            for item in (error, Close(exc.close_code, close_reason(exc.message))):
+                if not outbox.full():
+                    outbox.put_nowait(item)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._reader is not None:
+            self._timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self._reader.cancel)
 
     async def _fail(self, exc: StreamchatError) -> None:
         """Send the fatal error, then close; messages read meanwhile are ignored."""
         self.failed = True
         self.session.log.info("session %s: %s", self.session.id, exc.code)
         await self.session.fail(exc)
-
-
-# -- the id of a message too large to parse -------------------------------------------
-# Wire-format code, the one piece outside messages.py: it belongs there (as a
-# public peek_id) when that module is next changed.
-
-_PEEKED = frozenset({"type", "id"})
-_JSON = json.JSONDecoder()
-_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _peek_id(data: bytes | str) -> str | None:
-    """The id of an ``ask`` too large to parse, if its head names one.
-
-    Only the first :data:`PEEK_CHARS` are read, and top-level values other
-    than ``type`` and ``id`` are skipped, so the cost is bounded whatever the
-    message holds. Clients write ``type`` and ``id`` before the question (the
-    bundled client and browsers' ``JSON.stringify`` of ``{type, id, text}``
-    do); an id found nowhere in the head is not named.
-    """
-    fields: dict[str, object] = {}
-    try:
-        head = data[:PEEK_CHARS]
-        pairs = _msgpack_pairs(head) if isinstance(head, bytes) else _json_pairs(head)
-        for key, value in pairs:
-            fields[key] = value
-            if len(fields) == len(_PEEKED):
-                break
-    except (ValueError, TypeError, RecursionError, msgpack.UnpackException):
-        pass  # the head ends, or is not a map: what was found so far stands
-    id = fields.get("id")
-    if fields.get("type") != "ask" or not isinstance(id, str):
-        return None
-    return id if 0 < len(id) <= MAX_ID_CHARS else None
-
-
-def _msgpack_pairs(head: bytes) -> Iterator[tuple[str, object]]:
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(head) or 1)
-    unpacker.feed(head)
-    for _ in range(unpacker.read_map_header()):
-        key = unpacker.unpack()
-        if isinstance(key, str) and key in _PEEKED:
-            yield key, unpacker.unpack()
-        else:
-            unpacker.skip()
-
-
-def _json_pairs(head: str) -> Iterator[tuple[str, object]]:
-    at = _skip_space(head, 0)
-    if head[at : at + 1] != "{":
-        return
-    at += 1
-    while True:
-        key, at = _JSON.raw_decode(head, _skip_space(head, at))
-        at = _skip_space(head, at)
-        if head[at : at + 1] != ":":
-            return
-        value, at = _JSON.raw_decode(head, _skip_space(head, at + 1))
-        if isinstance(key, str) and key in _PEEKED:
-            yield key, value
-        at = _skip_space(head, at)
-        if head[at : at + 1] != ",":
-            return
-        at += 1
-
-
-def _skip_space(text: str, at: int) -> int:
-    match = _SPACE.match(text, at)
-    return match.end() if match else at

@@ -79,7 +79,9 @@ __all__ = ["CHUNK_BYTES", "fetch_into"]
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Identity: a compressed body could expand far past the size limit in one chunk.
 _HEADERS = {"Accept": "*/*", "Accept-Encoding": "identity", "User-Agent": "streamchat"}
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# ASCII digits, and few: int() refuses some Unicode "digits" and numbers of 4,300 digits.
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
 
 logger = logging.getLogger("streamchat.fetch")
 
@@ -95,8 +97,9 @@ async def fetch_into(
 ) -> None:
     """Stream ``url`` into ``feed`` and close it; raise a typed error on failure.
 
-    ``resolver`` answers DNS questions (the event loop's ``getaddrinfo`` by
-    default) and ``network`` makes TCP connections to checked addresses
+    ``resolver`` answers DNS questions (a session passes its own, one lookup
+    at a time; by default :func:`~streamchat.netguard.system_resolver`, bounded
+    server-wide) and ``network`` makes TCP connections to checked addresses
     (httpcore's default); tests replace both to play a network.
     ``max_index_bytes`` is the largest MP4 header (``ftyp`` and ``moov``)
     fetched for an index at the end: the decoder's own limit.
@@ -252,7 +255,7 @@ def _check_identity(response: httpx.Response) -> None:
 
 def _content_length(response: httpx.Response) -> int | None:
     length = response.headers.get("Content-Length")
-    return int(length) if length is not None and length.isdigit() else None
+    return int(length) if length is not None and _CONTENT_LENGTH.fullmatch(length) else None
 
 
 async def _body(response: httpx.Response, fetch: _Fetch) -> AsyncGenerator[bytes, None]:
@@ -378,6 +381,9 @@ async def _read_file(path: Path, feed: ByteFeed, fetch: _Fetch) -> None:
             logger.info("the MP4 file's index follows its media: reading it first")
             fetch.ranges = True
             await stream_faststart(local, layout, feed, limit=fetch.max_index_bytes)
+    except OSError as exc:  # a disk error, a file on a network share gone away
+        logger.info("reading a file failed: %s", exc.__class__.__name__)
+        raise UrlFetchFailed("the file cannot be read") from None
     finally:
         handle.close()
 

@@ -7,6 +7,8 @@ base64 strings. See ``docs/protocol.md`` for the full description.
 
 Decoding validates everything a client sends and raises the typed errors of
 :mod:`streamchat.errors`; nothing else in the server parses client input.
+A message is parsed only once its structure is known to be small (see
+:data:`MAX_VALUES`), so what parsing one costs is bounded by its size alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -35,6 +38,9 @@ __all__ = [
     "GoingAway",
     "Hello",
     "Image",
+    "MAX_DEPTH",
+    "MAX_VALUES",
+    "PEEK_CHARS",
     "Ready",
     "ServerMessage",
     "VideoChunk",
@@ -43,6 +49,7 @@ __all__ = [
     "VideoUrl",
     "decode_client",
     "encode_server",
+    "peek_id",
 ]
 
 PROTOCOL_VERSION = 1
@@ -50,6 +57,24 @@ PROTOCOL_VERSION = 1
 CONTAINER_FORMATS = frozenset({"webm", "matroska", "mp4", "mpegts", "avi"})
 MAX_ID_CHARS = 128
 MAX_TOKEN_CHARS = 512
+MAX_TEMPERATURE = 2.0
+MIN_TEMPERATURE = 0.01
+"""The lowest temperature but 0 (greedy): vLLM raises lower ones to it, with a warning each time."""
+MAX_SEED = (1 << 63) - 1
+
+MAX_VALUES = 256
+"""Most values one message may hold, map keys included (a ``hello`` with every field holds 23).
+
+Decoding builds a Python object per value: a 4 MiB message of empty arrays is
+millions of them, seconds of the event loop and hundreds of MiB. The bound is
+checked before anything is built, by walking the message's structure
+(:func:`_check_msgpack`, :func:`_check_json`). Unknown fields are ignored,
+so later versions can add some: ten times what version 1 uses is room enough.
+"""
+MAX_DEPTH = 4
+"""Deepest nesting of maps and arrays, the message itself counting one (version 1 uses 2)."""
+PEEK_CHARS = 64 * 1024
+"""How much of a message that is not parsed is read for the id of the ask it may be."""
 
 
 # --- client -> server ------------------------------------------------------
@@ -211,20 +236,271 @@ def _reject_ext(code: int, data: bytes) -> object:
 
 def _load(data: bytes | str) -> Mapping[str, Any]:
     try:
+        _check_shape(data)
+    except BadMessage as exc:
+        raise BadMessage(exc.message, id=peek_id(data)) from None
+    try:
         if isinstance(data, str):
             value = json.loads(data)
         else:
             value = msgpack.unpackb(
-                data, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True
+                data,
+                raw=False,
+                strict_map_key=True,
+                ext_hook=_reject_ext,
+                use_list=True,
+                max_array_len=MAX_VALUES,
+                max_map_len=MAX_VALUES,
             )
     except BadMessage:
         raise
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         kind = "JSON" if isinstance(data, str) else "msgpack"
         raise BadMessage(f"not valid {kind}: {exc.__class__.__name__}") from None
+    if _nesting(value) > MAX_DEPTH:
+        raise BadMessage(
+            f"maps and arrays nest at most {MAX_DEPTH} deep in a message", id=peek_id(data)
+        )
     if not isinstance(value, dict):
         raise BadMessage("a message must be a map with a 'type'")
     return value
+
+
+# --- structure bounds ------------------------------------------------------
+# Both checks read a message without building anything from it and stop as soon
+# as it is over MAX_VALUES: their cost is one pass over the bytes in C plus at
+# most MAX_VALUES steps in Python, whatever the message holds. A message they
+# cannot follow (truncated, not msgpack or JSON) is left to the decoder, which
+# then refuses it having built no more values than were counted before the fault.
+
+
+def _too_many() -> BadMessage:
+    return BadMessage(f"a message holds at most {MAX_VALUES} values, map keys included")
+
+
+def _check_shape(data: bytes | str) -> None:
+    """Raise ``BadMessage`` if decoding ``data`` would build more than :data:`MAX_VALUES`."""
+    if isinstance(data, str):
+        _check_json(data)
+    else:
+        _check_msgpack(data)
+
+
+_VALUE, _ARRAY, _MAP, _NEVER = range(4)
+
+
+def _msgpack_head(byte: int) -> tuple[int, int, int]:
+    """What a msgpack value whose type byte is ``byte`` is: ``(kind, fixed, width)``.
+
+    ``width`` is the size of the length that follows the type byte (str, bin,
+    ext, array and map 16/32); ``fixed`` is the rest of a value's size beyond
+    that length (a fixstr's length, a number's bytes, an ext's type byte), or
+    the count of a fixarray or fixmap.
+    """
+    if byte <= 0x7F or byte >= 0xE0 or byte in (0xC0, 0xC2, 0xC3):
+        return _VALUE, 0, 0  # fixint, nil, bool
+    if byte <= 0x8F:
+        return _MAP, byte & 0x0F, 0
+    if byte <= 0x9F:
+        return _ARRAY, byte & 0x0F, 0
+    if byte <= 0xBF:
+        return _VALUE, byte & 0x1F, 0  # fixstr
+    if byte == 0xC1:
+        return _NEVER, 0, 0
+    if byte <= 0xC6:
+        return _VALUE, 0, 1 << (byte - 0xC4)  # bin 8/16/32
+    if byte <= 0xC9:
+        return _VALUE, 1, 1 << (byte - 0xC7)  # ext 8/16/32
+    if byte <= 0xCB:
+        return _VALUE, 4 << (byte - 0xCA), 0  # float 32/64
+    if byte <= 0xCF:
+        return _VALUE, 1 << (byte - 0xCC), 0  # uint 8..64
+    if byte <= 0xD3:
+        return _VALUE, 1 << (byte - 0xD0), 0  # int 8..64
+    if byte <= 0xD8:
+        return _VALUE, 1 + (1 << (byte - 0xD4)), 0  # fixext 1..16
+    if byte <= 0xDB:
+        return _VALUE, 0, 1 << (byte - 0xD9)  # str 8/16/32
+    if byte <= 0xDD:
+        return _ARRAY, 0, 2 << (byte - 0xDC)  # array 16/32
+    return _MAP, 0, 2 << (byte - 0xDE)  # map 16/32
+
+
+_MSGPACK_HEADS = tuple(_msgpack_head(byte) for byte in range(256))
+
+
+def _check_msgpack(data: bytes) -> None:
+    """Count a msgpack message's values from their headers, skipping strings and bytes.
+
+    Maps and arrays declare their sizes up front: a message declaring more than
+    :data:`MAX_VALUES` values is refused as soon as the declaration is read, so
+    the walk takes at most that many steps.
+    """
+    pending = [1]  # values still to come in each open container, the message itself first
+    declared = 1
+    at = 0
+    while pending:
+        if not pending[-1]:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        if at >= len(data):
+            return
+        kind, fixed, width = _MSGPACK_HEADS[data[at]]
+        length = int.from_bytes(data[at + 1 : at + 1 + width], "big")
+        at += 1 + width
+        if kind == _VALUE:
+            at += fixed + length
+        elif kind == _NEVER:
+            return
+        else:
+            count = (fixed + length) * (2 if kind == _MAP else 1)
+            declared += count
+            if declared > MAX_VALUES:
+                raise _too_many()
+            pending.append(count)
+
+
+_MARKS = "[{,:"
+"""Every JSON value but the outermost follows one of these, keys included.
+
+So a text holds at most one value more than it has marks outside strings (an
+empty array or map is counted one too many, which no message needs anyway).
+"""
+_JSON = json.JSONDecoder()
+
+
+def _count_marks(text: str, start: int, end: int, limit: int) -> int:
+    """Marks in ``text[start:end]``, counted no further than past ``limit``.
+
+    ``str.find`` of one character is a ``memchr``: one fast pass per mark,
+    plus one Python step per mark found.
+    """
+    count = 0
+    for mark in _MARKS:
+        at = text.find(mark, start, end)
+        while at >= 0:
+            count += 1
+            if count > limit:
+                return count
+            at = text.find(mark, at + 1, end)
+    return count
+
+
+def _check_json(text: str) -> None:
+    """Count a JSON message's values from its marks (``[ { , :``) outside strings.
+
+    Counting marks inside strings too is enough for almost every message (a
+    video chunk's base64 has none); only when that count is over the bound
+    are strings skipped, with the JSON decoder's own C string scanner, one
+    Python step per string: a question may hold many commas.
+    """
+    if _count_marks(text, 0, len(text), MAX_VALUES - 1) < MAX_VALUES:
+        return
+    values = 1
+    strings = at = 0
+    while True:
+        quote = text.find('"', at)
+        end = len(text) if quote < 0 else quote
+        values += _count_marks(text, at, end, MAX_VALUES - values)
+        if values > MAX_VALUES:
+            raise _too_many()
+        if quote < 0:
+            return
+        strings += 1
+        if strings > values:
+            return  # a string that no mark introduced: not JSON
+        try:
+            at = _JSON.raw_decode(text, quote)[1]
+        except ValueError:
+            return  # a string that does not end, or is not JSON
+
+
+def _nesting(value: object) -> int:
+    """How deep maps and arrays nest in ``value`` (decoded: at most MAX_VALUES of them)."""
+    if isinstance(value, dict):
+        inner: Iterator[object] = iter(value.values())
+    elif isinstance(value, list):
+        inner = iter(value)
+    else:
+        return 0
+    return 1 + max(map(_nesting, inner), default=0)
+
+
+# --- the id of a message that is not parsed ---------------------------------
+
+_PEEKED = frozenset({"type", "id"})
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def peek_id(data: bytes | str) -> str | None:
+    """The id of an ``ask`` that is not parsed (too large, too complex), if its head names one.
+
+    Only the first :data:`PEEK_CHARS` are read, and only the message's first
+    top-level fields up to the first map or array (at most half of
+    :data:`MAX_VALUES` of them), so the cost is bounded whatever the message
+    holds: a string or a number is skipped in C, a map or array is not
+    walked. Clients write ``type`` and ``id`` first (the bundled client and
+    browsers' ``JSON.stringify`` of ``{type, id, text}`` do); an id found
+    nowhere before that is not named.
+    """
+    fields: dict[str, object] = {}
+    try:
+        head = data[:PEEK_CHARS]
+        pairs = _msgpack_pairs(head) if isinstance(head, bytes) else _json_pairs(head)
+        for key, value in pairs:
+            fields[key] = value
+            if len(fields) == len(_PEEKED):
+                break
+    except (ValueError, TypeError, IndexError, RecursionError, msgpack.UnpackException):
+        pass  # the head ends, or is not a map: what was found so far stands
+    id = fields.get("id")
+    if fields.get("type") != "ask" or not isinstance(id, str):
+        return None
+    return id if 0 < len(id) <= MAX_ID_CHARS else None
+
+
+def _msgpack_pairs(head: bytes) -> Iterator[tuple[str, object]]:
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(head) or 1)
+    unpacker.feed(head)
+    for _ in range(min(unpacker.read_map_header(), MAX_VALUES // 2)):
+        if _MSGPACK_HEADS[head[unpacker.tell()]][0] != _VALUE:
+            return
+        key = unpacker.unpack()
+        if _MSGPACK_HEADS[head[unpacker.tell()]][0] != _VALUE:
+            return
+        if isinstance(key, str) and key in _PEEKED:
+            yield key, unpacker.unpack()
+        else:
+            unpacker.skip()
+
+
+def _json_pairs(head: str) -> Iterator[tuple[str, object]]:
+    at = _skip_space(head, 0)
+    if head[at : at + 1] != "{":
+        return
+    for _ in range(MAX_VALUES // 2):
+        at = _skip_space(head, at + 1)
+        if head[at : at + 1] != '"':
+            return
+        key, at = _JSON.raw_decode(head, at)
+        at = _skip_space(head, at)
+        if head[at : at + 1] != ":":
+            return
+        at = _skip_space(head, at + 1)
+        if head[at : at + 1] in ("[", "{"):
+            return
+        value, at = _JSON.raw_decode(head, at)
+        if key in _PEEKED:
+            yield key, value
+        at = _skip_space(head, at)
+        if head[at : at + 1] != ",":
+            return
+
+
+def _skip_space(text: str, at: int) -> int:
+    match = _SPACE.match(text, at)
+    return match.end() if match else at
 
 
 _T = TypeVar("_T")
@@ -330,11 +606,24 @@ class _Fields:
 
 
 def _generation(f: _Fields) -> Generation:
+    """Sampling values within what the engine accepts, so none becomes an engine error.
+
+    vLLM's ``SamplingParams`` refuses a temperature above 2 and a ``top_p``
+    of 0 (it must be in (0, 1]), and raises a temperature between 0 and 0.01
+    to 0.01 with a warning in the log per request: those are refused here,
+    naming the field, before a question reaches the engine.
+    """
+    temperature = f.number("temperature", low=0.0, high=MAX_TEMPERATURE)
+    if temperature is not None and 0.0 < temperature < MIN_TEMPERATURE:
+        raise f._fail("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    top_p = f.number("top_p", low=0.0, high=1.0)
+    if top_p == 0.0:
+        raise f._fail("top_p", "must be above 0 and at most 1")
     return Generation(
         max_tokens=f.integer("max_tokens", low=1, high=1 << 20),
-        temperature=f.number("temperature", low=0.0, high=10.0),
-        top_p=f.number("top_p", low=0.0, high=1.0),
-        seed=f.integer("seed", low=0, high=(1 << 63) - 1),
+        temperature=temperature,
+        top_p=top_p,
+        seed=f.integer("seed", low=0, high=MAX_SEED),
     )
 
 

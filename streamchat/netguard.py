@@ -18,6 +18,14 @@ usual bypasses:
   again (a second lookup could answer differently: DNS rebinding).
 
 The resolver is injectable, so tests can play any DNS answer without a network.
+
+**Lookups are bounded** (:class:`Lookups`). ``getaddrinfo`` blocks a thread
+and cannot be cancelled: a name whose DNS never answers holds its thread until
+the system resolver gives up (10-30 s with glibc's defaults). In the event
+loop's default executor, shared with everything else, four sessions fetching
+such names held every worker and another session's lookup waited 17-20 s.
+Each lookup now runs in a thread of its own, at most one per owner (a session)
+at a time, and at most ``limit`` in the server.
 """
 
 from __future__ import annotations
@@ -26,16 +34,22 @@ import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 
+from .config import DEFAULT_MAX_DNS_LOOKUPS
 from .errors import UrlFetchFailed, UrlNotAllowed
 
 __all__ = [
     "IPAddress",
+    "Lookups",
     "Resolver",
     "address_refusal",
     "numeric_host",
+    "getaddrinfo",
     "resolve_allowed",
+    "shared_lookups",
     "system_resolver",
 ]
 
@@ -61,11 +75,147 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
-async def system_resolver(host: str, port: int) -> list[str]:
-    """Resolve ``host`` for a TCP connection through the event loop's ``getaddrinfo``."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+def getaddrinfo(host: str, port: int) -> list[str]:
+    """The system resolver's addresses for a TCP connection to ``host`` (blocking)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     return [str(info[4][0]) for info in infos]
+
+
+class Lookups:
+    """Blocking DNS lookups in threads of their own: one per owner at a time, ``limit`` in all.
+
+    A lookup holds its place from the moment its thread starts until the
+    thread returns, not until its caller stops waiting: a caller that gives up
+    (its fetch's deadline, a cancelled source) abandons the lookup, but a
+    thread stuck in ``getaddrinfo`` is not free, so it still counts. Hence:
+
+    * **An owner stalls only itself.** Its next lookup waits for its previous
+      thread, abandoned or not; with one owner per session a session holds at
+      most one thread, and one client (``max_sessions_per_client`` sessions)
+      at most that many places.
+    * **The threads are bounded**: at most ``limit`` (64 by default, as many as
+      sessions), whatever clients do. A lookup that finds them all taken waits
+      for the first to end, in order, within its caller's deadline.
+
+    With one place per session the live sessions alone never fill the
+    places, so a lookup starts at once unless lookups of sessions since closed
+    still hang (their threads end when the system resolver gives up), a
+    backlog :meth:`wait_idle` slows: a closing session waits for its own
+    lookup first (the session keeps its place meanwhile).
+
+    ``lookup`` is the blocking call (:func:`getaddrinfo`); bound to one
+    event loop, the first that uses it.
+    """
+
+    def __init__(
+        self, limit: int, lookup: Callable[[str, int], Sequence[str]] = getaddrinfo
+    ) -> None:
+        if limit < 1:
+            raise ValueError("limit must be positive")
+        self.limit = limit
+        self._lookup = lookup
+        self._owners: set[Hashable] = set()  # owners with a thread alive
+        self._waiters: list[asyncio.Future[None]] = []  # woken, in order, when a thread ends
+
+    @property
+    def running(self) -> int:
+        """Lookup threads alive, abandoned ones included."""
+        return len(self._owners)
+
+    def resolver(self, owner: Hashable) -> Resolver:
+        """A :data:`Resolver` whose lookups are ``owner``'s."""
+
+        async def resolve(host: str, port: int) -> Sequence[str]:
+            return await self.resolve(owner, host, port)
+
+        return resolve
+
+    async def resolve(self, owner: Hashable, host: str, port: int) -> Sequence[str]:
+        """``lookup(host, port)`` in a thread, once ``owner`` has none and a place is free.
+
+        Cancelling the caller abandons the lookup: its thread keeps its place
+        until it returns.
+        """
+        loop = asyncio.get_running_loop()
+        await self._wait(lambda: owner not in self._owners and self.running < self.limit)
+        self._owners.add(owner)
+        answer: asyncio.Future[Sequence[str]] = loop.create_future()
+
+        def settle(result: Sequence[str] | None, error: BaseException | None) -> None:
+            self._owners.discard(owner)
+            self._wake()
+            if answer.done():  # abandoned
+                return
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                assert result is not None
+                answer.set_result(result)
+
+        def run() -> None:  # the lookup's thread
+            result: Sequence[str] | None = None
+            error: BaseException | None = None
+            try:
+                result = self._lookup(host, port)
+            except BaseException as exc:
+                error = exc
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting
+                pass
+
+        try:
+            threading.Thread(target=run, name="dns-lookup", daemon=True).start()
+        except BaseException:
+            self._owners.discard(owner)
+            self._wake()
+            raise
+        return await answer
+
+    async def wait_idle(self, owner: Hashable) -> None:
+        """Return once ``owner`` has no lookup running (cancel to stop waiting)."""
+        await self._wait(lambda: owner not in self._owners)
+
+    async def _wait(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Lookups] = weakref.WeakKeyDictionary()
+
+
+def shared_lookups(limit: int) -> Lookups:
+    """The running event loop's :class:`Lookups`, made with ``limit`` places on first use.
+
+    One per loop, as the loop's default executor is; a server passes its own
+    to its sessions instead when it has one.
+    """
+    loop = asyncio.get_running_loop()
+    lookups = _SHARED.get(loop)
+    if lookups is None:
+        lookups = _SHARED[loop] = Lookups(limit)
+    return lookups
+
+
+async def system_resolver(host: str, port: int) -> Sequence[str]:
+    """Resolve ``host`` for a TCP connection in the running loop's shared :class:`Lookups`.
+
+    Each call is an owner of its own, so only the server-wide bound applies;
+    a session resolves as itself (:meth:`Lookups.resolver`), one at a time.
+    """
+    return await shared_lookups(DEFAULT_MAX_DNS_LOOKUPS).resolve(object(), host, port)
 
 
 def numeric_host(host: str) -> ipaddress.IPv4Address | None:

@@ -164,7 +164,7 @@ def _read_all(reader: SafeReader, n: int) -> bytes:
 
 # -- what an MP4 header declares ------------------------------------------------------
 
-_MP4_CONTAINER_BOXES = {b"trak", b"mdia", b"minf", b"stbl"}
+_MP4_CONTAINER_BOXES = {b"trak", b"edts", b"mdia", b"minf", b"stbl"}
 _UNKNOWN_DURATIONS = {0, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF}  # 0 or all ones: not known
 
 
@@ -173,10 +173,13 @@ class Mp4Declared:
     """What an MP4 header promises, before FFmpeg allocates anything for it.
 
     * ``video_samples``: the most samples (frames) declared by one video track.
-    * ``total_samples``: samples declared by all tracks together: FFmpeg's MP4
-      demuxer allocates an index entry (about 24 bytes) for each, so a header
-      of a few bytes (a constant sample size and a huge count in ``stsz``)
-      can cost gigabytes to open.
+    * ``total_samples``: the index entries FFmpeg's MP4 demuxer builds for all
+      tracks together: each track's samples, once per edit of its edit list
+      (``elst``) that shows media (an edit replays the samples it covers, so
+      a header of 20 samples and 20,000 edits indexed 400,000 entries), as
+      the worst case. FFmpeg allocates an entry for each (about 70 bytes at
+      peak with its timing tables), so a header of a few bytes (a constant
+      sample size and a huge count in ``stsz``) can cost gigabytes to open.
     * ``seconds``: the longest duration declared by the movie or a track, in
       seconds (0 when none is known, as in a fragmented MP4's empty ``moov``).
     * ``video_tracks``: the track IDs (``tkhd``) of the video tracks, which
@@ -195,6 +198,7 @@ def mp4_declared(header: bytes) -> Mp4Declared:
     Only the boxes on the way to them are parsed (``moov`` > ``mvhd``,
     ``trak`` > ``tkhd``/``mdia`` > ``mdhd``/``hdlr``/``minf`` > ``stbl`` > ``stsz``/``stz2``);
     malformed boxes are left for FFmpeg to report, so this never fails.
+    The edit lists are read too (``trak`` > ``edts`` > ``elst``).
     """
     video = total = 0
     seconds = 0.0
@@ -219,6 +223,7 @@ def mp4_declared(header: bytes) -> Mp4Declared:
 def _track(trak: memoryview) -> Mp4Declared:
     """One ``trak``'s declared samples, duration and ID (``video_*`` only for video)."""
     samples = 0
+    edits = 1
     seconds = 0.0
     is_video = False
     track_id: int | None = None
@@ -235,12 +240,29 @@ def _track(trak: memoryview) -> Mp4Declared:
                 is_video = bytes(body[8:12]) == b"vide"
             elif kind in (b"stsz", b"stz2") and len(body) >= 12:
                 samples += struct.unpack_from(">I", body, 8)[0]
+            elif kind == b"elst":
+                edits = max(edits, _media_edits(body))
     return Mp4Declared(
         video_samples=samples if is_video else 0,
-        total_samples=samples,
+        total_samples=samples * edits,
         seconds=seconds,
         video_tracks=frozenset({track_id}) if is_video and track_id is not None else frozenset(),
     )
+
+
+def _media_edits(elst: memoryview) -> int:
+    """How many edits of an ``elst`` show media (empty edits, a media time of -1, show none).
+
+    Counted as FFmpeg reads them: at most as many as the box holds, whatever
+    its entry count says.
+    """
+    if len(elst) < 8:
+        return 0
+    version, count = elst[0], struct.unpack_from(">I", elst, 4)[0]
+    layout = ">QqI" if version == 1 else ">IiI"  # duration, media time, rate
+    size = struct.calcsize(layout)
+    entries = elst[8 : 8 + min(count, (len(elst) - 8) // size) * size]
+    return sum(1 for _, time, _ in struct.iter_unpack(layout, entries) if time != -1)
 
 
 def _duration(body: memoryview) -> float:

@@ -1,4 +1,4 @@
-"""uvicorn's server with streamchat's graceful shutdown.
+"""uvicorn's server with streamchat's graceful shutdown, and its one configuration.
 
 On the first SIGTERM (or Ctrl-C) the server stops admitting sessions, tells
 every open one it is going away, lets answers in flight finish for up to
@@ -6,21 +6,50 @@ every open one it is going away, lets answers in flight finish for up to
 ``shutdown``, closes each WebSocket with 1001, and only then lets uvicorn
 stop, which shuts the engine (and its worker processes) down in the app's
 lifespan. A second signal skips the wait.
+
+:func:`server_config` is the one uvicorn configuration: ``streamchat serve``
+and the test servers build it there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 
-__all__ = ["GracefulServer"]
+from .config import Settings
+from .transport import ServerConfig
+
+__all__ = ["GracefulServer", "server_config"]
 
 logger = logging.getLogger("streamchat.serving")
+
+
+def server_config(app: Any, settings: Settings, **options: Any) -> ServerConfig:
+    """uvicorn's configuration for ``app`` under ``settings``.
+
+    The protocols (and the limits of request heads, write buffers and pings)
+    are :class:`~streamchat.transport.ServerConfig`'s: uvicorn's httptools (or
+    h11) and ``websockets-sansio``, the WebSocket implementation chosen on the
+    Autobahn compliance run (docs/security.md), subclassed. ``options`` are
+    uvicorn's (host, port, log level, lifespan; tests also change the pings
+    and ``ws_max_size``), given over the values here.
+    """
+    values: dict[str, Any] = {
+        "ws_per_message_deflate": False,  # only burns CPU on already-compressed video
+        "ws_max_size": settings.transport_max_bytes,
+        "ws_ping_interval": settings.ping_interval,
+        "ws_ping_timeout": settings.ping_timeout,
+        "timeout_graceful_shutdown": math.ceil(settings.send_timeout) + 5,
+    }
+    values.update(options)
+    return ServerConfig(app, stall_timeout=settings.send_timeout, **values)
 
 
 class GracefulServer(uvicorn.Server):

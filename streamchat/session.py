@@ -6,7 +6,12 @@ returns. It owns three kinds of background work, all stopped by
 :meth:`Session.aclose`:
 
 * per video source, a decoder thread (PyAV never runs on the event loop) fed
-  by a bounded :class:`~streamchat.feed.ByteFeed`, plus a fetch task for URLs;
+  by a bounded :class:`~streamchat.feed.ByteFeed`, plus a fetch task for URLs
+  whose DNS lookups run one at a time in the server's
+  :class:`~streamchat.netguard.Lookups`; per ``image``, a decoding thread,
+  one at a time. These threads are the session's own, never a pool shared
+  with other sessions (the loop's default executor was: six slow images held
+  all of it), and closing waits for them (bounded: :data:`SOURCE_STOP_GRACE`);
 * per question, an answer task streaming deltas from the shared engine;
 * outgoing messages, queued in a bounded outbox that the endpoint drains; a
   :class:`Close` queued behind them ends the connection once they are sent.
@@ -21,15 +26,18 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 from .config import Settings
 from .decoder import DecoderOptions, decode_image, decode_stream
 from .engine.base import Engine, EngineError, GenerationRequest, Usage
-from .errors import EngineFailure, StreamchatError, close_reason
-from .feed import ByteFeed
+from .errors import EngineFailure, StreamchatError, UrlFetchFailed, close_reason
+from .feed import ByteFeed, FeedClosed
 from .fetch import fetch_into
 from .messages import AnswerDelta, ClientMessage, ServerMessage, VideoStatus
+from .netguard import Lookups, shared_lookups
 from .protocol import (
     Action,
     CancelAnswer,
@@ -51,7 +59,9 @@ __all__ = ["Close", "Session"]
 logger = logging.getLogger("streamchat.session")
 
 SOURCE_STOP_GRACE = 5.0
-"""Seconds :meth:`Session.aclose` waits for a decoder thread to notice it must stop."""
+"""Seconds :meth:`Session.aclose` waits for its threads (decoders, an image, a lookup) to end."""
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +98,20 @@ class _RunningSource:
 
 
 class Session:
-    """One connected client."""
+    """One connected client.
 
-    def __init__(self, settings: Settings, engine: Engine, *, session_id: str) -> None:
+    ``lookups``: the server's DNS lookups, where this session's run one at a
+    time; by default the running loop's (:func:`~streamchat.netguard.shared_lookups`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        session_id: str,
+        lookups: Lookups | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.id = session_id
@@ -102,6 +123,9 @@ class Session:
         self._closing = False
         self._abort_reason = "cancelled"
         self._status_timer: asyncio.TimerHandle | None = None
+        self._lookups = lookups or shared_lookups(settings.max_dns_lookups)
+        self._threads: set[asyncio.Future[object]] = set()  # the end of each thread running
+        self._images = asyncio.Lock()  # one image decoding at a time
         self.log = logging.LoggerAdapter(logger, {"session": session_id})
 
     # -- input --------------------------------------------------------------
@@ -206,6 +230,8 @@ class Session:
             max_decode_pixels=s.max_decode_pixels,
             max_source_seconds=s.max_source_seconds,
             max_source_frames=s.max_source_frames,
+            max_index_samples=s.max_index_samples,
+            threads=s.decoder_threads,
             keyframes_only=o.keyframes_only,
         )
 
@@ -240,18 +266,26 @@ class Session:
             await self._run([self.protocol.error(exc)])
 
     async def _fetch(self, source: _RunningSource, url: str) -> None:
-        """Fetch ``url`` into the source's feed; a failure ends the decoder with it."""
+        """Fetch ``url`` into the source's feed; a failure ends the decoder with it.
+
+        The fetcher names its failures (``url_not_allowed``, ``url_fetch_failed``);
+        anything else it raises is a bug, still ``url_fetch_failed`` to the client
+        and one WARNING line naming its class: the URL, which may carry a token,
+        can be in its message, and a client must not be able to write tracebacks
+        into the log at will.
+        """
         try:
-            await fetch_into(url, source.feed, self.settings)
+            await fetch_into(url, source.feed, self.settings, resolver=self._lookups.resolver(self))
         except StreamchatError as exc:
             source.feed.abort(exc)
+        except FeedClosed:
+            pass  # the source was stopped under the fetch: its decoder reports how it ended
         except Exception as exc:
-            self.log.exception("fetch failed")
-            source.feed.abort(exc)
+            self.log.warning("fetch failed unexpectedly: %s", exc.__class__.__name__)
+            source.feed.abort(UrlFetchFailed("could not fetch the URL"))
 
     async def _decode(self, source: _RunningSource, options: DecoderOptions) -> None:
         """Run the decoder thread for ``source`` and report how it ended."""
-        done: asyncio.Future[BaseException | None] = self._loop.create_future()
 
         def on_frame(frame: Frame) -> None:
             now = self._loop.time()
@@ -269,27 +303,23 @@ class Session:
             except RuntimeError:  # the loop is closed: nobody wants frames any more
                 source.stop.set()
 
-        def finish(result: BaseException | None) -> None:
-            if not done.done():
-                done.set_result(result)
-
-        def work() -> None:  # decoder thread
-            result: BaseException | None = None
-            try:
-                decode_stream(source.feed, options, emit, source.stop)
-            except BaseException as exc:  # reported on the loop, never lost
-                result = exc
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(finish, result)
-
-        thread = threading.Thread(
-            target=work, name=f"decoder-{self.id}-{source.number}", daemon=True
-        )
-        thread.start()
+        error: BaseException | None = None
         try:
-            error = await done
+            await self._in_thread(
+                f"decoder-{self.id}-{source.number}",
+                lambda: decode_stream(source.feed, options, emit, source.stop),
+            )
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # reported below, never lost
+            error = exc
         finally:
             self._sources.pop(source.number, None)
+            # A decoder that ended first (refused or failed the source) leaves nobody to
+            # read a fetch blocked on a full feed: it would hold its connection for good.
+            if source.fetching is not None and not source.fetching.done():
+                source.fetching.cancel()
+                source.feed.abort()
         if source.stop.is_set():
             return
         if error is not None and not isinstance(error, StreamchatError):
@@ -301,20 +331,60 @@ class Session:
         self._send_soon(self.protocol.flush_status(now=self._loop.time()))
 
     async def _decode_image(self, data: bytes, pts: float) -> None:
+        """Decode an image in a thread of the session's own, one image at a time.
+
+        A session's images wait for each other, never for another session's:
+        each costs at most one core (``decode_image`` decodes in one thread)
+        for a bounded time (its size and scan limits).
+        """
         s, o = self.settings, self.protocol.options
         try:
-            image = await asyncio.to_thread(
-                decode_image,
-                data,
-                factor=s.factor,
-                min_pixels=min(s.min_pixels, o.max_pixels),
-                max_pixels=o.max_pixels,
-                max_decode_pixels=s.max_decode_pixels,
-            )
+            async with self._images:
+                image = await self._in_thread(
+                    f"image-{self.id}",
+                    lambda: decode_image(
+                        data,
+                        factor=s.factor,
+                        min_pixels=min(s.min_pixels, o.max_pixels),
+                        max_pixels=o.max_pixels,
+                        max_decode_pixels=s.max_decode_pixels,
+                    ),
+                )
         except StreamchatError as exc:
             await self._run([self.protocol.error(exc)])
             return
         await self._run(self.protocol.image_decoded(Frame(pts, image)))
+
+    async def _in_thread(self, name: str, work: Callable[[], _T]) -> _T:
+        """``work()`` in a new thread of this session's; :meth:`aclose` waits for its end.
+
+        Cancelling the caller does not stop the thread (FFmpeg cannot be
+        interrupted): it runs to its end, still counted until then.
+        """
+        ended: asyncio.Future[object] = self._loop.create_future()
+        # Retrieved here, so an outcome nobody awaits any more is not logged as lost.
+        ended.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        def settle(result: object, error: BaseException | None) -> None:
+            self._threads.discard(ended)
+            if error is not None:
+                ended.set_exception(error)
+            else:
+                ended.set_result(result)
+
+        def run() -> None:  # the new thread
+            result: object = None
+            error: BaseException | None = None
+            try:
+                result = work()
+            except BaseException as exc:  # handed to the loop, never lost
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=run, name=name, daemon=True).start()
+        self._threads.add(ended)
+        return cast(_T, await asyncio.shield(ended))
 
     # -- answers ------------------------------------------------------------
 
@@ -352,12 +422,26 @@ class Session:
             await self._run([self.protocol.error(EngineFailure("the answer failed", id=id))])
         finally:
             self._answers.pop(id, None)
-        await self._run(self.protocol.answer_finished(id, "".join(parts), reason, usage, ttft))
+        # Bounded: once out of ``_answers`` nothing can cancel this task, and a client
+        # that reads nothing would hold it (and a drain waiting for it) for ever.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.send_timeout):
+                await self._run(
+                    self.protocol.answer_finished(id, "".join(parts), reason, usage, ttft)
+                )
 
     # -- shutdown -----------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Stop everything: abort answers in the engine, stop decoders and fetches."""
+        """Stop everything: abort answers in the engine, stop decoders and fetches.
+
+        Then wait, up to :data:`SOURCE_STOP_GRACE`, for the session's threads to
+        end: its decoders (a stopped decoder ends at its next read or packet,
+        closing its container, and with it FFmpeg's own threads), an image
+        being decoded, a DNS lookup still running (the session keeps its place
+        among the server's sessions meanwhile, so a client closing and
+        reopening sessions cannot pile up hung lookups faster than that).
+        """
         self._closing = True
         self.protocol.close()
         if self._status_timer is not None:
@@ -370,9 +454,14 @@ class Session:
             source.halt()
         await asyncio.gather(*answers, return_exceptions=True)
         tasks = [t for s in sources for t in (s.decoding, s.fetching) if t is not None]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=SOURCE_STOP_GRACE)
-            if pending:
-                self.log.warning("%d decoder(s) did not stop in time", len(pending))
-                for task in pending:
-                    task.cancel()
+        threads = set(self._threads)
+        lookup = asyncio.create_task(self._lookups.wait_idle(self))
+        waits: set[asyncio.Future[Any]] = {*tasks, *threads, lookup}
+        _, pending = await asyncio.wait(waits, timeout=SOURCE_STOP_GRACE)
+        lookup.cancel()
+        await asyncio.wait([lookup])
+        late = len(pending & threads)
+        if late:
+            self.log.warning("%d thread(s) did not stop in time", late)
+        for task in tasks:
+            task.cancel()

@@ -21,6 +21,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from streamchat.app import SESSION_PATH
+from streamchat.config import Settings
+from streamchat.serving import server_config
 
 
 @contextlib.asynccontextmanager
@@ -32,6 +34,7 @@ async def serve(
     send_buffer: int | None = None,
     ping_interval: float | None = 20.0,
     ping_timeout: float | None = 20.0,
+    log_level: str = "warning",
 ) -> AsyncIterator[str]:
     """Serve ``app`` on 127.0.0.1 and yield its ``http://host:port`` base URL.
 
@@ -47,11 +50,10 @@ async def serve(
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
+    config = server_config(  # what `streamchat serve` runs
         app,
-        log_level="warning",
-        ws="websockets-sansio",  # what `streamchat serve` runs
-        ws_per_message_deflate=False,
+        Settings(),
+        log_level=log_level,
         ws_max_size=ws_max_size,
         ws_ping_interval=ping_interval,
         ws_ping_timeout=ping_timeout,

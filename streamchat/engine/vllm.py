@@ -15,6 +15,7 @@ the import works on CPU-only installs (and in vLLM's spawned processes).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -23,6 +24,7 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -157,6 +159,7 @@ class VllmEngine:
         model_config = llm.model_config
         hf_config = model_config.hf_config
         self._model_name = str(model_config.served_model_name or model_config.model)
+        self._max_model_len = int(model_config.max_model_len)
         self._family = _FAMILIES.get(hf_config.model_type, hf_config.model_type)
         self._tokenizer = llm.get_tokenizer()
         self._video_token_id = _video_token_id(hf_config, self._tokenizer)
@@ -212,7 +215,7 @@ class VllmEngine:
         self._running.add(request.request_id)
         outputs: AsyncGenerator[Any, None] | None = None
         try:
-            engine_input = await self._render(request)
+            engine_input, request = await self._render(request)
             outputs = llm.generate(engine_input, _sampling_params(request), request.request_id)
             answer = _Answer(request, self._video_token_id)
             try:
@@ -258,53 +261,148 @@ class VllmEngine:
             raise EngineError("the engine is shut down")
         return self._llm
 
-    async def _render(self, request: GenerationRequest) -> Any:
-        """The prompt as vLLM's renderer turns it into engine input.
+    async def _render(self, request: GenerationRequest) -> tuple[Any, GenerationRequest]:
+        """vLLM's engine input for ``request``, and the request as fitted to the context.
 
-        A long session's history can outgrow the model's context: then the
-        oldest turns are dropped, one at a time, until the prompt fits. A
-        question whose video alone is too long is an ``EngineError``.
+        vLLM counts a prompt's video tokens only when it expands the videos,
+        after its renderer's text check (an over-long prompt then fails inside
+        ``generate``, untyped), and it ends an answer wherever the context
+        ends. So the prompt is rendered here and its length, video tokens
+        included, read from the renderer's output before anything is submitted:
+
+        * earlier turns are dropped, oldest first, until the prompt and the
+          requested answer (``max_tokens``) fit ``max_model_len`` together: a
+          long answer that joined the history leaves room for the next
+          question rather than breaking every later one;
+        * with no history left, an answer longer than the room that remains
+          is cut to that room (it ends with ``length``);
+        * a question that leaves no room at all is ``ContextTooLong``.
+
+        A prompt that fits is rendered once and submitted. One that does not
+        shows what its videos add to its text's tokens; the fewest turns to
+        drop are then bisected on the text alone (tokenized by vLLM's renderer,
+        in its worker, with no video processing) and the prompt rendered again
+        with them gone, which checks the count. A render that is not submitted
+        is forgotten by vLLM's multimodal cache (:meth:`_forget`).
         """
+        limit = self._max_model_len
+        wanted = request.sampling.max_tokens
+        videos = self._videos(request)
         history = list(request.history)
+        extra = 0  # what the videos add to the text's tokens, once a render has shown it
         while True:
-            try:
-                prompt = self._prompt(request, history)
-                (engine_input,) = await self._live().renderer.render_cmpl_async([prompt])
-            except VLLMValidationError as exc:
-                if exc.parameter not in ("input_tokens", "input_text"):
-                    raise EngineError(f"could not prepare the prompt: {exc}") from exc
-                if not history:
-                    raise self._too_long(request, exc.value) from exc
-                logger.info("request %s: history trimmed to fit", request.request_id)
-                history.pop(0)
-            except Exception as exc:
-                raise EngineError(f"could not prepare the prompt: {exc}") from exc
+            rendered = await self._rendered(request, history, videos)
+            if rendered.fits(wanted, limit) or (not history and rendered.fits(1, limit)):
+                break
+            self._forget(rendered)
+            if not history:
+                raise self._too_long(request, rendered.counted)
+            if rendered.length is not None:
+                text = await self._rendered(request, history, {})
+                extra = rendered.length - (text.length or 0)
+            drop = await self._turns_to_drop(request, history, limit - wanted - extra)
+            logger.info(
+                "request %s: %d of %d earlier turns dropped to fit the context",
+                request.request_id,
+                drop,
+                len(history),
+            )
+            history = history[drop:]
+        assert rendered.length is not None
+        if rendered.length + wanted > limit:
+            room = limit - rendered.length
+            logger.info(
+                "request %s: max_tokens %d lowered to the %d tokens left in the context",
+                request.request_id,
+                wanted,
+                room,
+            )
+            sampling = dataclasses.replace(request.sampling, max_tokens=room)
+            request = dataclasses.replace(request, sampling=sampling)
+        return rendered.engine_input, request
+
+    async def _turns_to_drop(
+        self, request: GenerationRequest, history: Sequence[ChatTurn], room: int
+    ) -> int:
+        """The fewest oldest turns (one at least) whose removal brings the text within ``room``.
+
+        Bisected on the whole text's tokens, since a turn's cost includes the
+        chat template's markup around it; all of them if nothing less will do.
+        """
+        low, high = 1, len(history)
+        while low < high:
+            middle = (low + high) // 2
+            text = await self._rendered(request, history[middle:], {})
+            if text.fits(0, room):
+                high = middle
             else:
-                return engine_input
+                low = middle + 1
+        return low
+
+    async def _rendered(
+        self, request: GenerationRequest, history: Sequence[ChatTurn], videos: dict[str, Any]
+    ) -> _Rendered:
+        """The prompt with ``history`` through vLLM's renderer, and its length.
+
+        Without ``videos`` only the text is tokenized (each video one
+        placeholder token), touching no multimodal cache.
+        """
+        prompt = {"prompt": self._text(request, history), **videos}
+        try:
+            (engine_input,) = await self._live().renderer.render_cmpl_async([prompt])
+        except VLLMValidationError as exc:
+            if exc.parameter not in ("input_tokens", "input_text"):
+                raise EngineError(f"could not prepare the prompt: {exc}") from exc
+            # The text alone is over the context; vLLM counted characters or tokens.
+            counted = exc.value if exc.parameter == "input_tokens" else None
+            return _Rendered(None, None, counted)
+        except Exception as exc:
+            raise EngineError(f"could not prepare the prompt: {exc}") from exc
+        length = len(engine_input["prompt_token_ids"])
+        return _Rendered(engine_input, length, length)
+
+    def _forget(self, rendered: _Rendered) -> None:
+        """Tell vLLM's multimodal cache that ``rendered`` was never submitted.
+
+        Rendering a video records it in the front end's cache as sent to the
+        engine core, so the next prompt with it is sent without its data: had
+        the record stayed, that prompt would fail in the engine core (a cache
+        miss, finished with ``error``). vLLM drops records this way itself when
+        the engine reports such a miss.
+        """
+        cache = self._live().renderer.mm_processor_cache
+        if cache is None or rendered.engine_input is None:
+            return
+        for hashes in rendered.engine_input.get("mm_hashes", {}).values():
+            for mm_hash in hashes:
+                cache.invalidate(mm_hash)
 
     def _too_long(self, request: GenerationRequest, length: object) -> ContextTooLong:
-        """The typed refusal of a question whose prompt alone overflows the context."""
-        limit = self._costs.max_model_len if self._costs else "the model's"
+        """The typed refusal of a question whose prompt alone fills the context."""
+        needs = f"needs {length} tokens" if length is not None else "is too long"
         return ContextTooLong(
-            f"the question with its {len(request.frames)} frames needs {length} tokens, "
-            f"more than the context of {limit} tokens: ask about fewer frames "
-            "(max_frames, last_seconds) or a shorter question"
+            f"the question with its {len(request.frames)} frames {needs}, leaving no room "
+            f"for an answer in the context of {self._max_model_len} tokens: ask about fewer "
+            "frames (max_frames, last_seconds) or a shorter question"
         )
 
-    def _prompt(self, request: GenerationRequest, history: Sequence[ChatTurn]) -> dict[str, Any]:
-        """Prompt text from the model's chat template, with the frames as its videos.
+    def _text(self, request: GenerationRequest, history: Sequence[ChatTurn]) -> str:
+        """The prompt's text from the model's chat template (a placeholder per video).
 
         The processor's template is preferred, as vLLM's own chat path does:
         some checkpoints' tokenizers carry a text-only template.
         """
         messages = build_messages(request.question, request.frames, history, fps=request.fps)
-        text = self._tokenizer.apply_chat_template(
+        text: str = self._tokenizer.apply_chat_template(
             messages,
             chat_template=self._chat_template,
             tokenize=False,
             add_generation_prompt=True,
         )
-        prompt: dict[str, Any] = {"prompt": text}
+        return text
+
+    def _videos(self, request: GenerationRequest) -> dict[str, Any]:
+        """The frames as the prompt's videos, one per clip, with their metadata and ids."""
         videos: list[Any] = []
         ids: list[str] = []
         for clip in split_clips(request.frames):
@@ -317,11 +415,12 @@ class VllmEngine:
             if self._digests is not None:
                 size = _newest_size(frames)
                 ids.append(self._digests.video_id(frames, video_size=size, metadata=metadata))
-        if videos:
-            prompt["multi_modal_data"] = {"video": videos}
-            if ids:
-                prompt["multi_modal_uuids"] = {"video": ids}
-        return prompt
+        if not videos:
+            return {}
+        parts: dict[str, Any] = {"multi_modal_data": {"video": videos}}
+        if ids:
+            parts["multi_modal_uuids"] = {"video": ids}
+        return parts
 
 
 class FrameDigests:
@@ -381,6 +480,21 @@ class FrameDigests:
         entry = self._entries.get(key)
         if entry is not None and entry[0] is ref:
             del self._entries[key]
+
+
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """A prompt as vLLM's renderer made it, or its refusal of a text over the context."""
+
+    engine_input: Any
+    length: int | None
+    """Tokens, video tokens included; None when the text alone was over the context."""
+    counted: object
+    """What vLLM counted, for the client (None: it counted characters)."""
+
+    def fits(self, answer: int, limit: int) -> bool:
+        """The prompt and an answer of ``answer`` tokens fit a context of ``limit``."""
+        return self.length is not None and self.length + answer <= limit
 
 
 class _Answer:

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from streamchat.access import KEY_SUBPROTOCOL_PREFIX, SUBPROTOCOL
-from streamchat.app import SESSION_PATH, create_app
+from streamchat.app import SESSION_PATH, ServerState, create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import CloseCode
@@ -125,11 +125,29 @@ def test_keys_from_a_file_are_revoked_without_restart(engine: FakeEngine, tmp_pa
 
 
 def test_a_page_from_another_origin_gets_403(engine: FakeEngine) -> None:
+    """The server's own page on an IP address passes with auth off; another site's does not."""
+    own = "ws://127.0.0.1:8000" + SESSION_PATH
     with _client(SETTINGS, engine) as client:
         status, body = _denied(client, headers={"origin": "http://evil.example"})
         assert (status, body["code"]) == (403, "origin_not_allowed")
-        with client.websocket_connect(SESSION_PATH, headers={"origin": "http://testserver"}) as ws:
+        with client.websocket_connect(own, headers={"origin": "http://127.0.0.1:8000"}) as ws:
             assert _hello(Peer(ws))["type"] == "ready"
+
+
+def test_with_auth_off_a_page_on_a_host_name_needs_its_origin_listed(engine: FakeEngine) -> None:
+    """A page whose name could point here by DNS rebinding needs a key or --allow-origin."""
+    own = {"origin": "http://testserver"}
+    with _client(SETTINGS, engine) as client:
+        status, body = _denied(client, headers=own)
+        assert (status, body["code"]) == (403, "origin_not_allowed")
+        assert "--allow-origin" in body["message"]
+    with _client(AUTH, engine) as client:
+        headers = {**own, "authorization": f"Bearer {KEY}"}
+        with client.websocket_connect(SESSION_PATH, headers=headers) as ws:
+            assert _hello(Peer(ws))["type"] == "ready"
+    listed = dataclasses.replace(SETTINGS, allowed_origins=("http://testserver",))
+    with _client(listed, engine) as client, client.websocket_connect(SESSION_PATH, headers=own):
+        pass
 
 
 def test_an_origin_allowlist(engine: FakeEngine) -> None:
@@ -152,13 +170,35 @@ def test_origin_and_key_are_both_needed(engine: FakeEngine) -> None:
 
 
 def test_sessions_over_the_server_limit_get_503_until_one_closes(engine: FakeEngine) -> None:
+    """Sessions count once they said hello (auth off); a full server refuses at the handshake."""
     settings = dataclasses.replace(SETTINGS, max_sessions=2)
     with _client(settings, engine) as client:
-        with client.websocket_connect(SESSION_PATH), client.websocket_connect(SESSION_PATH):
-            status, body = _denied(client)
-            assert (status, body["code"]) == (503, "server_busy")
+        with client.websocket_connect(SESSION_PATH) as one, client.websocket_connect(SESSION_PATH):
+            assert _hello(Peer(one))["type"] == "ready"
+            with client.websocket_connect(SESSION_PATH) as three:  # no hello yet: waiting
+                with client.websocket_connect(SESSION_PATH) as two:
+                    assert _hello(Peer(two))["type"] == "ready"
+                    error = _hello(Peer(three))
+                    assert (error["code"], error["fatal"]) == ("server_busy", True)
+                    assert _closed_with(three) == CloseCode.TRY_AGAIN_LATER
+                    status, body = _denied(client)
+                    assert (status, body["code"]) == (503, "server_busy")
         with client.websocket_connect(SESSION_PATH) as ws:
             assert _hello(Peer(ws))["type"] == "ready"
+
+
+def test_connections_that_have_not_said_hello_hold_no_session_place(engine: FakeEngine) -> None:
+    """Waiting connections have their own places: more than one address's share get 503."""
+    settings = dataclasses.replace(SETTINGS, max_sessions=1, max_pending_per_address=2)
+    with _client(settings, engine) as client:
+        with client.websocket_connect(SESSION_PATH) as one, client.websocket_connect(SESSION_PATH):
+            state: ServerState = client.app.state.streamchat
+            assert state.waiting == 2 > settings.max_sessions
+            status, body = _denied(client)
+            assert (status, body["code"]) == (503, "server_busy")
+            assert "wait to authenticate" in body["message"]
+            assert _hello(Peer(one))["type"] == "ready"  # the session place was free all along
+            assert state.waiting == 1
 
 
 def test_sessions_per_client_are_counted_by_key(engine: FakeEngine) -> None:
@@ -322,11 +362,30 @@ def test_a_key_given_in_hello_counts_against_its_own_session_limit(engine: FakeE
             assert _closed_with(second) == CloseCode.TRY_AGAIN_LATER
 
 
-def test_a_session_without_a_key_has_little_time_to_give_one(
-    engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("streamchat.endpoint.TOKEN_TIMEOUT", 0.1)
-    with _client(AUTH, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+def test_a_session_without_a_key_has_little_time_to_give_one(engine: FakeEngine) -> None:
+    settings = dataclasses.replace(AUTH, hello_timeout=0.1)
+    with _client(settings, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
         error = Peer(ws).recv()
         assert (error["code"], error["fatal"]) == ("idle_timeout", True)
         assert _closed_with(ws) == CloseCode.IDLE_TIMEOUT
+
+
+@pytest.mark.parametrize("settings", [AUTH, SETTINGS], ids=["keyless", "auth-off"])
+def test_messages_before_a_valid_hello_do_not_extend_its_deadline(
+    engine: FakeEngine, settings: Settings
+) -> None:
+    """Junk sent well within the deadline, again and again, still ends at the deadline."""
+    settings = dataclasses.replace(settings, hello_timeout=0.5)
+    with _client(settings, engine) as client, client.websocket_connect(SESSION_PATH) as ws:
+        peer, sent = Peer(ws), 0
+        while sent < 99:
+            client.portal.call(_pause, settings.hello_timeout / 5)
+            peer.send({"type": "nope"})
+            sent += 1
+            error = peer.recv()
+            if error["code"] != "unknown_type":
+                break
+        assert (error["code"], error["fatal"]) == ("idle_timeout", True)
+        assert 2 <= sent < 100  # junk answered before the deadline did not move it
+        assert _closed_with(ws) == CloseCode.IDLE_TIMEOUT
+    assert engine.requests == []

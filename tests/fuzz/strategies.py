@@ -70,8 +70,9 @@ def _generation() -> st.SearchStrategy[dict[str, Any]]:
         {},
         optional={
             "max_tokens": st.integers(1, 1 << 20),
-            "temperature": st.floats(0.0, 10.0),
-            "top_p": st.floats(0.0, 1.0),
+            # The ranges the engine accepts (messages.py checks them).
+            "temperature": st.one_of(st.just(0.0), st.floats(0.01, 2.0)),
+            "top_p": st.floats(0.0, 1.0, exclude_min=True),
             "seed": st.integers(0, (1 << 63) - 1),
         },
     )

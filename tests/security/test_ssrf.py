@@ -12,6 +12,7 @@ request. The count is printed: ``SSRF corpus: N of N blocked``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -23,6 +24,7 @@ from urllib.parse import quote
 import msgpack
 import pytest
 from starlette.testclient import TestClient
+from websockets.asyncio.client import connect
 
 from streamchat.app import SESSION_PATH, create_app
 from streamchat.config import Settings
@@ -31,9 +33,10 @@ from streamchat.errors import UrlFetchFailed, UrlNotAllowed
 from streamchat.feed import ByteFeed
 from streamchat.fetch import fetch_into
 from streamchat.netguard import address_refusal, resolve_allowed, system_resolver
+from streamchat.urlpolicy import AllowedDomain, parse_allowed_domain
 from tests.media import encode_video
 from tests.security.ssrf_net import PUBLIC, PUBLIC_2, SECRET_PATH, Canary, FakeDns, FakeInternet
-from tests.servers import serve
+from tests.servers import serve, ws_url
 
 DNS = {
     "video.example": [[PUBLIC]],
@@ -116,6 +119,8 @@ def direct_cases(port: int, media: Path) -> list[tuple[str, str]]:
         ("IPv6 discard-only", "http://[100::1]/"),
         ("IPv4-mapped loopback", f"http://[::ffff:127.0.0.1]:{p}/secret"),
         ("IPv4-mapped loopback, hex", f"http://[::ffff:7f00:1]:{p}/secret"),
+        ("IPv4-mapped loopback, short", "http://[::ffff:127.1]/"),
+        ("IPv4-mapped loopback, short, port", f"http://[::ffff:127.1]:{p}/secret"),
         ("IPv4-mapped metadata", "http://[::ffff:a9fe:a9fe]/latest/meta-data/"),
         ("IPv4-mapped private", "http://[::ffff:10.0.0.1]/"),
         ("IPv4-translated loopback", "http://[::ffff:0:7f00:1]/"),
@@ -232,6 +237,9 @@ def direct_cases(port: int, media: Path) -> list[tuple[str, str]]:
         ("file: upper-case scheme and ..", f"FILE://{media}/../secret.ts"),
         ("file: a FIFO inside", f"{m}/fifo"),
         ("file: query", f"{m}/clip.ts?x=1"),
+        ("file: symlink to itself", f"{m}/loop"),
+        ("file: symlink cycle", f"{m}/cycle-a"),
+        ("file: below a symlink cycle", f"{m}/cycle-a/clip.ts"),
     ]
     return ipv4 + ipv6 + syntax + names + schemes + files
 
@@ -245,6 +253,10 @@ def redirect_cases(port: int, media: Path) -> list[tuple[str, str, int]]:
         ("to IPv6 loopback", f"http://[::1]:{p}/secret"),
         ("to decimal loopback", f"http://2130706433:{p}/secret"),
         ("to hex short loopback", f"http://0x7f.1:{p}/secret"),
+        ("to octal loopback", "http://0177.0.0.1/"),
+        ("to octal loopback, port", f"http://0177.0.0.1:{p}/secret"),
+        ("to IPv4-mapped short loopback", "http://[::ffff:127.1]/"),
+        ("to an unclosed IPv6 bracket", f"http://[::1:{p}/secret"),
         ("to metadata", "http://169.254.169.254/latest/meta-data/"),
         ("to IPv4-mapped loopback", f"http://[::ffff:127.0.0.1]:{p}/secret"),
         ("to a name -> loopback", f"http://rebind.example:{p}/secret"),
@@ -290,6 +302,9 @@ def media(tmp_path: Path) -> Path:
     (root / "escape.ts").symlink_to(tmp_path / "secret.ts")
     (root / "outside").symlink_to(tmp_path)
     (root / "passwd").symlink_to("/etc/passwd")
+    (root / "loop").symlink_to(root / "loop")
+    (root / "cycle-a").symlink_to(root / "cycle-b")
+    (root / "cycle-b").symlink_to(root / "cycle-a")
     os.mkfifo(root / "fifo")
     return root
 
@@ -531,6 +546,43 @@ async def test_size_limit_and_compressed_bodies(canary: tuple[Canary, int]) -> N
             )
 
 
+async def test_a_range_answer_with_an_absurd_size_is_url_fetch_failed() -> None:
+    """A 206 whose Content-Range claims a 5,000-digit size (past what int() reads) ends the
+    fetch of an MP4 with its index at the end as url_fetch_failed, not an untyped error."""
+    clip = encode_video(container="mp4-plain", codec="h264", seconds=1.0)
+    index = clip.index(b"moov") - 4
+    # A free box between media and index makes the file longer than the fetcher's first read.
+    padding = 512 * 1024
+    body = clip[:index] + padding.to_bytes(4, "big") + b"free" + bytes(padding - 8) + clip[index:]
+    ranges: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        asked = [line for line in head.split("\r\n") if line.startswith("range:")]
+        status, chunk = "200 OK", body
+        if asked:
+            ranges.append(asked[0])
+            start = int(asked[0].split("=")[1].split("-")[0])
+            size = "9" * 5000
+            status = f"206 Partial Content\r\nContent-Range: bytes {start}-{len(body) - 1}/{size}"
+            chunk = body[start:]
+        writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(chunk)}\r\n\r\n".encode() + chunk)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(UrlFetchFailed, match="range request"):
+            await fetch_into(
+                f"http://127.0.0.1:{port}/clip.mp4",
+                new_feed(),
+                Settings(fetch_allow_private=True, fetch_timeout=10.0),
+            )
+    assert ranges  # the index was asked for by range
+
+
 async def test_tls_names_the_url_host_while_connecting_to_the_pinned_address() -> None:
     """The TLS ClientHello sent to the checked address carries the URL's host name (SNI)."""
     hello = bytearray()
@@ -576,3 +628,173 @@ async def test_logs_name_the_host_not_the_query(
         )
     assert "video.example" in caplog.text and "cdn.example" in caplog.text
     assert "SECRET" not in caplog.text
+
+
+async def _refusals(url: str, urls: list[str]) -> list[tuple[list[tuple[str, bool]], str]]:
+    """Each of ``urls`` as ``video.url`` in one session: ``(errors, final state)`` for each."""
+    outcomes = []
+    async with asyncio.timeout(60), connect(url, compression=None) as ws:  # a hang, not a timing
+        await ws.send(msgpack.packb({"type": "hello"}))
+        assert msgpack.unpackb(await ws.recv())["type"] == "ready"
+        for video in urls:
+            await ws.send(msgpack.packb({"type": "video.url", "url": video}))
+            errors = []
+            while True:
+                message: dict[str, Any] = msgpack.unpackb(await ws.recv())
+                if message["type"] == "error":
+                    errors.append((message["code"], message["fatal"]))
+                elif message.get("state") in ("ended", "failed"):
+                    outcomes.append((errors, message["state"]))
+                    break
+    return outcomes
+
+
+def _tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Records at ERROR or above, or carrying a traceback, from any logger."""
+    return [
+        f"{r.name} {r.levelname}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.ERROR or r.exc_info or r.exc_text
+    ]
+
+
+async def test_every_refusal_reaches_the_client_typed_without_a_traceback(
+    canary: tuple[Canary, int], media: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refusals by parser, redirect target, symlink loop, address and failed opens are
+    url_not_allowed or url_fetch_failed to the client, with no ERROR or traceback logged."""
+    _, port = canary
+    caplog.set_level(logging.INFO)
+    (media / "dangling").symlink_to(media / "missing")
+    octal = quote("http://0177.0.0.1/", safe="")
+    redirect = f"http://127.0.0.1:{port}/redirect?to="
+    cases = [
+        ("http://[::ffff:127.1]/", "url_not_allowed"),
+        (f"{redirect}{octal}", "url_not_allowed"),
+        (f"{redirect}{quote('http://[::ffff:127.1]/', safe='')}", "url_not_allowed"),
+        (f"{media.as_uri()}/loop", "url_not_allowed"),
+        (f"{media.as_uri()}/cycle-a", "url_not_allowed"),
+        (f"{media.as_uri()}/dangling", "url_fetch_failed"),
+        (f"{media.as_uri()}/{'n' * 300}.ts", "url_fetch_failed"),  # ENAMETOOLONG
+        (f"{media.as_uri()}/outside", "url_not_allowed"),  # a directory
+    ]
+    settings = Settings(allowed_file_dir=media, fetch_allow_private=True, fetch_timeout=5.0)
+    async with serve(create_app(settings, engine=FakeEngine())) as base:
+        outcomes = await _refusals(ws_url(base), [url for url, _ in cases])
+    strict = Settings()  # the default policy: loopback is refused by address
+    async with serve(create_app(strict, engine=FakeEngine())) as base:
+        outcomes += await _refusals(ws_url(base), [f"http://127.0.0.1:{port}/secret"])
+    cases.append((f"http://127.0.0.1:{port}/secret", "url_not_allowed"))
+    assert outcomes == [([(code, False)], "failed") for _, code in cases]
+    assert _tracebacks(caplog) == []
+
+
+async def test_an_unforeseen_fetch_failure_is_typed_and_logged_without_the_url(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the fetcher still reaches the client as url_fetch_failed, and the log gets one
+    WARNING naming the exception's class: no traceback, nothing of the URL."""
+
+    async def broken(url: str, *args: object, **kwargs: object) -> None:
+        raise KeyError(url)  # a message quoting the URL, token and all
+
+    monkeypatch.setattr("streamchat.session.fetch_into", broken)
+    caplog.set_level(logging.DEBUG)
+    async with serve(create_app(Settings(), engine=FakeEngine())) as base:
+        outcomes = await _refusals(ws_url(base), ["http://video.example/clip?token=SECRET"])
+    assert outcomes == [([("url_fetch_failed", False)], "failed")]
+    assert _tracebacks(caplog) == []
+    assert "KeyError" in caplog.text and "SECRET" not in caplog.text
+
+
+async def test_allowed_domains_name_their_ports(canary: tuple[Canary, int]) -> None:
+    """An entry without a port allows only the scheme's default port; ``host:port`` only that
+    port; subdomains and IP entries alike, at every hop."""
+    server, port = canary
+    public_v6 = "2606:4700::1111"
+    dns = {"video.example": [[PUBLIC]], "cdn.video.example": [[PUBLIC_2]]}
+    to_cache = quote("http://video.example:11211/stats", safe="")
+    cases: list[tuple[tuple[str, ...], str, list[tuple[str, int]] | None]] = [
+        # (allowlist, URL, the dials of a fetch that succeeds; None: refused before dialling)
+        (("video.example",), "http://video.example/clip", [(PUBLIC, 80)]),
+        (("video.example",), "http://video.example:8080/clip", None),
+        (("video.example",), "http://video.example:443/clip", None),
+        (("video.example",), "https://video.example:80/clip", None),
+        (("video.example",), "http://video.example:11211/stats", None),
+        (("video.example:8080",), "http://video.example:8080/clip", [(PUBLIC, 8080)]),
+        (("video.example:8080",), "http://video.example/clip", None),
+        (("VIDEO.example.:8080",), "http://cdn.video.example:8080/clip", [(PUBLIC_2, 8080)]),
+        (
+            ("video.example", "video.example:8080"),
+            "http://video.example:8080/clip",
+            [(PUBLIC, 8080)],
+        ),
+        ((f"{PUBLIC}:8080",), f"http://{PUBLIC}:8080/clip", [(PUBLIC, 8080)]),
+        ((f"{PUBLIC}:8080",), f"http://{PUBLIC}/clip", None),
+        ((f"[{public_v6}]:8080",), "http://[2606:4700:0::1111]:8080/clip", [(public_v6, 8080)]),
+        ((public_v6,), f"http://[{public_v6}]/clip", [(public_v6, 80)]),
+        ((public_v6,), f"http://[{public_v6}]:8080/clip", None),
+        (("video.example:http",), "http://video.example/clip", None),  # invalid: allows nothing
+    ]
+    for allowed, url, dials in cases:
+        settings = Settings(fetch_allowed_domains=allowed)
+        internet = FakeInternet(port)
+        feed = new_feed()
+        fetch = fetch_into(url, feed, settings, resolver=FakeDns(dns), network=internet)
+        if dials is None:
+            with pytest.raises(UrlNotAllowed, match="not among the domains"):
+                await fetch
+        else:
+            await fetch
+            assert feed.read() == server.body, url
+        assert internet.dials == (dials or []), (allowed, url)
+    # Every hop: an allowed first hop redirecting to another port of the same host.
+    internet = FakeInternet(port)
+    with pytest.raises(UrlNotAllowed, match="port 11211"):
+        await fetch_into(
+            f"http://video.example/redirect?to={to_cache}",
+            new_feed(),
+            Settings(fetch_allowed_domains=("video.example",)),
+            resolver=FakeDns(dns),
+            network=internet,
+        )
+    assert internet.dials == [(PUBLIC, 80)]
+    assert server.hits("/stats") == 0
+
+
+@pytest.mark.parametrize(
+    ("entry", "parsed"),
+    [
+        ("Example.COM.", AllowedDomain(host="example.com", port=None, ip_literal=False)),
+        ("example.com:443", AllowedDomain(host="example.com", port=443, ip_literal=False)),
+        ("93.184.215.14:8080", AllowedDomain(host="93.184.215.14", port=8080, ip_literal=True)),
+        ("2001:DB8:0::1", AllowedDomain(host="2001:db8::1", port=None, ip_literal=True)),
+        ("[2001:db8::1]:8443", AllowedDomain(host="2001:db8::1", port=8443, ip_literal=True)),
+    ],
+)
+def test_allowlist_entries_parse(entry: str, parsed: AllowedDomain) -> None:
+    """Entries are ``host``, ``host:port``, ``[ipv6]:port`` or a bare IPv6 address."""
+    assert parse_allowed_domain(entry) == parsed
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "example.com:http",
+        "example.com:0",
+        "example.com:65536",
+        "example.com:",
+        "example.com:80:80",
+        "[2001:db8::1",
+        "[example.com]:80",
+        "0x7f.1",
+        "exa mple.com",
+        "user@example.com",
+        "http://example.com",
+        "",
+    ],
+)
+def test_invalid_allowlist_entries_are_refused(entry: str) -> None:
+    """An entry that is no host or host:port is a ValueError (and allows nothing when used)."""
+    with pytest.raises(ValueError):
+        parse_allowed_domain(entry)

@@ -10,17 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import io
 import math
+import os
 import random
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pytest
 
-from streamchat.decoder import DecodeReport, DecoderOptions, decode_image, decode_stream
+import streamchat.decoder
+from streamchat.decoder import (
+    MAX_IMAGE_SCANS,
+    DecodeReport,
+    DecoderOptions,
+    decode_image,
+    decode_stream,
+)
 from streamchat.errors import (
     VideoDecodeError,
     VideoTimeout,
@@ -37,10 +48,12 @@ from tests.media import (
     encode_image,
     encode_video,
     frame_index,
+    patch_h264_size,
     patch_jpeg_size,
     patch_mp4_header,
     patch_png_size,
 )
+from tests.security.test_resources import mp4_with_edits, scan_bomb_jpeg
 
 SRC_FPS = 10
 ImageFormat = Literal["png", "jpeg"]
@@ -650,3 +663,130 @@ def test_image_bombs_are_refused_by_their_declared_size(data: bytes) -> None:
     # The header check's own words: FFmpeg's refusal (after it read the image) says otherwise.
     with pytest.raises(VideoTooLarge, match=r"video frames of \d+x\d+ exceed"):
         decode_image(data, max_decode_pixels=4096 * 2304)
+
+
+# -- resource bounds: scans, index entries, threads -------------------------------------
+
+
+def test_a_jpeg_of_more_scans_than_the_limit_is_refused_before_ffmpeg_opens_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scan bomb is VideoTooLarge from its count of scans alone, at no decoding cost."""
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("FFmpeg opened the image")
+
+    monkeypatch.setattr(streamchat.decoder.av, "open", never)
+    with pytest.raises(VideoTooLarge, match=f"has {MAX_IMAGE_SCANS + 1} scans"):
+        decode_image(scan_bomb_jpeg(MAX_IMAGE_SCANS + 1))
+
+
+def test_a_jpeg_at_the_scan_limit_decodes() -> None:
+    """The limit refuses only what is over it: MAX_IMAGE_SCANS scans decode."""
+    image = decode_image(scan_bomb_jpeg(MAX_IMAGE_SCANS, 1280, 720))
+    assert image.shape[2] == 3 and image.size > 0
+
+
+def test_a_progressive_jpeg_with_random_data_after_it_decodes() -> None:
+    """Bytes after the picture (a motion photo's video) hold FF DA pairs too; 3.5 MiB pass."""
+    tail = random.Random(3).randbytes(3_500_000)
+    assert tail.count(b"\xff\xda") > 20  # about one per 64 KiB
+    image = decode_image(scan_bomb_jpeg(10, 640, 480) + tail)
+    assert image.shape[2] == 3
+
+
+def test_an_mp4_declaring_more_index_entries_than_allowed_is_refused_before_opening() -> None:
+    """max_index_samples bounds the entries FFmpeg would allocate, whatever max_source_frames."""
+    data = patch_mp4_header(_video(container="mp4-faststart", codec="h264", seconds=2), samples=101)
+    with pytest.raises(VideoTooLong, match="index declares 101 samples"):
+        _decode_bytes(data, max_index_samples=100)
+
+
+def test_edits_replaying_an_mp4s_samples_count_against_the_index_limit() -> None:
+    """20 samples shown by 6 edits are 120 index entries: over 100; 5 edits (100) decode."""
+    clip = _video(container="mp4-faststart", codec="h264", seconds=2)
+    with pytest.raises(VideoTooLong, match="index declares 120 samples"):
+        _decode_bytes(mp4_with_edits(clip, 6), max_index_samples=100)
+    report, _ = _decode_bytes(mp4_with_edits(clip, 5), max_index_samples=100)
+    assert report.frames_decoded == 100  # FFmpeg plays the clip once per edit
+
+
+def test_options_refuse_non_positive_index_limits_and_threads() -> None:
+    """max_index_samples and threads must be positive."""
+    with pytest.raises(ValueError):
+        DecoderOptions(max_index_samples=0)
+    with pytest.raises(ValueError):
+        DecoderOptions(threads=0)
+
+
+def _ffmpeg_threads() -> int:
+    """Threads of this process that FFmpeg named (``av:h264:df0``, ...)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            count += Path(f"/proc/self/task/{task}/comm").read_text().startswith("av:")
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """Only reference counts free memory: nothing is left to the cyclic garbage collector."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+@pytest.mark.parametrize("ending", ["ended", "failed", "stopped"])
+async def test_no_ffmpeg_thread_outlives_a_decode_however_it_ends(ending: str, no_gc: None) -> None:
+    """When decode_stream returns or raises, its codec context and frame threads are gone.
+
+    Even while the caller keeps the feed (which keeps the error that stopped
+    the reader) and the decode's error, as a session does: their tracebacks
+    reached the demux loop's frame, and with it the codec context.
+    """
+    clip = _video(container="mpegts", codec="h264", seconds=2)
+    later = _video(container="mpegts", codec="h264", seconds=2, start_pts=2.0)
+    data = {
+        "ended": clip,
+        "failed": clip + patch_h264_size(later, 8192, 8192),
+        "stopped": clip[: len(clip) // 2],
+    }[ending]
+    feed = ByteFeed(max_bytes=len(data) + 1, read_timeout=10)
+    stop = threading.Event()
+    frames: list[Frame] = []
+    first = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def emit(frame: Frame) -> None:
+        frames.append(frame)
+        loop.call_soon_threadsafe(first.set)
+
+    decoding = asyncio.ensure_future(
+        asyncio.to_thread(decode_stream, feed, DecoderOptions(container="mpegts"), emit, stop)
+    )
+    feed.put_nowait(data)
+    if ending == "stopped":
+        await asyncio.wait_for(first.wait(), 10)
+        assert _ffmpeg_threads() > 0  # the decoder waits for bytes, its threads alive
+        stop.set()
+        feed.abort()
+    else:
+        feed.close()
+    outcome: list[BaseException | DecodeReport] = []
+    try:
+        outcome.append(await asyncio.wait_for(decoding, 20))
+    except VideoTooLarge as exc:
+        outcome.append(exc)
+    assert (
+        type(outcome[0]).__name__
+        == {
+            "ended": "DecodeReport",
+            "failed": "VideoTooLarge",
+            "stopped": "DecodeReport",
+        }[ending]
+    )
+    assert frames
+    assert _ffmpeg_threads() == 0
