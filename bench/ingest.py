@@ -6,8 +6,8 @@ repetition, the same file goes through, in turn:
 * ``ffmpeg``: ``ffmpeg -threads auto -i FILE -f null -``, the reference (decode
   only, no sampling, no conversion), if the tool is installed;
 * ``feed``: streamchat's ingest path without the network: a producer thread
-  pushes 64 KiB chunks through a :class:`~streamchat.feed.ByteFeed` into
-  :func:`~streamchat.decoder.decode_stream` (sampling 2 fps, resized by swscale
+  pushes 64 KiB chunks through a :class:`~streamchat.ingest.feed.ByteFeed` into
+  :func:`~streamchat.media.decoder.decode_stream` (sampling 2 fps, resized by swscale
   to the default 448x448 pixel budget), as a session does;
 * ``feed-keyframes``: the same with ``keyframes_only=True``, the fast path;
 * ``feed-area``: ``feed`` with swscale's plain ``AREA`` conversion, as before
@@ -39,10 +39,10 @@ from typing import Any
 
 from av.video.reformatter import Interpolation
 
-from streamchat import decoder
 from streamchat.config import Settings
-from streamchat.decoder import DecoderOptions, decode_stream
-from streamchat.feed import ByteFeed
+from streamchat.ingest.feed import ByteFeed
+from streamchat.media import decoder
+from streamchat.media.decoder import DecoderOptions, decode_stream
 from streamchat.window import Frame
 from streamchat_client import connect
 

@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 
 from streamchat.config import Settings
-from streamchat.decoder import DecoderOptions, decode_stream
 from streamchat.engine.base import GenerationRequest, SamplingOptions
-from streamchat.prompt import build_messages
-from streamchat.tiny_model import build_tiny_model
+from streamchat.engine.prompt import build_messages
+from streamchat.engine.tiny_model import build_tiny_model
+from streamchat.media.decoder import DecoderOptions, decode_stream
 from streamchat.window import Frame
 from streamchat_client import Session, connect
 

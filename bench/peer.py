@@ -58,7 +58,7 @@ from typing import Any
 
 import httpx
 
-from streamchat.tiny_model import build_tiny_model
+from streamchat.engine.tiny_model import build_tiny_model
 from streamchat_client import connect
 
 from .common import base_parser, print_table, summarise, write_result

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .config import DEFAULT_MODEL, Settings
-from .urlpolicy import parse_allowed_domain
+from .ingest.urlpolicy import parse_allowed_domain
 
 __all__ = ["build_parser", "main", "settings_from_args"]
 
@@ -199,14 +199,14 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
         return 2
     model = args.model or DEFAULT_MODEL
     if args.tiny_model:
-        from .tiny_model import build_tiny_model
+        from .engine.tiny_model import build_tiny_model
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model = str(build_tiny_model(DEFAULT_TINY_DIR))
     settings = settings_from_args(args, model)
 
     from .app import create_app
-    from .decoder import map_large_blocks
+    from .media.decoder import map_large_blocks
     from .serving import GracefulServer, server_config
 
     map_large_blocks()  # freed FFmpeg tables go back to the kernel, not to arenas
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "build-tiny-model":
-        from .tiny_model import build_tiny_model
+        from .engine.tiny_model import build_tiny_model
 
         print(build_tiny_model(args.path))
         return 0

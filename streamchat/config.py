@@ -35,6 +35,8 @@ DEFAULT_FETCH_MAX_REDIRECTS = 5
 DEFAULT_MAX_SOURCE_SECONDS = 4 * 3600.0
 DEFAULT_MAX_SOURCE_FRAMES = 1_000_000
 DEFAULT_MAX_INDEX_SAMPLES = 500_000
+DEFAULT_MAX_HEADER_BYTES = 8 << 20
+"""The largest MP4 index (``moov``) read whole, by the decoder or rewritten by a fetch."""
 DEFAULT_DECODER_THREADS = 2
 DEFAULT_MAX_DNS_LOOKUPS = 64
 DEFAULT_MAX_SESSIONS = 64
@@ -121,7 +123,7 @@ class Settings:
     per session grows with them; a fixed count keeps the bound the same on any machine."""
     max_dns_lookups: int = DEFAULT_MAX_DNS_LOOKUPS
     """DNS lookups running at once in the server, each in a thread of its own, at most one
-    per session (:class:`~streamchat.netguard.Lookups`)."""
+    per session (:class:`~streamchat.ingest.netguard.Lookups`)."""
 
     max_sessions: int = DEFAULT_MAX_SESSIONS
     """Sessions open at once; more are refused at the handshake (HTTP 503)."""

@@ -30,7 +30,6 @@ import contextlib
 import logging
 import uuid
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -51,10 +50,8 @@ from .errors import (
 from .limits import RateLimiter
 from .messages import ClientMessage, Hello, decode_client, encode_server, peek_id
 from .protocol import message_id
+from .server import ServerState, Waiting
 from .session import Close, Session
-
-if TYPE_CHECKING:
-    from .app import ServerState, Waiting
 
 __all__ = ["RefusedHandshakeFilter", "session_endpoint"]
 

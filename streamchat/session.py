@@ -6,9 +6,9 @@ returns. It owns three kinds of background work, all stopped by
 :meth:`Session.aclose`:
 
 * per video source, a decoder thread (PyAV never runs on the event loop) fed
-  by a bounded :class:`~streamchat.feed.ByteFeed`, plus a fetch task for URLs
+  by a bounded :class:`~streamchat.ingest.feed.ByteFeed`, plus a fetch task for URLs
   whose DNS lookups run one at a time in the server's
-  :class:`~streamchat.netguard.Lookups`; per ``image``, a decoding thread,
+  :class:`~streamchat.ingest.netguard.Lookups`; per ``image``, a decoding thread,
   one at a time. These threads are the session's own, never a pool shared
   with other sessions (the loop's default executor was: six slow images held
   all of it), and closing waits for them (bounded: :data:`SOURCE_STOP_GRACE`);
@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from .config import Settings
-from .decoder import DecoderOptions, decode_image, decode_stream
 from .engine.base import Engine, EngineError, GenerationRequest, Usage
 from .errors import EngineFailure, StreamchatError, UrlFetchFailed, close_reason
-from .feed import ByteFeed, FeedClosed
-from .fetch import fetch_into
+from .ingest.feed import ByteFeed, FeedClosed
+from .ingest.fetch import fetch_into
+from .ingest.netguard import Lookups, shared_lookups
+from .media.decoder import DecoderOptions, decode_image, decode_stream
 from .messages import AnswerDelta, ClientMessage, ServerMessage, VideoStatus
-from .netguard import Lookups, shared_lookups
 from .protocol import (
     Action,
     CancelAnswer,
@@ -101,7 +101,7 @@ class Session:
     """One connected client.
 
     ``lookups``: the server's DNS lookups, where this session's run one at a
-    time; by default the running loop's (:func:`~streamchat.netguard.shared_lookups`).
+    time; by default the running loop's (:func:`~streamchat.ingest.netguard.shared_lookups`).
     """
 
     def __init__(

@@ -17,10 +17,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from streamchat.app import ServerState, create_app
+from streamchat.app import create_app
 from streamchat.config import Settings
+from streamchat.engine.tiny_model import build_tiny_model
 from streamchat.engine.vllm import VllmEngine, make_engine_args, open_vllm_engine
-from streamchat.tiny_model import build_tiny_model
+from streamchat.server import ServerState
 from tests.servers import serve, ws_url
 
 __all__ = ["Live", "live_server", "tiny_engine"]

@@ -51,7 +51,7 @@ class GenerationRequest:
 
     ``frames`` are the window snapshot (oldest first) the question is about;
     ``history`` holds earlier turns, oldest first. The engine adapter turns
-    them into the model's own prompt with :mod:`streamchat.prompt`.
+    them into the model's own prompt with :mod:`streamchat.engine.prompt`.
     """
 
     request_id: str

@@ -1,7 +1,7 @@
 """The :class:`~streamchat.engine.base.Engine` on vLLM's ``AsyncLLMEngine``.
 
 One engine serves every session of a server. A request becomes the model's own
-prompt (its chat template renders :func:`streamchat.prompt.build_messages`, so
+prompt (its chat template renders :func:`streamchat.engine.prompt.build_messages`, so
 the video placeholder tokens are the model's) plus the frames as the prompt's
 single video, and streams back as ``RequestOutputKind.DELTA`` outputs, each
 forwarded at once. A generator closed early, or whose consumer is cancelled,
@@ -31,11 +31,11 @@ import numpy as np
 import numpy.typing as npt
 
 from ..budget import VisionCosts
+from ..engine import cpu_compat
 from ..errors import ContextTooLong
-from ..prompt import MAX_CLIPS, build_messages, clip_frames, split_clips, video_metadata
 from ..window import Frame
-from . import cpu_compat
 from .base import ChatTurn, Delta, EngineError, FinishReason, GenerationRequest, Usage
+from .prompt import MAX_CLIPS, build_messages, clip_frames, split_clips, video_metadata
 
 cpu_compat.install()
 
@@ -68,7 +68,7 @@ DEFAULT_KV_CACHE_BYTES = 512 * 1024 * 1024
 
 _FAMILIES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
 _FAMILIES["qwen3_vl_moe"] = "qwen3_vl"
-"""Model types -> the family whose video metadata :func:`~streamchat.prompt.video_metadata`
+"""Model types -> the family whose video metadata :func:`~streamchat.engine.prompt.video_metadata`
 builds (Qwen2.5-VL and Qwen3-VL require it; Qwen2-VL takes none)."""
 
 _FINISH_REASONS: dict[str, FinishReason] = {
@@ -105,7 +105,7 @@ def engine_defaults() -> dict[str, Any]:
     """Settings that work on CPU as well as GPU for a video chat model.
 
     Eager mode (no graph capture or compilation: start-up dominates on CPU),
-    the videos and image a prompt of :mod:`streamchat.prompt` may hold (a
+    the videos and image a prompt of :mod:`streamchat.engine.prompt` may hold (a
     window cut into clips at gaps),
     and a fixed KV cache size rather than a fraction of device memory, so the
     footprint is predictable.

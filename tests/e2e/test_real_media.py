@@ -43,7 +43,7 @@ CHUNK_BYTES = 7919
 """A prime: pushed pieces never line up with boxes, clusters, packets or TS packets."""
 TIMEOUT = 60.0
 CHUNK_BYTES_FETCHED = 256 * 1024
-"""What the server's fetch reads at once (``streamchat.fetch.CHUNK_BYTES`` today): a file
+"""What the server's fetch reads at once (``streamchat.ingest.fetch.CHUNK_BYTES`` today): a file
 that fits needs no range request, so the range test uses a file at least twice as large."""
 
 SETTINGS = Settings(fetch_allow_private=True)  # URL sources come from a loopback file server

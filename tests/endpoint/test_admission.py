@@ -18,10 +18,11 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from streamchat.access import KEY_SUBPROTOCOL_PREFIX, SUBPROTOCOL
-from streamchat.app import SESSION_PATH, ServerState, create_app
+from streamchat.app import SESSION_PATH, create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import CloseCode
+from streamchat.server import ServerState
 from tests.endpoint.test_endpoint import SETTINGS, Peer
 from tests.media import chunks, encode_image, encode_video
 

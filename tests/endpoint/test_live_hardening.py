@@ -22,10 +22,11 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from streamchat.app import ServerState, create_app
+from streamchat.app import create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import CloseCode
+from streamchat.server import ServerState
 from streamchat_client import ConnectError
 from streamchat_client import connect as client_connect
 from tests.media import encode_image

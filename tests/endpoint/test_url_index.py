@@ -12,7 +12,7 @@ reads in the file, and the pictures the same session gets from FFmpeg's own
 ``qt-faststart`` rewrite of it. Bad servers and bad files (ranges ignored,
 files cut short, an index over the bound) end in typed errors or the
 documented read-through. The fetcher's own costs (requests, bytes, memory)
-are measured on a larger file through :func:`streamchat.fetch.fetch_into`.
+are measured on a larger file through :func:`streamchat.ingest.fetch.fetch_into`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from starlette.testclient import TestClient
 from streamchat.app import SESSION_PATH, create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
-from streamchat.faststart import read_box_header
-from streamchat.feed import ByteFeed
-from streamchat.fetch import CHUNK_BYTES, fetch_into
+from streamchat.ingest.faststart import read_box_header
+from streamchat.ingest.feed import ByteFeed
+from streamchat.ingest.fetch import CHUNK_BYTES, fetch_into
 from streamchat.window import Frame
 from tests.security.ssrf_net import PUBLIC, FakeDns, FakeInternet
 from tests.support.httpfiles import FileServer, Served

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 
-from streamchat.tiny_model import build_tiny_model
+from streamchat.engine.tiny_model import build_tiny_model
 
 if TYPE_CHECKING:
     from streamchat.engine.vllm import VllmEngine

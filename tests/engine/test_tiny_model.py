@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from streamchat.engine.base import ChatTurn
-from streamchat.prompt import build_messages, video_metadata
-from streamchat.sampling import target_size
-from streamchat.tiny_model import (
+from streamchat.engine.prompt import build_messages, video_metadata
+from streamchat.engine.tiny_model import (
     CHECKPOINTS,
     SPECIAL_TOKENS,
     build_tiny_model,
     is_complete,
     main,
 )
+from streamchat.media.sampling import target_size
 from streamchat.window import Frame
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -112,7 +112,7 @@ def test_unknown_family_is_refused(tmp_path: Path) -> None:
 def test_command_line_builds_into_the_given_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``python -m streamchat.tiny_model OUT`` prints the directory it built."""
+    """``python -m streamchat.engine.tiny_model OUT`` prints the directory it built."""
     assert main([str(tmp_path / "cli"), "--family", "qwen2_vl"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
     assert is_complete(tmp_path / "cli")

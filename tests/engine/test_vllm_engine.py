@@ -301,8 +301,8 @@ async def test_a_full_default_window_of_720p_fits_and_costs_what_the_processor_c
     """32 frames of 720p, sized by the server's rule, are answered; vLLM's video tokens equal
     the official processor's count for the same frames (the faithful tiny model's)."""
     from streamchat.config import Settings
-    from streamchat.prompt import build_messages
-    from streamchat.sampling import target_size
+    from streamchat.engine.prompt import build_messages
+    from streamchat.media.sampling import target_size
     from tests.engine.test_tiny_model import _process, _processor
 
     settings = Settings()

@@ -34,8 +34,8 @@ import psutil
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from streamchat.decoder import DecoderOptions, decode_image, decode_stream
 from streamchat.errors import StreamchatError
+from streamchat.media.decoder import DecoderOptions, decode_image, decode_stream
 from streamchat.window import Frame
 from streamchat_client import ServerError, connect
 from tests.media import (

@@ -26,10 +26,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamchat.access import RefusalLog
-from streamchat.app import REFUSAL_LOG_INTERVAL, ServerState, create_app
+from streamchat.app import create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import CloseCode, ServerBusy, Unauthorized
+from streamchat.server import REFUSAL_LOG_INTERVAL, ServerState
 from tests.media import encode_image
 from tests.servers import serve, ws_url
 

@@ -45,13 +45,14 @@ import psutil
 import pytest
 from starlette.applications import Starlette
 
-from streamchat.app import ServerState, create_app
+from streamchat.app import create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import UrlFetchFailed
-from streamchat.feed import ByteFeed
-from streamchat.fetch import fetch_into
-from streamchat.netguard import Lookups
+from streamchat.ingest.feed import ByteFeed
+from streamchat.ingest.fetch import fetch_into
+from streamchat.ingest.netguard import Lookups
+from streamchat.server import ServerState
 from streamchat_client import ServerError, Session, connect
 from tests.media import encode_image, encode_video, patch_h264_size, patch_mp4_header
 from tests.processes import ServerProcess, server_process

@@ -1,6 +1,6 @@
 """Server-side request forgery: a corpus of URLs that must not be fetched, and what must be.
 
-Every corpus URL goes through the real :func:`streamchat.fetch.fetch_into`
+Every corpus URL goes through the real :func:`streamchat.ingest.fetch.fetch_into`
 with private addresses refused (the default). DNS is scripted and every TCP
 connection the fetcher asks for is recorded and delivered to a loopback
 "canary" server (``ssrf_net``), so a URL counts as blocked only if the fetch
@@ -30,10 +30,10 @@ from streamchat.app import SESSION_PATH, create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import UrlFetchFailed, UrlNotAllowed
-from streamchat.feed import ByteFeed
-from streamchat.fetch import fetch_into
-from streamchat.netguard import address_refusal, resolve_allowed, system_resolver
-from streamchat.urlpolicy import AllowedDomain, parse_allowed_domain
+from streamchat.ingest.feed import ByteFeed
+from streamchat.ingest.fetch import fetch_into
+from streamchat.ingest.netguard import address_refusal, resolve_allowed, system_resolver
+from streamchat.ingest.urlpolicy import AllowedDomain, parse_allowed_domain
 from tests.media import encode_video
 from tests.security.ssrf_net import PUBLIC, PUBLIC_2, SECRET_PATH, Canary, FakeDns, FakeInternet
 from tests.servers import serve, ws_url

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from streamchat.app import _fit_context
 from streamchat.budget import VisionCosts, plan
 from streamchat.config import Settings
-from streamchat.sampling import target_size
+from streamchat.media.sampling import target_size
+from streamchat.server import fit_context
 
 QWEN2 = VisionCosts(max_model_len=8192, factor=28, min_frame_pixels=128 * 28 * 28)
 QWEN3 = VisionCosts(max_model_len=8192, factor=32, pair_text_tokens=7)
@@ -63,7 +63,7 @@ def test_a_window_too_large_for_the_context_is_lowered_and_logged(
     small = VisionCosts(max_model_len=2048, factor=28)
     settings = Settings(max_tokens_limit=256, context_reserve=256)
     with caplog.at_level(logging.WARNING, "streamchat.app"):
-        fitted = _fit_context(settings, small)
+        fitted = fit_context(settings, small)
     assert fitted.max_ask_frames is not None and fitted.max_ask_frames < 32
     assert fitted.window_frames == fitted.max_ask_frames
     assert small.video_tokens(fitted.max_ask_frames, settings.max_pixels, clips=4) <= 2048 - 512
@@ -73,10 +73,10 @@ def test_a_window_too_large_for_the_context_is_lowered_and_logged(
 def test_a_context_that_holds_no_frames_refuses_to_start() -> None:
     """When not even two frames fit, the server must not start: the error names the figures."""
     with pytest.raises(ValueError, match="cannot hold 2 frames"):
-        _fit_context(Settings(), VisionCosts(max_model_len=2048, factor=28))
+        fit_context(Settings(), VisionCosts(max_model_len=2048, factor=28))
 
 
 def test_without_costs_nothing_changes() -> None:
     """An engine that cannot tell its costs (the fake) leaves the settings as they are."""
     settings = Settings()
-    assert _fit_context(settings, None) is settings
+    assert fit_context(settings, None) is settings

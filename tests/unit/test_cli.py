@@ -8,8 +8,8 @@ import pytest
 
 from streamchat.cli import build_parser, settings_from_args
 from streamchat.config import Settings
+from streamchat.engine.prompt import MAX_CLIPS
 from streamchat.engine.vllm import engine_args_from_cli
-from streamchat.prompt import MAX_CLIPS
 
 
 def test_session_flags_become_settings() -> None:

@@ -24,14 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 
-import streamchat.decoder
-from streamchat.decoder import (
-    MAX_IMAGE_SCANS,
-    DecodeReport,
-    DecoderOptions,
-    decode_image,
-    decode_stream,
-)
+import streamchat.media.decoder
 from streamchat.errors import (
     VideoDecodeError,
     VideoTimeout,
@@ -39,8 +32,15 @@ from streamchat.errors import (
     VideoTooLong,
     VideoUnsupported,
 )
-from streamchat.feed import ByteFeed, FeedClosed
-from streamchat.sampling import FrameSampler, target_size
+from streamchat.ingest.feed import ByteFeed, FeedClosed
+from streamchat.media.decoder import (
+    MAX_IMAGE_SCANS,
+    DecodeReport,
+    DecoderOptions,
+    decode_image,
+    decode_stream,
+)
+from streamchat.media.sampling import FrameSampler, target_size
 from streamchat.window import Frame
 from tests.media import (
     chunks,
@@ -676,7 +676,7 @@ def test_a_jpeg_of_more_scans_than_the_limit_is_refused_before_ffmpeg_opens_it(
     def never(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("FFmpeg opened the image")
 
-    monkeypatch.setattr(streamchat.decoder.av, "open", never)
+    monkeypatch.setattr(streamchat.media.decoder.av, "open", never)
     with pytest.raises(VideoTooLarge, match=f"has {MAX_IMAGE_SCANS + 1} scans"):
         decode_image(scan_bomb_jpeg(MAX_IMAGE_SCANS + 1))
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamchat.decoder import DecoderOptions, decode_stream
 from streamchat.errors import VideoDecodeError, VideoTooLarge, VideoUnsupported
-from streamchat.faststart import (
+from streamchat.ingest.faststart import (
     BoxHeader,
     Faststart,
     IndexAtEnd,
@@ -30,6 +29,7 @@ from streamchat.faststart import (
     rewrite,
     sniff,
 )
+from streamchat.media.decoder import DecoderOptions, decode_stream
 from streamchat.window import Frame
 
 LIMIT = 8 << 20  # the decoder's header limit (DecoderOptions.max_header_bytes)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from streamchat.errors import UrlFetchFailed, VideoBacklogFull, VideoTimeout
-from streamchat.feed import ByteFeed, FeedClosed
+from streamchat.ingest.feed import ByteFeed, FeedClosed
 
 LONG = 30.0  # a read timeout no passing test waits for
 

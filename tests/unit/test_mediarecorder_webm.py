@@ -15,8 +15,8 @@ import threading
 import av
 import numpy as np
 
-from streamchat.decoder import DecoderOptions, decode_stream
-from streamchat.feed import ByteFeed
+from streamchat.ingest.feed import ByteFeed
+from streamchat.media.decoder import DecoderOptions, decode_stream
 from streamchat.window import Frame
 from tests.media import chunks, encode_video
 

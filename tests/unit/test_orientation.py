@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from streamchat.decoder import DecoderOptions, decode_stream
-from streamchat.sampling import UPRIGHT, orientation
+from streamchat.media.decoder import DecoderOptions, decode_stream
+from streamchat.media.sampling import UPRIGHT, orientation
 from streamchat.window import Frame
 
 ONE = 1 << 16  # 1.0 in the matrix's 16.16 fixed point

@@ -15,7 +15,7 @@ import pytest
 
 from streamchat.engine import cpu_compat
 from streamchat.engine.base import ChatTurn
-from streamchat.prompt import (
+from streamchat.engine.prompt import (
     build_messages,
     clip_frames,
     describe_frames,

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from streamchat.errors import VideoDecodeError, VideoTooLong
-from streamchat.reader import Mp4Declared, Mp4Walker, SafeReader, mp4_declared, mp4_header
+from streamchat.media.reader import Mp4Declared, Mp4Walker, SafeReader, mp4_declared, mp4_header
 from tests.media import chunks, encode_video, patch_fmp4_largesize, patch_fmp4_samples
 
 

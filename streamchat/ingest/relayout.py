@@ -4,7 +4,7 @@ FFmpeg's MP4 demuxer needs the index (``moov``) before the media when it reads
 a stream, but cameras, phones and the ``ffmpeg`` tool write it after. Given a
 file that can be read by offset (range requests over HTTP, seeks in a local
 file: :class:`RandomAccess`), :func:`stream_faststart` finds the index after
-the media, rewrites it (:func:`streamchat.faststart.rewrite`, what
+the media, rewrites it (:func:`streamchat.ingest.faststart.rewrite`, what
 ``-movflags +faststart`` does) and streams ``ftyp``, the moved index and then
 the media into the decoder's feed. :func:`stream_head` decides from the first
 bytes whether that is needed at all, putting any other stream through as it
@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import BinaryIO
 
-from .errors import VideoDecodeError
+from ..errors import VideoDecodeError
 from .faststart import IndexAtEnd, Layout, check_index_size, read_box_header, rewrite, sniff
 from .feed import ByteFeed
 
@@ -49,7 +49,7 @@ async def stream_head(
 ) -> tuple[bytes, IndexAtEnd] | None:
     """Put ``chunks`` into ``feed``, unless they start an MP4 with its index after its media.
 
-    The first chunks are held until :func:`~streamchat.faststart.sniff` can
+    The first chunks are held until :func:`~streamchat.ingest.faststart.sniff` can
     tell (the first chunk tells for any stream but an MP4 whose header-like
     boxes fill it; at most ``limit`` bytes are held). For an index at the end
     this returns the bytes read so far and the layout, with nothing put;

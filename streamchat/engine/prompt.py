@@ -37,8 +37,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from .engine.base import ChatTurn
-from .window import Frame
+from ..window import Frame
+from .base import ChatTurn
 
 __all__ = [
     "CLOCK",

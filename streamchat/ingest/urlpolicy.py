@@ -8,7 +8,7 @@ on user info, on signs in the port (``:+80``) and on non-ASCII dots
 non-ASCII characters are refused outright, the host and port must match a
 strict grammar, and ``urllib``'s and httpx's readings of scheme, host, port
 and user info must agree. Numeric hosts go through
-:func:`~streamchat.netguard.numeric_host`.
+:func:`~streamchat.ingest.netguard.numeric_host`.
 
 Every way a URL can fail a check is ``UrlNotAllowed``: the standard
 library's and httpx's own parse errors (``urlsplit`` refuses
@@ -24,7 +24,7 @@ who may name any port on it could reach those services (an admin page on
 8080, a cache on 11211) and probe which ports are open.
 
 Nothing here touches the network: :class:`HttpTarget` says where to go, and
-:mod:`streamchat.fetch` resolves and checks the address before connecting.
+:mod:`streamchat.ingest.fetch` resolves and checks the address before connecting.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
 
-from .errors import UrlNotAllowed
+from ..errors import UrlNotAllowed
 from .netguard import numeric_host
 
 __all__ = [
@@ -140,7 +140,7 @@ def check_http_url(url: str, *, allowed_domains: Sequence[str] = ()) -> HttpTarg
 
     With ``allowed_domains`` (see :func:`parse_allowed_domain`) the host must
     be one of them or a subdomain, on the entry's port. The address the host
-    leads to is not checked here (see :func:`streamchat.netguard.resolve_allowed`).
+    leads to is not checked here (see :func:`streamchat.ingest.netguard.resolve_allowed`).
     """
     _check_characters(url)
     parts = _split(url)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .config import DEFAULT_FRAME_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from ..config import DEFAULT_FRAME_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 __all__ = [
     "DEFAULT_FACTOR",

@@ -2,7 +2,7 @@
 
 :func:`decode_stream` blocks and runs in a worker thread, never on the event
 loop (PyAV releases the GIL while decoding, so worker threads scale). It reads
-a live, non-seekable byte stream (a :class:`~streamchat.feed.ByteFeed`, or any
+a live, non-seekable byte stream (a :class:`~streamchat.ingest.feed.ByteFeed`, or any
 object with ``read(n)``), demuxes the first video stream, keeps frames at
 ``fps`` by presentation time (:class:`FrameSampler`), and converts only the
 kept frames, already resized to the model's pixel budget (:func:`target_size`),
@@ -21,7 +21,7 @@ for the client; :func:`decode_image` does the same for single JPEG/PNG images.
 
 Orientation: a frame's display matrix (rotation and mirroring, as phones
 write portrait video) is applied before sizing, so the model gets the
-picture as players show it (:func:`~streamchat.sampling.orientation`).
+picture as players show it (:func:`~streamchat.media.sampling.orientation`).
 
 Hostile media: FFmpeg only ever reads the bytes it is given, through a
 demuxer from :data:`DEMUXERS` (WebM/Matroska, MP4/MOV, MPEG-TS, AVI), whether the
@@ -74,21 +74,23 @@ from av.video.frame import VideoFrame
 from av.video.reformatter import Interpolation
 from av.video.stream import VideoStream
 
-from .config import (
+from ..config import (
     DEFAULT_DECODER_THREADS,
     DEFAULT_FPS,
     DEFAULT_MAX_DECODE_PIXELS,
+    DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_INDEX_SAMPLES,
     DEFAULT_MAX_SOURCE_FRAMES,
     DEFAULT_MAX_SOURCE_SECONDS,
 )
-from .errors import (
+from ..errors import (
     StreamchatError,
     VideoDecodeError,
     VideoTooLarge,
     VideoTooLong,
     VideoUnsupported,
 )
+from ..window import Frame
 from .reader import Mp4Declared, Mp4Walker, SafeReader, Source, mp4_declared, mp4_header
 from .sampling import (
     DEFAULT_FACTOR,
@@ -101,7 +103,6 @@ from .sampling import (
     orientation,
     target_size,
 )
-from .window import Frame
 
 __all__ = [
     "DEMUXERS",
@@ -194,7 +195,7 @@ class DecoderOptions:
       video time since its first frame and in decoded frames; beyond either
       the decode ends with ``VideoTooLong`` (frames already emitted stay). An
       MP4 header declaring more (duration, or samples: see
-      :class:`~streamchat.reader.Mp4Declared`) is refused before opening, a
+      :class:`~streamchat.media.reader.Mp4Declared`) is refused before opening, a
       fragment whose samples take the total beyond it before FFmpeg reads it.
     * ``max_index_samples``: the most entries FFmpeg's MP4 demuxer may hold in
       its index, over all tracks and fragments (``VideoTooLong`` beyond, checked
@@ -233,7 +234,7 @@ class DecoderOptions:
     probesize: int = 32_768
     analyzeduration: int = 100_000
     max_decode_errors: int = 30
-    max_header_bytes: int = 8 << 20
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 
     def __post_init__(self) -> None:
         if self.container is not None and self.container not in _CONTAINERS:

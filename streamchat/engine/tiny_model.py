@@ -25,7 +25,7 @@ not printable ASCII are zeroed, so greedy decoding never ends a turn early and
 every token decodes to visible text. Tests can therefore rely on
 ``max_tokens`` deltas.
 
-Usage: ``python -m streamchat.tiny_model OUT_DIR [--family qwen2_vl|qwen2_5_vl|qwen3_vl]
+Usage: ``python -m streamchat.engine.tiny_model OUT_DIR [--family qwen2_vl|qwen2_5_vl|qwen3_vl]
 [--max-position-embeddings N]``.
 """
 
@@ -435,7 +435,7 @@ def build_tiny_model(
     path.mkdir(parents=True, exist_ok=True)
     (path / _MARKER).unlink(missing_ok=True)
 
-    from .engine import cpu_compat
+    from . import cpu_compat
 
     cpu_compat.install()  # the Qwen video processors import torchvision
 
@@ -719,11 +719,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m streamchat.tiny_model OUT_DIR [--family F] [--seed N]``.
+    """``python -m streamchat.engine.tiny_model OUT_DIR [--family F] [--seed N]``.
 
     ``--max-position-embeddings N`` builds a model for a context longer than 4096.
     """
-    parser = argparse.ArgumentParser(prog="python -m streamchat.tiny_model", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m streamchat.engine.tiny_model", description=__doc__)
     parser.add_argument("out_dir", type=Path, help="directory to write the model into")
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_vl")
     parser.add_argument("--seed", type=int, default=0)

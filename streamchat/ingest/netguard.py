@@ -38,8 +38,8 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 
-from .config import DEFAULT_MAX_DNS_LOOKUPS
-from .errors import UrlFetchFailed, UrlNotAllowed
+from ..config import DEFAULT_MAX_DNS_LOOKUPS
+from ..errors import UrlFetchFailed, UrlNotAllowed
 
 __all__ = [
     "IPAddress",

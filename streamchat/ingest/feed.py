@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .errors import VideoBacklogFull, VideoTimeout
+from ..errors import VideoBacklogFull, VideoTimeout
 
 __all__ = ["ByteFeed", "FeedClosed"]
 

@@ -3,9 +3,9 @@
 FFmpeg's default MP4 layout, and what most cameras and phones write, puts the
 index (``moov``: every track's sample sizes, times and chunk offsets) after
 the media (``mdat``), since a muxer knows it only at the end. The decoder
-reads a live, non-seekable stream (:mod:`streamchat.reader`), so it needs the
+reads a live, non-seekable stream (:mod:`streamchat.media.reader`), so it needs the
 index first. Given random access to such a file (HTTP range requests, a
-seekable file: :mod:`streamchat.fetch` does the I/O), this module computes
+seekable file: :mod:`streamchat.ingest.fetch` does the I/O), this module computes
 what ``ffmpeg -movflags +faststart`` and ``qt-faststart`` write::
 
     ftyp | moov' | every byte between them and the old moov, in order
@@ -37,7 +37,7 @@ from enum import Enum
 import numpy as np
 import numpy.typing as npt
 
-from .errors import VideoDecodeError, VideoTooLarge, VideoUnsupported
+from ..errors import VideoDecodeError, VideoTooLarge, VideoUnsupported
 
 __all__ = [
     "BoxHeader",

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import StreamchatError, VideoDecodeError, VideoTooLarge, VideoUnsupported
+from ..errors import StreamchatError, VideoDecodeError, VideoTooLarge, VideoUnsupported
 
 __all__ = ["Mp4Declared", "Mp4Walker", "SafeReader", "Source", "mp4_declared", "mp4_header"]
 

@@ -1,20 +1,20 @@
 """URL sources: stream a video's bytes into a feed, never whole into memory, never inward.
 
 The server reads the bytes itself and hands them to the decoder through a
-:class:`~streamchat.feed.ByteFeed`, so a client-supplied string never reaches
+:class:`~streamchat.ingest.feed.ByteFeed`, so a client-supplied string never reaches
 FFmpeg as a path or protocol URL. The feed's bounded ``put`` gives natural
 backpressure: a file is fetched only as fast as it is decoded.
 
 ``http``/``https`` URLs are fetched with httpx, guarded against server-side
 request forgery at every hop:
 
-1. the URL is parsed strictly (:mod:`streamchat.urlpolicy`): no user info,
+1. the URL is parsed strictly (:mod:`streamchat.ingest.urlpolicy`): no user info,
    no parser disagreements, optionally only allowed domains;
 2. the host is resolved once and every address it resolves to must be global
-   (:mod:`streamchat.netguard`), unless ``fetch_allow_private``;
+   (:mod:`streamchat.ingest.netguard`), unless ``fetch_allow_private``;
 3. the connection goes to those checked addresses (the first that answers)
    and nowhere else
-   (:class:`~streamchat.pinning.PinnedTransport`);
+   (:class:`~streamchat.ingest.pinning.PinnedTransport`);
 4. redirects are followed here, one at a time, each target going through
    1-3 again, at most ``fetch_max_redirects`` of them.
 
@@ -30,9 +30,9 @@ carry a token.
 
 An MP4 whose index (``moov``) follows its media (FFmpeg's default layout, and
 what most cameras and phones write) cannot be decoded from its first byte.
-When the first read shows one (:func:`~streamchat.faststart.sniff`), the
+When the first read shows one (:func:`~streamchat.ingest.faststart.sniff`), the
 fetch leaves the body there and feeds the decoder the file's streamable
-("faststart") form instead (:func:`~streamchat.faststart.rewrite`): ``ftyp``,
+("faststart") form instead (:func:`~streamchat.ingest.faststart.rewrite`): ``ftyp``,
 the index rewritten for its new place, then the media. The index comes from
 a range request (a seek for ``file:``) from the end of the media, the media
 from a second one starting where the first read stopped: bytes already read
@@ -65,9 +65,8 @@ from pathlib import Path
 import httpcore
 import httpx
 
-from .config import Settings
-from .decoder import DecoderOptions
-from .errors import UrlFetchFailed, UrlNotAllowed
+from ..config import DEFAULT_MAX_HEADER_BYTES, Settings
+from ..errors import UrlFetchFailed, UrlNotAllowed
 from .feed import ByteFeed
 from .netguard import IPAddress, Resolver, resolve_allowed, system_resolver
 from .pinning import PinnedTransport
@@ -93,12 +92,12 @@ async def fetch_into(
     *,
     resolver: Resolver | None = None,
     network: httpcore.AsyncNetworkBackend | None = None,
-    max_index_bytes: int = DecoderOptions.max_header_bytes,
+    max_index_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> None:
     """Stream ``url`` into ``feed`` and close it; raise a typed error on failure.
 
     ``resolver`` answers DNS questions (a session passes its own, one lookup
-    at a time; by default :func:`~streamchat.netguard.system_resolver`, bounded
+    at a time; by default :func:`~streamchat.ingest.netguard.system_resolver`, bounded
     server-wide) and ``network`` makes TCP connections to checked addresses
     (httpcore's default); tests replace both to play a network.
     ``max_index_bytes`` is the largest MP4 header (``ftyp`` and ``moov``)

@@ -1,0 +1,262 @@
+"""What every session of one server shares: admission, the registry of sessions, draining.
+
+Kept apart from the app (routes, lifespan) and the endpoint (one connection's
+loops), which both use it: :class:`ServerState` is created by the app's
+lifespan and found by each connection on ``app.state.streamchat``. It counts
+places synchronously, so a check and its count are never split by another
+handshake; the only awaits are on the registry's condition and on sessions
+being told to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .access import KeyStore, RefusalLog
+from .budget import VisionCosts, plan
+from .config import Settings
+from .engine.base import Engine
+from .engine.prompt import MAX_CLIPS
+from .errors import AccessError, CloseCode, ServerBusy
+
+if TYPE_CHECKING:
+    from .session import Session
+
+__all__ = ["ServerState", "Waiting", "fit_context"]
+
+REFUSAL_LOG_INTERVAL = 10.0
+"""Seconds between summaries of refused handshakes (see :class:`~streamchat.access.RefusalLog`)."""
+
+logger = logging.getLogger("streamchat.server")
+
+
+@dataclass(eq=False)
+class Waiting:
+    """A place held by a connection that has not authenticated yet.
+
+    See :meth:`ServerState.reserve_waiting`; ``on_evict`` is how the state
+    tells the connection it gave its place up.
+    """
+
+    address: str
+    number: int
+    """Admission order: the lowest is the oldest."""
+    evicted: bool = False
+    on_evict: Callable[[], None] | None = None
+
+
+@dataclass(eq=False)
+class ServerState:
+    """What every session of one app shares.
+
+    Two kinds of places, counted apart, each synchronously (a check and its
+    count are never split by another handshake): *sessions*
+    (:meth:`reserve`), held by clients that authenticated, and *waiting*
+    places (:meth:`reserve_waiting`), held by connections that have not yet.
+    However many connections wait, they take nothing from the sessions', so
+    clients without a key can never keep a key holder out.
+    """
+
+    settings: Settings
+    engine: Engine
+    keys: KeyStore = field(default_factory=KeyStore)
+    sessions: set[Session] = field(default_factory=set)
+    closing: bool = False
+    """Shutting down: new sessions are refused."""
+    _per_client: Counter[str] = field(default_factory=Counter)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _waiting: dict[Waiting, None] = field(default_factory=dict)
+    """Oldest first (dicts keep their insertion order)."""
+    _waiting_by_address: dict[str, dict[Waiting, None]] = field(default_factory=dict)
+    _numbers: itertools.count[int] = field(default_factory=itertools.count)
+    refusals: RefusalLog = field(default_factory=lambda: RefusalLog(REFUSAL_LOG_INTERVAL))
+    _refusals_due: asyncio.TimerHandle | None = None
+
+    def reserve(self, identity: str) -> None:
+        """Count a new session against the limits, or raise :class:`ServerBusy`.
+
+        :meth:`release` gives the place back.
+        """
+        self._check(identity)
+        self._per_client[identity] += 1
+
+    def _check(self, identity: str | None) -> None:
+        """Raise :class:`ServerBusy` if a session for ``identity`` (None: any) would be refused."""
+        s = self.settings
+        if self.closing:
+            raise ServerBusy("the server is shutting down")
+        if self._per_client.total() >= s.max_sessions:
+            raise ServerBusy(f"the server is full ({s.max_sessions} sessions): try again later")
+        if identity is not None and self._per_client[identity] >= s.max_sessions_per_client:
+            raise ServerBusy(
+                f"at most {s.max_sessions_per_client} sessions per client: close one first"
+            )
+
+    def release(self, identity: str) -> None:
+        self._per_client[identity] -= 1
+        if self._per_client[identity] <= 0:
+            del self._per_client[identity]
+
+    @property
+    def waiting(self) -> int:
+        """Connections holding a waiting place."""
+        return len(self._waiting)
+
+    def reserve_waiting(self, address: str, *, then: str | None) -> Waiting:
+        """A place for a connection yet to authenticate, or :class:`ServerBusy`.
+
+        ``then`` is the identity its session will count under once it has, if
+        already known (auth off: its address): a connection that would then
+        be refused is refused now. One address holds at most
+        ``max_pending_per_address`` places. When all ``max_pending_sessions``
+        are held, the address holding the most gives up its oldest (its
+        connection is told ``server_busy`` and closed) rather than the
+        newcomer being refused: connections that only hold places cannot
+        keep a newcomer out, and a client waiting alone (as one does for a
+        round trip) only gives way once ``max_pending_sessions`` addresses
+        wait at once. :meth:`release_waiting` gives the place back.
+        """
+        s = self.settings
+        self._check(then)
+        mine = self._waiting_by_address.get(address, {})
+        if len(mine) >= s.max_pending_per_address:
+            raise ServerBusy(
+                f"at most {s.max_pending_per_address} connections per client may wait to "
+                "authenticate: send 'hello' on those first"
+            )
+        if len(self._waiting) >= s.max_pending_sessions:
+            if not self._waiting:
+                raise ServerBusy("this server takes no connections before they authenticate")
+            self._evict(self._longest_queue())
+        place = Waiting(address, next(self._numbers))
+        self._waiting[place] = None
+        self._waiting_by_address.setdefault(address, {})[place] = None
+        return place
+
+    def release_waiting(self, place: Waiting) -> None:
+        """Give a waiting place back (again is harmless: evicted places are given back at once)."""
+        self._waiting.pop(place, None)
+        mine = self._waiting_by_address.get(place.address)
+        if mine is not None:
+            mine.pop(place, None)
+            if not mine:
+                del self._waiting_by_address[place.address]
+
+    def _longest_queue(self) -> Waiting:
+        """The oldest place of the address holding the most (of those, the oldest)."""
+        queues = (next(iter(places)) for places in self._waiting_by_address.values())
+        sizes = {p: len(self._waiting_by_address[p.address]) for p in queues}
+        return min(sizes, key=lambda p: (-sizes[p], p.number))
+
+    def _evict(self, place: Waiting) -> None:
+        self.release_waiting(place)
+        place.evicted = True
+        if place.on_evict is not None:
+            place.on_evict()
+
+    def refused(self, exc: AccessError, address: str) -> None:
+        """Log a refused handshake (see :class:`~streamchat.access.RefusalLog`)."""
+        loop = asyncio.get_running_loop()
+        if self.refusals.refused(exc, address, loop.time()):
+            self._refusals_due = loop.call_later(self.refusals.interval, self._refusals_tick)
+
+    def _refusals_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._refusals_due = None
+        if self.refusals.flush(loop.time()):
+            self._refusals_due = loop.call_later(self.refusals.interval, self._refusals_tick)
+
+    def flush_refusals(self) -> None:
+        """Say what the refusal log counted so far (at shutdown)."""
+        if self._refusals_due is not None:
+            self._refusals_due.cancel()
+            self._refusals_due = None
+        self.refusals.flush(asyncio.get_running_loop().time())
+
+    async def drain(self, timeout: float) -> None:
+        """Stop gracefully: refuse new sessions, tell open ones, let answers finish.
+
+        Answers still running after ``timeout`` end with ``finish_reason``
+        ``shutdown``; then every session is closed with 1001 (going away).
+        """
+        self.closing = True
+        sessions = list(self.sessions)
+        logger.info("shutting down: %d session(s) open", len(sessions))
+        reason = "the server is shutting down"
+        await asyncio.gather(*(s.going_away(reason, timeout) for s in sessions))
+        await asyncio.gather(*(s.wait_answers(timeout) for s in sessions))
+
+        async def close(session: Session) -> None:
+            await session.abort_answers("shutdown")
+            await session.close_soon(CloseCode.GOING_AWAY, reason)
+
+        # Side by side: a session whose client reads nothing waits out its send timeout alone.
+        await asyncio.gather(*(close(session) for session in sessions))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.send_timeout + 1.0):
+                await self.wait_sessions(0)
+
+    async def add(self, session: Session) -> None:
+        async with self._changed:
+            self.sessions.add(session)
+            self._changed.notify_all()
+
+    async def discard(self, session: Session) -> None:
+        """Forget a session once it has fully stopped (answers aborted, decoders ended)."""
+        async with self._changed:
+            self.sessions.discard(session)
+            self._changed.notify_all()
+
+    async def wait_sessions(self, count: int) -> None:
+        """Return once exactly ``count`` sessions are open (for tests and shutdown)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self.sessions) == count)
+
+
+def fit_context(settings: Settings, costs: VisionCosts | None) -> Settings:
+    """Settings whose window fits the model's context (see :mod:`streamchat.budget`).
+
+    Raises ``ValueError`` when not even a couple of frames fit: the server
+    must not start and fail on every question.
+    """
+    if costs is None:
+        return settings
+    fitted = plan(
+        costs,
+        window_frames=settings.window_frames,
+        max_pixels=settings.max_pixels,
+        answer_tokens=settings.max_tokens_limit,
+        reserve_tokens=settings.context_reserve,
+        max_clips=MAX_CLIPS,
+    )
+    if fitted.lowered_from is not None:
+        logger.warning(
+            "a window of %d frames does not fit the model's context of %d tokens "
+            "(%d tokens a frame, %d for answers, %d reserved): lowered to %d frames",
+            fitted.lowered_from,
+            costs.max_model_len,
+            fitted.tokens_per_frame,
+            settings.max_tokens_limit,
+            settings.context_reserve,
+            fitted.window_frames,
+        )
+    logger.info(
+        "context: %d tokens, %d a frame, at most %d frames a question",
+        costs.max_model_len,
+        fitted.tokens_per_frame,
+        fitted.max_ask_frames,
+    )
+    return dataclasses.replace(
+        settings,
+        window_frames=fitted.window_frames,
+        max_ask_frames=fitted.max_ask_frames,
+        tokens_per_frame=fitted.tokens_per_frame,
+    )
