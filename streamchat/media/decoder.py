@@ -39,7 +39,8 @@ memory whether or not they are decoded. A JPEG of more scans than
 :data:`MAX_IMAGE_SCANS` is refused before decoding. Whatever ends a decode,
 the codec context, and with it FFmpeg's threads, is freed before it returns.
 
-Measured pitfalls this module works around (see ``NOTES-pyav.md``):
+Measured pitfalls this module works around, each pinned by a test in
+``tests/unit/test_decoder.py`` (read boundaries, ``max_decode_pixels``, owned arrays):
 
 * PyAV sets its I/O buffer's ``max_packet_size`` to the buffer size, so FFmpeg
   keeps nothing to seek back into once it refills the buffer; the MP4 demuxer

@@ -62,7 +62,7 @@ async def live(vllm_engine: VllmEngine) -> AsyncIterator[Live]:
 @pytest.fixture(scope="package")
 async def playwright() -> AsyncIterator[Playwright]:
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (see .ci/run)")
+        pytest.fail(f"{CHROMIUM} is missing: run make system (or apt-get install chromium)")
     async with async_playwright() as driver:
         yield driver
 

@@ -80,3 +80,35 @@ def test_without_costs_nothing_changes() -> None:
     """An engine that cannot tell its costs (the fake) leaves the settings as they are."""
     settings = Settings()
     assert fit_context(settings, None) is settings
+
+
+@pytest.mark.parametrize("temporal_patch", [1, 2, 3])
+@pytest.mark.parametrize("clip_text", [0, 2, 7])
+def test_the_frames_that_fit_are_the_most_whose_worst_case_fits(
+    temporal_patch: int, clip_text: int
+) -> None:
+    """The planned count is the largest whose worst case fits (found by counting up), any room."""
+    for max_clips in (1, 2, 4):
+        costs = VisionCosts(
+            max_model_len=10_000,
+            factor=28,
+            temporal_patch=temporal_patch,
+            clip_text_tokens=clip_text,
+        )
+        for room in range(0, 900, 7):
+            frames = 0
+            while costs.video_tokens(frames + 1, 112 * 112, clips=max_clips) <= room:
+                frames += 1
+            try:
+                fitted = plan(
+                    costs,
+                    window_frames=10_000,
+                    max_pixels=112 * 112,
+                    answer_tokens=10_000 - room,
+                    reserve_tokens=0,
+                    max_clips=max_clips,
+                )
+            except ValueError:
+                assert frames < 2
+            else:
+                assert fitted.max_ask_frames == frames, (room, max_clips)

@@ -1,0 +1,20 @@
+"""Bytes to frames, in a decoder thread: PyAV demuxes, decodes, samples and resizes.
+
+:func:`decode_stream` reads a live byte source (a
+:class:`~streamchat.ingest.ByteFeed`) with a bounded reader, keeps frames at
+the session's rate, resizes them inside FFmpeg to the model's pixel budget,
+turns them upright as players would, and hands each to a callback; it never
+runs on the event loop. :func:`decode_image` does the same for one picture.
+The session is the one caller; this is its door.
+
+* ``decoder``: the PyAV side, with every size, time and CPU bound.
+* ``reader``: what FFmpeg reads: a live source made safe for a demuxer, and
+  the MP4 walker that checks an index before FFmpeg allocates for it.
+* ``sampling``: which frames to keep, at what size, time and orientation (pure).
+"""
+
+from __future__ import annotations
+
+from .decoder import DecoderOptions, decode_image, decode_stream, map_large_blocks
+
+__all__ = ["DecoderOptions", "decode_image", "decode_stream", "map_large_blocks"]
