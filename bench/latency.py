@@ -381,7 +381,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         del hashing
         app = create_app(settings, engine=engine)
-        async with serve_app(app, ws_max_size=settings.transport_max_bytes) as base:
+        async with serve_app(app, settings) as base:
             url = base.replace("http://", "ws://") + "/v1/session"
 
             async def one(name: str, clip: Clip, number: int) -> list[_Ask]:

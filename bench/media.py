@@ -1,6 +1,6 @@
 """Benchmark input video, generated with PyAV: a textured pan that makes codecs work.
 
-``tests/media.py`` draws flat colours, which every codec compresses to almost
+``tests/support/media.py`` draws flat colours, which every codec compresses to almost
 nothing and decodes far faster than camera footage. Benchmarks need content
 closer to a real scene: here a smooth noise texture with fine detail pans
 diagonally under a moving bright square, so motion compensation, residuals and

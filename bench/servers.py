@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 import psutil  # type: ignore[import-untyped]  # no stubs in the test extras
 
+from streamchat.config import Settings
+
 __all__ = [
     "ResourceSampler",
     "StreamchatServer",
@@ -199,37 +201,18 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: Any, *, ws_max_size: int) -> AsyncIterator[str]:
-    """Serve an ASGI ``app`` with uvicorn in this event loop; yield its base URL.
+async def serve_app(app: Any, settings: Settings) -> AsyncIterator[str]:
+    """Serve an ASGI ``app`` in this event loop as ``streamchat serve`` would; yield its base URL.
 
     For the engine benchmarks: the app shares the benchmark's vLLM engine,
     which is bound to this loop. The socket listens before uvicorn starts, so
     clients may connect at once.
     """
-    import uvicorn
+    from streamchat.serving import listening_socket, serve_in_loop
 
-    from streamchat.config import Settings
-    from streamchat.serving import server_config
-
-    # IPPROTO_TCP, not the default 0: asyncio disables Nagle's algorithm only on
-    # sockets whose proto says TCP, and accepted sockets inherit it. With 0, an
-    # answer's deltas after the first wait ~40 ms for the client's delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    config = server_config(
-        app, Settings(), log_level="warning", ws_max_size=ws_max_size, lifespan="on"
-    )  # what `streamchat serve` runs
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    with listening_socket() as sock:
+        async with serve_in_loop(app, settings, sock, log_level="warning", lifespan="on"):
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

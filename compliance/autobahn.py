@@ -1,14 +1,29 @@
-"""Autobahn|Testsuite compliance run of uvicorn's WebSocket implementations.
+"""Autobahn|Testsuite compliance run of the server's WebSocket stack, beside uvicorn's own.
 
-Starts one echo server per uvicorn WebSocket implementation, with the
-settings ``streamchat serve`` uses (``ws_max_size`` from
-``Settings().transport_max_bytes``, the ping interval and timeout), runs the
-Autobahn fuzzingclient (``wstest -m fuzzingclient``, cases 1-10) against all of
-them, then probes what the suite does not cover: the ASGI denial response
-(HTTP 403 at the handshake), keepalive pings and their timeout, the max-size
-close (1009), whether per-message deflate is negotiated and what it costs on
-incompressible data. Writes everything under ``artifacts/autobahn/`` and prints
-a Markdown summary.
+Starts one echo server per agent, each built by
+:func:`streamchat.serving.server_config`, the configuration ``streamchat
+serve`` runs, with ``Settings()``:
+
+* ``streamchat``: exactly what is served (``streamchat.transport``'s bounded
+  HTTP and WebSocket protocols, per-message deflate off). No override: cases
+  1-10 stay within its bounds. A case sends at most 10 pings (2.10, 2.11)
+  where the bucket allows a burst of 20; the largest message (9.1.6, 9.2.6) is
+  16 MiB, exactly ``ws_max_size``; a connection is aborted only if its client
+  leaves over 64 KiB unread for ``send_timeout`` (10 s), and wstest (with
+  ``wsaccel``) reads a 16 MiB echo in well under that on loopback; the deflate
+  cases (12, 13) are not run.
+* ``websockets``, ``websockets-sansio``, ``wsproto``: uvicorn's own
+  implementations in place of ``BoundedWebSocket`` (the overrides ``ws=`` and,
+  uvicorn's default, ``ws_per_message_deflate=True``), behind the same HTTP
+  protocol: the comparison ``websockets-sansio`` was chosen on
+  (docs/security.md).
+
+It runs the Autobahn fuzzingclient (``wstest -m fuzzingclient``, cases 1-10)
+against all of them, then probes what the suite does not cover: the ASGI
+denial response (HTTP 403 at the handshake), keepalive pings and their
+timeout, the max-size close (1009), whether per-message deflate is negotiated
+and what it costs on incompressible data. Writes everything under
+``artifacts/autobahn/`` and prints a Markdown summary.
 
 wstest is Python 2 only, so it lives in its own virtualenv (not in the
 project's dependencies)::
@@ -42,7 +57,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "artifacts" / "autobahn"
 DEFAULT_VENV = DEFAULT_OUT / "venv2"
 REQUIREMENTS = Path(__file__).resolve().parent / "wstest-requirements.txt"
-IMPLEMENTATIONS = ("websockets", "websockets-sansio", "wsproto")
+SERVED = "streamchat"
+"""The agent that is the server's own stack, exactly as ``streamchat serve`` configures it."""
+IMPLEMENTATIONS = (SERVED, "websockets", "websockets-sansio", "wsproto")
 CASES = [f"{n}.*" for n in range(1, 11)]
 BEHAVIOURS = ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED", "FAILED")
 DENIED_BODY = b"denied by the compliance app"
@@ -80,26 +97,36 @@ def serve(
     port: int,
     ping_interval: float | None,
     ping_timeout: float | None,
-    per_message_deflate: bool = True,
+    per_message_deflate: bool | None = None,
 ) -> None:
-    """Serve the echo app the way ``streamchat serve`` calls ``uvicorn.run``."""
+    """Serve the echo app with ``streamchat serve``'s configuration, ``ws`` as it says.
+
+    The pings are given as ``streamchat serve --ping-interval/--ping-timeout``
+    would give them; ``per_message_deflate`` None keeps the agent's own choice.
+    """
+    import dataclasses
+
     import uvicorn
 
     sys.path.insert(0, str(ROOT))
     from streamchat.config import Settings
+    from streamchat.serving import server_config
 
     settings = Settings()
-    uvicorn.run(
-        build_app(),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        ws=ws,
-        ws_max_size=settings.transport_max_bytes,
-        ws_ping_interval=settings.ping_interval if ping_interval is None else ping_interval,
-        ws_ping_timeout=settings.ping_timeout if ping_timeout is None else ping_timeout,
-        ws_per_message_deflate=per_message_deflate,
+    if ping_interval is not None:
+        settings = dataclasses.replace(settings, ping_interval=ping_interval)
+    if ping_timeout is not None:
+        settings = dataclasses.replace(settings, ping_timeout=ping_timeout)
+    overrides: dict[str, Any] = {}
+    if ws != SERVED:  # one of uvicorn's, with uvicorn's default deflate: the comparison
+        overrides = {"ws": ws, "ws_per_message_deflate": True}
+    if per_message_deflate is not None:
+        overrides["ws_per_message_deflate"] = per_message_deflate
+    app = build_app()
+    config = server_config(
+        app, settings, host="127.0.0.1", port=port, log_level="warning", **overrides
     )
+    uvicorn.Server(config).run()
 
 
 def free_port() -> int:
@@ -115,7 +142,7 @@ def echo_server(
     log: Path,
     ping_interval: float | None = None,
     ping_timeout: float | None = None,
-    per_message_deflate: bool = True,
+    per_message_deflate: bool | None = None,
 ) -> Iterator[int]:
     """Run ``serve`` in a child process; yield its port once it accepts connections."""
     port = free_port()
@@ -125,7 +152,7 @@ def echo_server(
         command += ["--ping-interval", str(ping_interval)]
     if ping_timeout is not None:
         command += ["--ping-timeout", str(ping_timeout)]
-    if not per_message_deflate:
+    if per_message_deflate is False:
         command.append("--no-per-message-deflate")
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -150,7 +177,12 @@ def echo_server(
 
 
 def available(ws: str) -> bool:
-    module = {"websockets": "websockets", "websockets-sansio": "websockets", "wsproto": "wsproto"}
+    module = {
+        SERVED: "websockets",
+        "websockets": "websockets",
+        "websockets-sansio": "websockets",
+        "wsproto": "wsproto",
+    }
     try:
         __import__(module[ws])
     except ImportError:
@@ -301,7 +333,7 @@ def run_probes(ws: str, out: Path) -> Probes:
 
 
 def agent(ws: str) -> str:
-    return f"uvicorn-{ws}"
+    return SERVED if ws == SERVED else f"uvicorn-{ws}"
 
 
 def find_wstest(explicit: str | None) -> str:
@@ -477,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.port,
             args.ping_interval,
             args.ping_timeout,
-            per_message_deflate=not args.no_per_message_deflate,
+            per_message_deflate=False if args.no_per_message_deflate else None,
         )
     else:
         saved = json.loads((args.out / "probes.json").read_text())

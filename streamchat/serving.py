@@ -7,16 +7,21 @@ every open one it is going away, lets answers in flight finish for up to
 stop, which shuts the engine (and its worker processes) down in the app's
 lifespan. A second signal skips the wait.
 
-:func:`server_config` is the one uvicorn configuration: ``streamchat serve``
-and the test servers build it there.
+:func:`server_config` is the one uvicorn configuration: ``streamchat serve``,
+the test servers, the benchmarks and the compliance runner build it there.
+:func:`serve_in_loop` runs the same server in an event loop that is already
+running, so the app can share what is bound to that loop (a vLLM engine):
+the tests' in-process servers and the engine benchmarks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import socket
+from collections.abc import AsyncIterator
 from types import FrameType
 from typing import Any
 
@@ -26,7 +31,7 @@ from starlette.applications import Starlette
 from .config import Settings
 from .transport import ServerConfig
 
-__all__ = ["GracefulServer", "server_config"]
+__all__ = ["GracefulServer", "listening_socket", "serve_in_loop", "server_config"]
 
 logger = logging.getLogger("streamchat.serving")
 
@@ -83,3 +88,40 @@ class GracefulServer(uvicorn.Server):
             logger.exception("graceful shutdown failed; stopping now")
         finally:
             self.should_exit = True
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: any free port) and listening.
+
+    Clients may connect as soon as it returns: the kernel queues them until
+    the server accepts, so nobody waits for a "started" flag. Its protocol is
+    ``IPPROTO_TCP``, not 0, as the sockets uvicorn makes itself are: asyncio
+    turns Nagle's algorithm off only on sockets that say TCP (accepted ones
+    inherit it); with 0, an answer's deltas after the first wait ~40 ms for
+    the client's delayed ACK.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve_in_loop(
+    app: Any, settings: Settings, sock: socket.socket, **options: Any
+) -> AsyncIterator[GracefulServer]:
+    """Serve ``app`` on ``sock`` (listening) in the running event loop until the block ends.
+
+    The server is ``streamchat serve``'s (:class:`GracefulServer` on
+    :func:`server_config`, ``options`` given over it); leaving the block stops
+    it as a second signal would (``should_exit``) and waits until it has. The
+    socket stays the caller's.
+    """
+    server = GracefulServer(server_config(app, settings, **options), app)
+    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        await serving

@@ -59,15 +59,20 @@ PING_BURST = 20
 
 class ServerConfig(uvicorn.Config):
     """uvicorn's configuration with these protocols and what they share: the stall timeout,
-    this server's pending heads. Other options: :func:`streamchat.serving.server_config`."""
+    this server's pending heads. Other options: :func:`streamchat.serving.server_config`.
+
+    ``ws`` may name another of uvicorn's WebSocket implementations in place of
+    :class:`BoundedWebSocket`: only the compliance runner does, to compare
+    them behind the same HTTP protocol (``compliance/autobahn.py``).
+    """
 
     def __init__(self, app: Any, *, stall_timeout: float, **options: Any) -> None:
         self.stall_timeout = stall_timeout
         self.pending_heads = _PendingHeads(MAX_PENDING_HEADS)
+        options.setdefault("ws", BoundedWebSocket)
         super().__init__(
             app,
             http=BoundedHttpTools if _HTTPTOOLS else BoundedH11,  # what uvicorn's "auto" picks
-            ws=BoundedWebSocket,
             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
             **options,
         )

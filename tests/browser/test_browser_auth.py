@@ -14,19 +14,18 @@ from collections.abc import AsyncIterator
 import pytest
 from playwright.async_api import Browser, Page, expect
 
-from streamchat.app import create_app
 from streamchat.engine.fake import FakeEngine
-from tests.browser.conftest import SETTINGS
-from tests.servers import serve
+from tests.support.live import live_server
+from tests.support.settings import BROWSER
 
 KEY = "page-key_1.x~"
 
 
 @pytest.fixture
 async def base() -> AsyncIterator[str]:
-    settings = dataclasses.replace(SETTINGS, api_keys=frozenset({KEY}))
-    async with serve(create_app(settings, engine=FakeEngine(model_name="fake"))) as url:
-        yield url
+    settings = dataclasses.replace(BROWSER, api_keys=frozenset({KEY}))
+    async with live_server(settings, FakeEngine(model_name="fake")) as server:
+        yield server.base
 
 
 @pytest.fixture

@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, Playwright, WebSocket, expect
 
-from streamchat.app import create_app
 from streamchat.engine.vllm import VllmEngine
 from streamchat.session import Session
-from tests.browser.conftest import SETTINGS, launch
-from tests.live import Live
-from tests.media import encode_video
-from tests.servers import serve
+from tests.support.chromium import launch
+from tests.support.live import Live, live_server
+from tests.support.media import encode_video
+from tests.support.settings import BROWSER
 
 pytestmark = pytest.mark.engine
 
@@ -113,7 +112,7 @@ async def test_camera_video_is_decoded_and_answer_streams(opened: Opened) -> Non
     chunks = wire.of_type("video.chunk", sent=True)
     assert chunks[0]["format"] == "webm" and all("format" not in c for c in chunks[1:])
     assert base64.b64decode(chunks[0]["data"])[:4] == b"\x1a\x45\xdf\xa3"  # an EBML header
-    assert max(wire.sizes) <= SETTINGS.max_message_bytes  # split to the limit from `ready`
+    assert max(wire.sizes) <= BROWSER.max_message_bytes  # split to the limit from `ready`
 
     await page.get_by_label("Question").fill("What is moving?")
     await page.get_by_role("button", name="Ask").click()
@@ -198,8 +197,8 @@ async def test_server_going_away_says_what_to_do(
     context = await chromium.new_context()
     try:
         page = await context.new_page()
-        async with serve(create_app(SETTINGS, engine=vllm_engine)) as base:
-            await page.goto(base + "/")
+        async with live_server(BROWSER, vllm_engine) as server:
+            await page.goto(server.base + "/")
             await expect(page.locator("#connection")).to_have_attribute("data-state", "ready")
         await expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
         alert = page.get_by_role("alert")

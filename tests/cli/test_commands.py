@@ -11,8 +11,8 @@ import psutil
 import pytest
 
 from streamchat_client import connect
-from tests.media import encode_video
-from tests.processes import server_process
+from tests.support.media import encode_video
+from tests.support.process import server_process
 
 
 @pytest.fixture

@@ -2,39 +2,30 @@
 
 Every test gets its own uvicorn server and :class:`FakeEngine`, so a gated
 engine or a closed server cannot leak into the next test; starting one costs
-milliseconds. Clips are encoded once per test session, and so are the files
-the ``ffmpeg`` tool writes the way cameras and phones do
-(``tests/support/ffmpeg.py``), each on first use.
+milliseconds (tests that need their own settings call
+:func:`tests.support.live.live_server` themselves). Clips are encoded once per
+test session, and so are the files the ``ffmpeg`` tool writes the way cameras
+and phones do (``tests/support/ffmpeg.py``), each on first use.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.client.live import (
-    CLIP_FPS,
-    CLIP_SECONDS,
-    LiveServer,
-    StartServer,
-    start_live_server,
-)
-from tests.media import encode_video
+from streamchat.config import Settings
+from streamchat.engine.fake import FakeEngine
+from tests.support import ports
+from tests.support.live import Live, live_server
+from tests.support.media import CLIP_FPS, CLIP_SECONDS, encode_video
 
 
 @pytest.fixture
-def start_server() -> StartServer:
-    """``async with start_server(settings) as server:``, for tests that need their own
-    settings or stop the server themselves."""
-    return start_live_server
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[LiveServer]:
-    async with start_live_server() as live:
+async def server() -> AsyncIterator[Live[FakeEngine]]:
+    """A server that may fetch from private addresses: URL tests serve their clips on loopback."""
+    async with live_server(Settings(fetch_allow_private=True)) as live:
         yield live
 
 
@@ -55,7 +46,4 @@ def short_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def dead_url() -> str:
     """A session URL on a loopback port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"ws://127.0.0.1:{port}/v1/session"
+    return ports.dead_url()

@@ -31,9 +31,8 @@ from streamchat_client import (
 from streamchat_client.cli import main
 from streamchat_client.inbox import Inbox
 from streamchat_client.messages import Done, Usage
-from tests.client.live import CLIP_SECONDS, LiveServer, StartServer
-from tests.media import encode_image, encode_video
-from tests.servers import serve_files
+from tests.support.live import Live, live_server, serve_files
+from tests.support.media import CLIP_SECONDS, encode_image, encode_video
 
 TIMEOUT = 20.0
 """Upper bound for anything a test awaits, so a bug fails the test instead of hanging it."""
@@ -47,7 +46,7 @@ async def _push_and_end(session: streamchat_client.Session, clip: Path) -> Video
 # --- library ----------------------------------------------------------------
 
 
-async def test_connect_reports_ready_and_capped_limits(server: LiveServer) -> None:
+async def test_connect_reports_ready_and_capped_limits(server: Live) -> None:
     """``connect`` sends hello and exposes the session id, model and the limits it chose."""
     async with connect(server.url, fps=2, window_frames=16, max_pixels=10**9) as session:
         assert session.session_id
@@ -67,14 +66,14 @@ async def test_connect_to_nothing_raises_connect_error(dead_url: str) -> None:
         await connect(dead_url, open_timeout=5)
 
 
-async def test_refused_hello_raises_server_error(server: LiveServer) -> None:
+async def test_refused_hello_raises_server_error(server: Live) -> None:
     """A hello the server refuses surfaces its error code."""
     with pytest.raises(ServerError) as info:
         await connect(server.url, fps=1000)
     assert info.value.code == "invalid_field"
 
 
-async def test_send_file_then_ask_streams_deltas_and_usage(server: LiveServer, clip: Path) -> None:
+async def test_send_file_then_ask_streams_deltas_and_usage(server: Live, clip: Path) -> None:
     """A whole clip is decoded, and an answer streams word by word, then ends with usage."""
     async with connect(server.url, fps=2, window_frames=16) as session:
         sent = await session.send_file(clip)
@@ -98,7 +97,7 @@ async def test_send_file_then_ask_streams_deltas_and_usage(server: LiveServer, c
 
 
 async def test_result_returns_the_whole_answer_and_ask_options_reach_the_server(
-    server: LiveServer, clip: Path
+    server: Live, clip: Path
 ) -> None:
     """``result()`` waits for the whole text; frame selection and max_tokens are sent."""
     async with connect(server.url, fps=2) as session:
@@ -114,7 +113,7 @@ async def test_result_returns_the_whole_answer_and_ask_options_reach_the_server(
 
 
 async def test_realtime_send_file_is_paced_and_questions_overlap_it(
-    server: LiveServer, clip: Path
+    server: Live, clip: Path
 ) -> None:
     """Realtime pushing takes the clip's duration, and a question is answered meanwhile."""
     loop = asyncio.get_running_loop()
@@ -134,7 +133,7 @@ async def test_realtime_send_file_is_paced_and_questions_overlap_it(
     assert final.bytes_received == clip.stat().st_size
 
 
-async def test_send_url_decodes_a_served_file(server: LiveServer, clip: Path) -> None:
+async def test_send_url_decodes_a_served_file(server: Live, clip: Path) -> None:
     """``send_url`` makes the server fetch the clip over HTTP."""
     async with serve_files(clip.parent) as files, connect(server.url, fps=2) as session:
         await session.send_url(f"{files}/{clip.name}")
@@ -143,7 +142,7 @@ async def test_send_url_decodes_a_served_file(server: LiveServer, clip: Path) ->
     assert status.frames == round(CLIP_SECONDS * 2)
 
 
-async def test_send_file_after_a_url_source_replaces_it(server: LiveServer, clip: Path) -> None:
+async def test_send_file_after_a_url_source_replaces_it(server: Live, clip: Path) -> None:
     """A file pushed while a URL source may still play ends that source first, so its chunks
     are not refused with source_busy."""
     async with serve_files(clip.parent) as files, connect(server.url, fps=2) as session:
@@ -157,7 +156,7 @@ async def test_send_file_after_a_url_source_replaces_it(server: LiveServer, clip
     assert status.bytes_received == clip.stat().st_size
 
 
-async def test_wait_frames_returns_at_n_or_at_the_end(server: LiveServer, clip: Path) -> None:
+async def test_wait_frames_returns_at_n_or_at_the_end(server: Live, clip: Path) -> None:
     """``wait_frames`` resolves on enough frames, or early with the ended status."""
     async with connect(server.url, fps=4, window_frames=32) as session:
         await session.send_file(clip)
@@ -168,14 +167,14 @@ async def test_wait_frames_returns_at_n_or_at_the_end(server: LiveServer, clip: 
         assert final.frames == round(CLIP_SECONDS * 4)
 
 
-async def test_wait_frames_times_out_without_video(server: LiveServer) -> None:
+async def test_wait_frames_times_out_without_video(server: Live) -> None:
     """Without video nothing arrives, and the timeout is honoured."""
     async with connect(server.url) as session:
         with pytest.raises(TimeoutError):
             await session.wait_frames(1, timeout=0.2)
 
 
-async def test_ask_without_frames_raises_no_frames(server: LiveServer) -> None:
+async def test_ask_without_frames_raises_no_frames(server: Live) -> None:
     """The server's refusal of a question reaches that answer as a typed error."""
     async with connect(server.url) as session:
         answer = session.ask("Anything?", id="early")
@@ -191,7 +190,7 @@ async def test_ask_without_frames_raises_no_frames(server: LiveServer) -> None:
             await answer.result()
 
 
-async def test_cancel_stops_the_answer_in_the_engine(server: LiveServer, clip: Path) -> None:
+async def test_cancel_stops_the_answer_in_the_engine(server: Live, clip: Path) -> None:
     """A held answer is cancelled: it ends 'cancelled' and the engine request is gone."""
     async with connect(server.url) as session:
         await _push_and_end(session, clip)
@@ -212,7 +211,7 @@ async def test_cancel_stops_the_answer_in_the_engine(server: LiveServer, clip: P
 
 @pytest.mark.parametrize("encoding", ["msgpack", "json"])
 async def test_chunks_fit_a_small_message_limit_in_both_encodings(
-    start_server: StartServer, clip: Path, encoding: Any, monkeypatch: pytest.MonkeyPatch
+    clip: Path, encoding: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Chunks are cut to the server's max_message_bytes (base64 included), in either encoding,
     and the server answers in the encoding the client speaks."""
@@ -226,7 +225,7 @@ async def test_chunks_fit_a_small_message_limit_in_both_encodings(
     monkeypatch.setattr("streamchat_client.client.decode", recording_decode)
     settings = Settings(max_message_bytes=2048)
     async with (
-        start_server(settings) as server,
+        live_server(settings) as server,
         connect(server.url, fps=2, encoding=encoding) as session,
     ):
         status = await _push_and_end(session, clip)
@@ -239,7 +238,7 @@ async def test_chunks_fit_a_small_message_limit_in_both_encodings(
     assert text_frames == {encoding == "json"}
 
 
-async def test_engine_failure_raises_after_the_answers_done(server: LiveServer, clip: Path) -> None:
+async def test_engine_failure_raises_after_the_answers_done(server: Live, clip: Path) -> None:
     """An engine_error is raised after the text that arrived, with the answer's done attached."""
     server.engine.fail_with = "out of memory"
     async with connect(server.url) as session:
@@ -258,7 +257,7 @@ async def test_engine_failure_raises_after_the_answers_done(server: LiveServer, 
         assert again.done is not None and again.done.finish_reason == "stop"
 
 
-async def test_send_image_adds_a_frame(server: LiveServer) -> None:
+async def test_send_image_adds_a_frame(server: Live) -> None:
     """A still image becomes a frame a question can see."""
     async with connect(server.url, encoding="json") as session:
         await session.send_image(encode_image("png"), pts=3.0)
@@ -268,7 +267,7 @@ async def test_send_image_adds_a_frame(server: LiveServer) -> None:
 
 
 async def test_fast_push_waits_for_decoding_instead_of_overflowing(
-    start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file larger than the server's video buffer is held back to the decoder's pace,
     so no chunk is refused with video_backlog_full."""
@@ -279,7 +278,7 @@ async def test_fast_push_waits_for_decoding_instead_of_overflowing(
     monkeypatch.setattr("streamchat_client.client.FLOW_STALL_SECONDS", TIMEOUT * 10)
     settings = Settings(feed_bytes=buffer, status_interval=0.0)
     async with (
-        start_server(settings) as server,
+        live_server(settings) as server,
         connect(server.url, fps=10, window_frames=64) as session,
     ):
         async with asyncio.timeout(TIMEOUT):
@@ -290,7 +289,7 @@ async def test_fast_push_waits_for_decoding_instead_of_overflowing(
     assert status.frames > 0
 
 
-async def test_bad_video_is_a_session_error(server: LiveServer) -> None:
+async def test_bad_video_is_a_session_error(server: Live) -> None:
     """Undecodable bytes end the source as failed, with the error in ``errors`` and callbacks."""
     seen: list[ServerError] = []
     async with connect(server.url, on_error=seen.append) as session:
@@ -308,11 +307,9 @@ async def test_bad_video_is_a_session_error(server: LiveServer) -> None:
         assert info.value is seen[0]
 
 
-async def test_server_going_away_ends_pending_answers(
-    start_server: StartServer, clip: Path
-) -> None:
+async def test_server_going_away_ends_pending_answers(clip: Path) -> None:
     """When the server closes the connection, a pending answer raises instead of hanging."""
-    async with start_server() as server:
+    async with live_server() as server:
         session = await connect(server.url)
         await _push_and_end(session, clip)
         server.engine.gate.clear()
@@ -331,7 +328,7 @@ async def test_server_going_away_ends_pending_answers(
     await session.close()  # idempotent after the server left
 
 
-async def test_closing_the_session_ends_pending_answers(server: LiveServer, clip: Path) -> None:
+async def test_closing_the_session_ends_pending_answers(server: Live, clip: Path) -> None:
     """Closing from the client side also fails pending answers with SessionClosed."""
     session = await connect(server.url)
     await _push_and_end(session, clip)
@@ -413,7 +410,7 @@ async def _cli(*argv: str) -> int:
 
 
 async def test_cli_prints_the_answer(
-    server: LiveServer, clip: Path, capsys: pytest.CaptureFixture[str]
+    server: Live, clip: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The default mode pushes the file, asks, and prints the answer to stdout."""
     code = await _cli(str(clip), "--url", server.url, "--ask", "What is moving?")
@@ -423,9 +420,7 @@ async def test_cli_prints_the_answer(
     assert "source 1 ended: 4 frames" in err
 
 
-async def test_cli_json_lines(
-    server: LiveServer, clip: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_cli_json_lines(server: Live, clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--json`` prints one parsable object per line: deltas, statuses and a done per question."""
     code = await _cli(str(clip), "--url", server.url, "--json", "--ask", "one?", "--ask", "two?")
     out, err = capsys.readouterr()
@@ -443,7 +438,7 @@ async def test_cli_json_lines(
 
 
 async def test_cli_realtime_and_max_tokens(
-    server: LiveServer, short_clip: Path, capsys: pytest.CaptureFixture[str]
+    server: Live, short_clip: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--realtime`` asks once frames are buffered; ``--max-tokens`` caps the answer."""
     code = await _cli(
@@ -458,9 +453,7 @@ async def test_cli_realtime_and_max_tokens(
     assert done[0]["usage"]["completion_tokens"] == 3
 
 
-async def test_cli_url_source(
-    server: LiveServer, clip: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_cli_url_source(server: Live, clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An http URL is sent as ``video.url`` and the server fetches it."""
     async with serve_files(clip.parent) as files:
         code = await _cli(f"{files}/{clip.name}", "--url", server.url, "--ask", "Seen?")
@@ -470,7 +463,7 @@ async def test_cli_url_source(
 
 
 async def test_cli_undecodable_video_exits_4(
-    server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    server: Live, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A file PyAV cannot open is exit code 4, with the reason on stderr, before any push."""
     bad = tmp_path / "bad.webm"
@@ -482,7 +475,7 @@ async def test_cli_undecodable_video_exits_4(
 
 
 async def test_cli_engine_failure_exits_1(
-    server: LiveServer, clip: Path, capsys: pytest.CaptureFixture[str]
+    server: Live, clip: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An answer the model fails is exit code 1, with the partial text and the error shown."""
     server.engine.fail_with = "out of memory"
@@ -520,7 +513,7 @@ def test_cli_usage_errors_exit_2(
     assert "usage:" in capsys.readouterr().err
 
 
-async def test_cli_ctrl_c_exits_130_and_closes_the_session(server: LiveServer, clip: Path) -> None:
+async def test_cli_ctrl_c_exits_130_and_closes_the_session(server: Live, clip: Path) -> None:
     """SIGINT while an answer streams ends the process with 130 and the server sees it go."""
     server.engine.gate.clear()
     process = await asyncio.create_subprocess_exec(

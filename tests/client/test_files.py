@@ -29,9 +29,9 @@ from streamchat.window import Frame
 from streamchat_client import PushStats, ServerError, Session, SourceError, VideoStatus, connect
 from streamchat_client.media import mp4_layout, plan_file
 from streamchat_client.sources import ChunkSink, push_file, push_live
-from tests.client.live import LiveServer
-from tests.media import encode_video, frame_index, pattern_frame
 from tests.support.ffmpeg import CORPUS, INDEX_AT_END, Corpus, Media, marker_corner
+from tests.support.live import Live
+from tests.support.media import encode_video, frame_index, pattern_frame
 
 TIMEOUT = 30.0
 """Upper bound for anything a test awaits, so a bug fails the test instead of hanging it."""
@@ -203,7 +203,7 @@ async def test_a_stream_mp4_cannot_carry_goes_in_matroska(clip: Path) -> None:
 # --- through a live server ------------------------------------------------------------
 
 
-async def _asked_frames(server: LiveServer, session: Session, question: str) -> Sequence[Frame]:
+async def _asked_frames(server: Live, session: Session, question: str) -> Sequence[Frame]:
     """The frames a question on the whole window is answered on, as the engine gets them."""
     answer = await session.ask(question, max_tokens=1).result()
     assert answer.done is not None and answer.done.usage.frames >= 1
@@ -223,7 +223,7 @@ def _check_own_frames(media: Media, frames: Sequence[Frame], status: VideoStatus
 
 @pytest.mark.parametrize("name", list(CORPUS))
 async def test_every_common_file_reaches_the_server_as_its_own_frames(
-    server: LiveServer, ffmpeg_corpus: Corpus, name: str
+    server: Live, ffmpeg_corpus: Corpus, name: str
 ) -> None:
     """``send_file`` on each file gives the server its frames: all of them, at their times."""
     media = ffmpeg_corpus[name]
@@ -242,9 +242,7 @@ async def test_every_common_file_reaches_the_server_as_its_own_frames(
 
 
 @pytest.mark.parametrize("how", ["file", "live"])
-async def test_portrait_file_arrives_upright(
-    server: LiveServer, ffmpeg_corpus: Corpus, how: str
-) -> None:
+async def test_portrait_file_arrives_upright(server: Live, ffmpeg_corpus: Corpus, how: str) -> None:
     """A phone's portrait file, sent as a file or played as a live source, gives the model
     portrait frames with the marker top-left, and ``video.status`` says their size (the
     client keeps the display matrix; the server applies it)."""
@@ -295,7 +293,7 @@ def avi_h264_bframes(tmp_path_factory: pytest.TempPathFactory) -> Media:
 
 
 async def test_avi_h264_with_b_frames_is_restamped_in_display_order(
-    server: LiveServer, avi_h264_bframes: Media
+    server: Live, avi_h264_bframes: Media
 ) -> None:
     """H.264 in AVI with B-frames, whose timestamps are guesses in decode order, is re-encoded
     with its frames stamped in display order: the server sees each at its own time."""
@@ -308,9 +306,7 @@ async def test_avi_h264_with_b_frames_is_restamped_in_display_order(
     _check_own_frames(avi_h264_bframes, frames, status)
 
 
-async def test_remux_false_sends_the_files_own_bytes(
-    server: LiveServer, ffmpeg_corpus: Corpus
-) -> None:
+async def test_remux_false_sends_the_files_own_bytes(server: Live, ffmpeg_corpus: Corpus) -> None:
     """``remux=False`` sends an MP4 with its index at the end unchanged: the server cannot
     read it as a stream, and says so (to the push, or to the wait if the push was over)."""
     media = ffmpeg_corpus["mp4-h264"]

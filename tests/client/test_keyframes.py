@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from streamchat_client import connect
-from tests.client.live import LiveServer
-from tests.media import encode_video
+from tests.support.live import Live
+from tests.support.media import encode_video
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def sparse_keyframes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(("keyframes_only", "frames"), [(False, 20), (True, 2)])
 async def test_keyframes_only_decodes_one_frame_per_keyframe(
-    server: LiveServer, sparse_keyframes: Path, keyframes_only: bool, frames: int
+    server: Live, sparse_keyframes: Path, keyframes_only: bool, frames: int
 ) -> None:
     async with connect(
         server.url, fps=5, window_frames=64, keyframes_only=keyframes_only

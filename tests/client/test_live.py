@@ -26,9 +26,8 @@ from streamchat_client import PushStats, SourceError, VideoStatus, connect
 from streamchat_client.cli import main
 from streamchat_client.display import Display
 from streamchat_client.remux import Bridge
-from tests.client.live import CLIP_FPS, CLIP_SECONDS, LiveServer
-from tests.media import encode_video, pattern_frame
-from tests.servers import serve_files
+from tests.support.live import Live, serve_files
+from tests.support.media import CLIP_FPS, CLIP_SECONDS, encode_video, pattern_frame
 
 TIMEOUT = 20.0
 """Upper bound for anything a test awaits, so a bug fails the test instead of hanging it."""
@@ -81,7 +80,7 @@ def _source_threads() -> list[threading.Thread]:
 
 
 async def test_stream_live_remuxes_h264_and_paces_to_packet_timestamps(
-    server: LiveServer, mkv: Path
+    server: Live, mkv: Path
 ) -> None:
     """A Matroska H.264 file played as a live source is remuxed to fragmented MP4 without
     re-encoding, takes its media duration while questions are answered, and every frame
@@ -121,7 +120,7 @@ async def test_stream_live_remuxes_h264_and_paces_to_packet_timestamps(
     [("clip", "matroska", False), ("mjpeg", "mp4", False), ("raw", "mp4", True)],
 )
 async def test_stream_live_picks_a_container_or_reencodes(
-    server: LiveServer, request: pytest.FixtureRequest, fixture: str, container: str,
+    server: Live, request: pytest.FixtureRequest, fixture: str, container: str,
     reencoded: bool,
 ) -> None:  # fmt: skip
     """VP8 fits no MP4 and travels in Matroska as it is; MJPEG is copied into fragmented MP4
@@ -137,7 +136,7 @@ async def test_stream_live_picks_a_container_or_reencodes(
     assert status.bytes_received == stats.bytes_sent
 
 
-async def test_stream_live_stops_after_duration(server: LiveServer, mkv: Path) -> None:
+async def test_stream_live_stops_after_duration(server: Live, mkv: Path) -> None:
     """``duration`` stops the push after that much media; the source then ends normally."""
     async with connect(server.url, fps=10, window_frames=64) as session:
         stats = await session.stream_live(str(mkv), duration=1.0, pace=False)
@@ -150,7 +149,7 @@ async def test_stream_live_stops_after_duration(server: LiveServer, mkv: Path) -
 
 @pytest.mark.parametrize("kind", ["missing", "garbage", "format"])
 async def test_stream_live_unopenable_source_raises_source_error(
-    server: LiveServer, tmp_path: Path, clip: Path, kind: str
+    server: Live, tmp_path: Path, clip: Path, kind: str
 ) -> None:
     """A source PyAV cannot open is a typed SourceError, nothing is sent, the session goes on."""
     garbage = tmp_path / "garbage.mkv"
@@ -170,7 +169,7 @@ async def test_stream_live_unopenable_source_raises_source_error(
     assert _source_threads() == []
 
 
-async def test_cancelling_stream_live_stops_its_worker(server: LiveServer, mkv: Path) -> None:
+async def test_cancelling_stream_live_stops_its_worker(server: Live, mkv: Path) -> None:
     """Cancelling a live push closes the source in its worker thread before returning,
     and ends the server's source with the frames it got."""
     async with connect(server.url, fps=4) as session:
@@ -201,7 +200,7 @@ def test_bridge_is_bounded_and_gives_up_once_stopped() -> None:
         loop.close()
 
 
-async def test_send_file_reports_progress(server: LiveServer, clip: Path) -> None:
+async def test_send_file_reports_progress(server: Live, clip: Path) -> None:
     """``send_file`` reports every chunk it sends, up to the whole file."""
     progress: list[PushStats] = []
     async with connect(server.url) as session:
@@ -285,7 +284,7 @@ async def _cli(*argv: str) -> int:
 
 
 async def test_cli_live_source_answers_while_it_streams(
-    server: LiveServer, mkv: Path, capsys: pytest.CaptureFixture[str]
+    server: Live, mkv: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--live FILE`` plays the file at its pace and asks once a few frames are buffered."""
     code = await _cli(
@@ -303,7 +302,7 @@ async def test_cli_live_source_answers_while_it_streams(
 
 
 async def test_cli_push_reads_a_url_locally(
-    server: LiveServer, clip: Path, capsys: pytest.CaptureFixture[str]
+    server: Live, clip: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--push URL`` reads the URL with PyAV here and pushes it (the server fetches nothing)."""
     async with serve_files(clip.parent) as files:
@@ -324,7 +323,7 @@ async def test_cli_push_reads_a_url_locally(
     ],
 )
 async def test_cli_unopenable_source_exits_4(
-    server: LiveServer, tmp_path: Path, clip: Path, argv: list[str],
+    server: Live, tmp_path: Path, clip: Path, argv: list[str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     """A live source PyAV cannot open is exit code 4, with the reason on stderr."""
@@ -400,7 +399,7 @@ async def _read_until(stream: asyncio.StreamReader, wanted: str) -> list[dict[st
 
 
 async def test_interactive_answers_cancels_and_shows_status(
-    server: LiveServer, clip: Path, spawn: Any
+    server: Live, clip: Path, spawn: Any
 ) -> None:
     """Typed questions are answered as they come, ``/cancel`` stops the answer in flight,
     ``/status`` reports the buffer, and the end of input exits 0."""
@@ -433,7 +432,7 @@ async def test_interactive_answers_cancels_and_shows_status(
 
 
 async def test_interactive_empty_line_cancels_and_quit_exits(
-    server: LiveServer, clip: Path, spawn: Any
+    server: Live, clip: Path, spawn: Any
 ) -> None:
     """In plain-text mode an empty line cancels the answer in flight and ``/quit`` leaves."""
     process = await spawn(str(clip), "--url", server.url, "-i")
@@ -453,7 +452,7 @@ async def test_interactive_empty_line_cancels_and_quit_exits(
 
 
 async def test_interactive_questions_piped_before_eof_are_all_answered(
-    server: LiveServer, clip: Path, spawn: Any
+    server: Live, clip: Path, spawn: Any
 ) -> None:
     """``--ask`` questions come first, questions piped with the end of input right behind
     them are still answered, all in order, and ``--quiet`` leaves stderr empty."""
@@ -467,7 +466,7 @@ async def test_interactive_questions_piped_before_eof_are_all_answered(
 
 
 async def test_interactive_with_an_unopenable_source_exits_4(
-    server: LiveServer, tmp_path: Path, spawn: Any
+    server: Live, tmp_path: Path, spawn: Any
 ) -> None:
     """A live source that fails ends interactive mode at once (stdin still open), exit 4."""
     process = await spawn("--live", str(tmp_path / "missing.mkv"), "--url", server.url, "-i")
@@ -479,9 +478,7 @@ async def test_interactive_with_an_unopenable_source_exits_4(
     assert b"cannot open" in err
 
 
-async def test_ctrl_c_during_a_live_source_exits_130(
-    server: LiveServer, mkv: Path, spawn: Any
-) -> None:
+async def test_ctrl_c_during_a_live_source_exits_130(server: Live, mkv: Path, spawn: Any) -> None:
     """SIGINT while a live source streams ends the process with 130."""
     process = await spawn("--live", str(mkv), "--url", server.url)
     assert process.stderr is not None

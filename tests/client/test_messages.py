@@ -16,8 +16,8 @@ from streamchat.config import Settings
 from streamchat_client import ProtocolViolation, PushStats, connect
 from streamchat_client.display import Display
 from streamchat_client.messages import parse_ready, parse_status
-from tests.client.live import LiveServer
 from tests.client.scripted import LIMITS
+from tests.support.live import Live
 
 STATUS: dict[str, Any] = {
     "type": "video.status", "source": 1, "state": "decoding", "frames": 4, "span": 1.5,
@@ -77,7 +77,7 @@ def test_cli_shows_frame_size_and_the_frame_budget() -> None:
     assert (status["type"], status["width"], status["height"]) == ("video.status", 168, 308)
 
 
-async def test_a_live_server_tells_its_burst_and_frame_budget(server: LiveServer) -> None:
+async def test_a_live_server_tells_its_burst_and_frame_budget(server: Live) -> None:
     """The server's ready carries message_burst and the frame budget, which is 0 (not known)
     with the scripted engine, whose frames cost nothing it could count."""
     async with connect(server.url) as session:

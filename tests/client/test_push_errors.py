@@ -26,9 +26,9 @@ from streamchat_client import PushStats, ServerError, SourceError, connect
 from streamchat_client.answer import Answer
 from streamchat_client.cli import main
 from streamchat_client.inbox import PUSH_ENDING, SOURCE_ENDING, Inbox
-from tests.client.live import StartServer
 from tests.client.scripted import Scripted, error, scripted_server, sync
-from tests.media import encode_video
+from tests.support.live import live_server
+from tests.support.media import encode_video
 
 TIMEOUT = 20.0
 """Upper bound for anything a test awaits, so a bug fails the test instead of hanging it."""
@@ -183,7 +183,7 @@ async def test_a_source_the_server_ends_by_itself_stops_the_push_quietly(webm: P
 
 @pytest.mark.parametrize("fixture", ["webm", "plain_mp4"])
 async def test_a_real_server_failing_the_source_stops_the_push(
-    start_server: StartServer, request: pytest.FixtureRequest, fixture: str
+    request: pytest.FixtureRequest, fixture: str
 ) -> None:
     """A real server that fails a source for its length (video_too_long) stops a realtime push,
     as it is or remuxed, before its end (SourceError comes only from a chunk not sent), and no
@@ -195,7 +195,7 @@ async def test_a_real_server_failing_the_source_stops_the_push(
         events.append("chunk")
 
     async with (
-        start_server(Settings(max_source_seconds=0.5)) as server,
+        live_server(Settings(max_source_seconds=0.5)) as server,
         connect(server.url, fps=4, on_error=lambda e: events.append(e.code)) as session,
     ):
         async with asyncio.timeout(TIMEOUT):
@@ -211,10 +211,10 @@ async def test_a_real_server_failing_the_source_stops_the_push(
 
 
 async def test_cli_says_why_the_server_stopped_the_source_and_exits_4(
-    start_server: StartServer, webm: Path, capsys: pytest.CaptureFixture[str]
+    webm: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The command prints the server's reason once and exits with 4 (the video source failed)."""
-    async with start_server(Settings(max_source_seconds=0.5)) as server:
+    async with live_server(Settings(max_source_seconds=0.5)) as server:
         code = await asyncio.wait_for(
             asyncio.to_thread(
                 main, [str(webm), "--url", server.url, "--realtime", "--ask", "What?"]
@@ -268,13 +268,11 @@ async def test_any_error_naming_an_ask_ends_its_answer(code: str) -> None:
     assert answer.finished and answer.error is info.value
 
 
-async def test_an_ask_over_the_message_rate_is_refused_with_its_id(
-    start_server: StartServer, clip: Path
-) -> None:
+async def test_an_ask_over_the_message_rate_is_refused_with_its_id(clip: Path) -> None:
     """On a real server whose message allowance is spent, an ask gets rate_limited naming its
     id, and ask() raises it instead of hanging until the idle close."""
     settings = Settings(messages_per_second=0.01, message_burst=3)
-    async with start_server(settings) as server, connect(server.url) as session:
+    async with live_server(settings) as server, connect(server.url) as session:
         await session.send_file(clip)  # video is paced, never refused for the message rate
         await session.wait_ended(timeout=TIMEOUT)
         for n in range(settings.message_burst):

@@ -10,10 +10,9 @@ import pytest
 import websockets
 
 from streamchat_client import ServerError, connect
-from tests.e2e.live import SETTINGS
-from tests.live import Live
-from tests.media import corrupt_payloads, encode_image, encode_video
-from tests.servers import serve_files
+from tests.support.live import Live, serve_files
+from tests.support.media import corrupt_payloads, encode_image, encode_video
+from tests.support.settings import E2E
 
 pytestmark = pytest.mark.engine
 
@@ -156,7 +155,7 @@ async def test_far_oversized_message_closes_with_1009(live: Live) -> None:
     async with websockets.connect(live.url, max_size=None) as ws:
         await ws.send(msgpack.packb({"type": "hello"}))
         await ws.recv()
-        await ws.send(b"\x00" * (SETTINGS.transport_max_bytes + 1))
+        await ws.send(b"\x00" * (E2E.transport_max_bytes + 1))
         with pytest.raises(websockets.ConnectionClosed) as info:
             await ws.recv()
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009

@@ -21,21 +21,18 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
 
 import pytest
 
-from streamchat.app import create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.window import Frame
 from streamchat_client import ServerError, Session, VideoStatus, connect
-from tests.live import Live
-from tests.media import frame_index
-from tests.servers import serve, ws_url
 from tests.support.ffmpeg import CORPUS, INDEX_AT_END, Corpus, Media, marker_corner
 from tests.support.httpfiles import FileServer
+from tests.support.live import Live, live_server
+from tests.support.media import frame_index
 
 FPS = 4.0
 """The session's sampling rate: several frames per second, so timestamps are checked closely."""
@@ -52,20 +49,14 @@ NAMES = list(CORPUS)
 STREAMABLE = [name for name in NAMES if name not in INDEX_AT_END]
 
 
-@dataclass
-class FakeLive:
-    url: str
-    engine: FakeEngine
-    """Its ``requests`` hold the frames of every question, as the model would get them."""
-
-
 @pytest.fixture(scope="module")
-async def server() -> AsyncIterator[FakeLive]:
-    """One live server with the fake engine for the module; every test opens its own session."""
-    engine = FakeEngine()
-    app = create_app(SETTINGS, engine=engine)
-    async with serve(app) as base:
-        yield FakeLive(ws_url(base), engine)
+async def server() -> AsyncIterator[Live[FakeEngine]]:
+    """One live server with the fake engine for the module; every test opens its own session.
+
+    The engine's ``requests`` hold the frames of every question, as the model would get them.
+    """
+    async with live_server(SETTINGS) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +66,9 @@ def range_files(ffmpeg_corpus: Corpus) -> Iterator[FileServer]:
         yield files
 
 
-async def asked_frames(server: FakeLive, session: Session, question: str) -> Sequence[Frame]:
+async def asked_frames(
+    server: Live[FakeEngine], session: Session, question: str
+) -> Sequence[Frame]:
     """The frames a question on the whole window is answered on (as the engine receives them)."""
     answer = await session.ask(question, max_tokens=2).result()
     assert answer.done is not None and answer.done.usage.frames >= 1
@@ -110,7 +103,7 @@ def check_frames(media: Media, frames: Sequence[Frame], status: VideoStatus) -> 
 
 
 @pytest.mark.parametrize("name", NAMES)
-async def test_file(server: FakeLive, ffmpeg_corpus: Corpus, name: str) -> None:
+async def test_file(server: Live[FakeEngine], ffmpeg_corpus: Corpus, name: str) -> None:
     """A file as cameras and phones write it, sent by the client as a file, gives its own frames."""
     media = ffmpeg_corpus[name]
     async with connect(server.url, fps=FPS) as session:
@@ -122,7 +115,7 @@ async def test_file(server: FakeLive, ffmpeg_corpus: Corpus, name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 async def test_url(
-    server: FakeLive, range_files: FileServer, ffmpeg_corpus: Corpus, name: str
+    server: Live[FakeEngine], range_files: FileServer, ffmpeg_corpus: Corpus, name: str
 ) -> None:
     """Fetched by the server from a URL that honours ranges, a file gives its own frames."""
     media = ffmpeg_corpus[name]
@@ -134,7 +127,7 @@ async def test_url(
 
 
 async def test_url_index_at_end_is_read_by_ranges(
-    server: FakeLive, range_files: FileServer, ffmpeg_corpus: Corpus
+    server: Live[FakeEngine], range_files: FileServer, ffmpeg_corpus: Corpus
 ) -> None:
     """A camera's MOV larger than one fetch read, index at the end, is read with range requests."""
     media = ffmpeg_corpus["mov"]
@@ -150,7 +143,9 @@ async def test_url_index_at_end_is_read_by_ranges(
 
 
 @pytest.mark.parametrize("name", STREAMABLE)
-async def test_pushed_in_odd_chunks(server: FakeLive, ffmpeg_corpus: Corpus, name: str) -> None:
+async def test_pushed_in_odd_chunks(
+    server: Live[FakeEngine], ffmpeg_corpus: Corpus, name: str
+) -> None:
     """A streamable file's raw bytes pushed in 7919-byte pieces give its own frames."""
     media = ffmpeg_corpus[name]
     async with connect(server.url, fps=FPS) as session:
@@ -165,7 +160,7 @@ async def test_pushed_in_odd_chunks(server: FakeLive, ffmpeg_corpus: Corpus, nam
 
 @pytest.mark.parametrize("name", sorted(INDEX_AT_END))
 async def test_pushed_index_at_end_is_refused_with_the_remedy(
-    server: FakeLive, ffmpeg_corpus: Corpus, name: str
+    server: Live[FakeEngine], ffmpeg_corpus: Corpus, name: str
 ) -> None:
     """Raw bytes of an MP4/MOV whose index is at the end get video_unsupported saying what to do."""
     media = ffmpeg_corpus[name]

@@ -23,8 +23,9 @@ from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import CloseCode
 from streamchat.server import ServerState
-from tests.endpoint.test_endpoint import SETTINGS, Peer
-from tests.media import chunks, encode_image, encode_video
+from tests.support.media import chunks, encode_image, encode_video
+from tests.support.testclient import SMALL as SETTINGS
+from tests.support.testclient import Peer
 
 KEY = "k-3f9a1c"
 AUTH = dataclasses.replace(SETTINGS, api_keys=frozenset({KEY}))

@@ -8,7 +8,7 @@ from streamchat.app import SESSION_PATH, create_app
 from streamchat.budget import VisionCosts
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
-from tests.endpoint.test_endpoint import Peer, with_image
+from tests.support.testclient import Peer, with_image
 
 # Frames of 56x56 cost 4 tokens a pair; 52 tokens hold the 32 of answer and reserve
 # and at most 3 frames (cut into up to 4 clips, each padded to whole pairs).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,50 +11,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from streamchat.app import SESSION_PATH, create_app
-from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
-from tests.media import chunks, corrupt_payloads, encode_image, encode_video
-
-SETTINGS = Settings(max_message_bytes=64 * 1024, min_pixels=28 * 28, max_pixels=56 * 56)
-
-
-class Peer:
-    """A test-client WebSocket speaking msgpack (or JSON)."""
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-
-    def send(self, payload: dict[str, Any]) -> None:
-        self.ws.send_bytes(msgpack.packb(payload, use_bin_type=True))
-
-    def send_json(self, payload: dict[str, Any]) -> None:
-        self.ws.send_text(json.dumps(payload))
-
-    def recv(self) -> dict[str, Any]:
-        message = self.ws.receive()
-        if message.get("bytes") is not None:
-            return dict(msgpack.unpackb(message["bytes"]))
-        return dict(json.loads(message["text"]))
-
-    def recv_type(self, *types: str) -> dict[str, Any]:
-        """The next message of one of ``types``, skipping status updates."""
-        while True:
-            message = self.recv()
-            if message["type"] in types:
-                return message
-            assert message["type"] == "video.status", message
-
-    def answer(self, id: str) -> tuple[str, dict[str, Any]]:
-        text = ""
-        while True:
-            message = self.recv_type("answer.delta", "answer.done", "error")
-            assert message.get("id") == id, message
-            if message["type"] == "answer.delta":
-                text += message["text"]
-            elif message["type"] == "answer.done":
-                return text, message
-            else:
-                raise AssertionError(message)
+from tests.support.media import chunks, corrupt_payloads, encode_image, encode_video
+from tests.support.testclient import SMALL as SETTINGS
+from tests.support.testclient import Peer, with_image
 
 
 @pytest.fixture
@@ -77,10 +36,6 @@ def peer(client: TestClient) -> Iterator[Peer]:
         ready = peer.recv()
         assert ready["type"] == "ready" and ready["model"] == "fake-model"
         yield peer
-
-
-def with_image(peer: Peer, pts: float = 0.0) -> None:
-    peer.send({"type": "image", "data": encode_image("png", width=64, height=48), "pts": pts})
 
 
 def test_health(client: TestClient) -> None:

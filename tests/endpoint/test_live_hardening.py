@@ -8,29 +8,19 @@ the tasks and threads of the process) and wait on it without sleeping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import socket
 import threading
-from collections.abc import AsyncIterator
-from typing import Any
 
-import msgpack
 import psutil
 import pytest
-from starlette.applications import Starlette
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
-from streamchat.app import create_app
 from streamchat.config import Settings
-from streamchat.engine.fake import FakeEngine
 from streamchat.errors import CloseCode
-from streamchat.server import ServerState
 from streamchat_client import ConnectError
 from streamchat_client import connect as client_connect
-from tests.media import encode_image
-from tests.servers import serve, ws_url
+from tests.support.live import live_server
+from tests.support.wsclient import closed_code, open_session, recv, send
 
 SETTINGS = Settings(
     min_pixels=28 * 28,
@@ -38,55 +28,7 @@ SETTINGS = Settings(
     messages_per_second=1e6,
     message_burst=1_000_000,
 )
-IMAGE = encode_image(width=64, height=48)
 OWN_TASKS = ("reader-", "writer-", "answer-", "decode-", "fetch-")
-
-
-@contextlib.asynccontextmanager
-async def running(
-    settings: Settings = SETTINGS, **serve_options: Any
-) -> AsyncIterator[tuple[str, Starlette, FakeEngine]]:
-    engine = FakeEngine()
-    app = create_app(settings, engine=engine)
-    try:
-        async with serve(app, **serve_options) as base:
-            yield ws_url(base), app, engine
-    finally:
-        engine.gate.set()
-
-
-def state_of(app: Starlette) -> ServerState:
-    state: ServerState = app.state.streamchat
-    return state
-
-
-async def send(ws: ClientConnection, **message: Any) -> None:
-    await ws.send(msgpack.packb(message, use_bin_type=True))
-
-
-async def recv(ws: ClientConnection, *types: str) -> dict[str, Any]:
-    """The next message of one of ``types``, skipping status updates and deltas."""
-    while True:
-        message = dict(msgpack.unpackb(await ws.recv()))
-        if not types or message["type"] in types:
-            return message
-        assert message["type"] in ("video.status", "answer.delta"), message
-
-
-async def open_session(url: str, **options: Any) -> ClientConnection:
-    ws = await connect(url, compression=None, **options)
-    await send(ws, type="hello", generation={"max_tokens": 4096})
-    assert (await recv(ws))["type"] == "ready"
-    await send(ws, type="image", data=IMAGE)
-    await recv(ws, "video.status")
-    return ws
-
-
-async def closed_code(ws: ClientConnection) -> int | None:
-    with contextlib.suppress(ConnectionClosed):
-        while True:
-            await ws.recv()
-    return ws.close_code
 
 
 # -- slow consumers -----------------------------------------------------------
@@ -96,33 +38,34 @@ async def test_a_client_that_stops_reading_is_disconnected_and_its_answers_abort
     settings = dataclasses.replace(
         SETTINGS, send_timeout=0.5, max_tokens_limit=4096, max_question_chars=20_000
     )
-    async with running(settings, send_buffer=4096) as (url, app, engine):
+    async with live_server(settings, send_buffer=4096) as live:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", int(url.split(":")[2].split("/")[0])))
-        ws = await open_session(url, sock=sock, max_queue=1)
+        sock.connect(("127.0.0.1", live.port))
+        ws = await open_session(live.url, sock=sock, max_queue=1)
         question = "word " * 3000  # ~3000 deltas per answer: far more than the buffers hold
         for n in range(settings.max_concurrent_asks):
             await send(ws, type="ask", id=f"a{n}", text=question)
         # The client now reads nothing. The server must give up on it by itself.
-        state = state_of(app)
+        state = live.state
         async with asyncio.timeout(30):
-            await engine.wait_running(1)
+            await live.engine.wait_running(1)
             await state.wait_sessions(0)
-        assert engine.running() == frozenset()
-        assert engine.aborted, "answers in flight were aborted, not left to finish"
+        assert live.engine.running() == frozenset()
+        assert live.engine.aborted, "answers in flight were aborted, not left to finish"
         ws.transport.abort()
 
 
 async def test_a_peer_that_vanished_without_closing_is_found_by_pings() -> None:
     """A raw TCP client completes the handshake, then never reads nor answers a ping."""
-    settings = dataclasses.replace(SETTINGS, idle_timeout=3600.0)
-    async with running(settings, ping_interval=0.2, ping_timeout=0.2) as (url, app, engine):
-        ws = await open_session(url)  # the app has started: its state exists
-        state = state_of(app)
+    settings = dataclasses.replace(
+        SETTINGS, idle_timeout=3600.0, ping_interval=0.2, ping_timeout=0.2
+    )
+    async with live_server(settings) as live:
+        ws = await open_session(live.url)  # the app has started: its state exists
+        state = live.state
         await ws.close()
-        port = int(url.split(":")[2].split("/")[0])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
         writer.write(
             b"GET /v1/session HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -139,22 +82,22 @@ async def test_a_peer_that_vanished_without_closing_is_found_by_pings() -> None:
 
 
 async def test_drain_lets_answers_finish_and_closes_with_going_away() -> None:
-    async with running() as (url, app, engine):
-        engine.gate.clear()
-        ws = await open_session(url)
+    async with live_server(SETTINGS) as live:
+        live.engine.gate.clear()
+        ws = await open_session(live.url)
         await send(ws, type="ask", id="a", text="what is there?")
         first = await recv(ws, "answer.delta")
-        drain = asyncio.create_task(state_of(app).drain(timeout=30.0))
+        drain = asyncio.create_task(live.state.drain(timeout=30.0))
         going = await recv(ws, "going_away")
         assert going["timeout"] == 30.0 and "shutting down" in going["reason"]
         # New sessions are refused while draining; new questions too.
         with pytest.raises(ConnectError) as refused:
-            await client_connect(url)
+            await client_connect(live.url)
         assert (refused.value.status, refused.value.code) == (503, "server_busy")
         await send(ws, type="ask", id="b", text="and now?")
         error = await recv(ws, "error")
         assert (error["code"], error["id"], error["fatal"]) == ("server_shutdown", "b", False)
-        engine.gate.set()
+        live.engine.gate.set()
         text = first["text"]
         while (message := await recv(ws, "answer.delta", "answer.done"))["type"] == "answer.delta":
             text += message["text"]
@@ -162,17 +105,17 @@ async def test_drain_lets_answers_finish_and_closes_with_going_away() -> None:
         assert await closed_code(ws) == CloseCode.GOING_AWAY
         async with asyncio.timeout(10):
             await drain
-        assert state_of(app).sessions == set()
+        assert live.state.sessions == set()
 
 
 async def test_drain_ends_answers_that_outlast_the_timeout_with_a_reason() -> None:
-    async with running() as (url, app, engine):
-        engine.gate.clear()
-        sessions = [await open_session(url) for _ in range(3)]
+    async with live_server(SETTINGS) as live:
+        live.engine.gate.clear()
+        sessions = [await open_session(live.url) for _ in range(3)]
         for ws in sessions:
             await send(ws, type="ask", id="a", text="describe it")
             await recv(ws, "answer.delta")
-        drain = asyncio.create_task(state_of(app).drain(timeout=0.2))
+        drain = asyncio.create_task(live.state.drain(timeout=0.2))
         for ws in sessions:
             assert (await recv(ws, "going_away"))["timeout"] == 0.2
             done = await recv(ws, "answer.done")
@@ -180,8 +123,8 @@ async def test_drain_ends_answers_that_outlast_the_timeout_with_a_reason() -> No
             assert await closed_code(ws) == CloseCode.GOING_AWAY
         async with asyncio.timeout(10):
             await drain
-        assert engine.running() == frozenset()
-        assert len(engine.aborted) == 3
+        assert live.engine.running() == frozenset()
+        assert len(live.engine.aborted) == 3
 
 
 # -- refusals seen by the bundled client --------------------------------------
@@ -189,14 +132,14 @@ async def test_drain_ends_answers_that_outlast_the_timeout_with_a_reason() -> No
 
 async def test_the_client_reports_why_a_handshake_was_refused() -> None:
     settings = dataclasses.replace(SETTINGS, api_keys=frozenset({"right"}), max_sessions=1)
-    async with running(settings) as (url, app, engine):
+    async with live_server(settings) as live:
         with pytest.raises(ConnectError) as refused:
-            await client_connect(url, api_key="wrong")
+            await client_connect(live.url, api_key="wrong")
         assert (refused.value.status, refused.value.code) == (401, "unauthorized")
-        async with client_connect(url, api_key="right") as session:
+        async with client_connect(live.url, api_key="right") as session:
             assert session.ready.model == "fake"
             with pytest.raises(ConnectError) as busy:
-                await client_connect(url, api_key="right")
+                await client_connect(live.url, api_key="right")
             assert (busy.value.status, busy.value.code) == (503, "server_busy")
 
 
@@ -211,16 +154,16 @@ def _own_tasks() -> list[str]:
 async def test_a_thousand_connect_ask_disconnect_cycles_leak_nothing() -> None:
     """Half the cycles read their answer to the end, half hang up while it streams."""
     process = psutil.Process()
-    async with running() as (url, app, engine):
-        warm = await open_session(url)
-        state = state_of(app)  # set by the app's startup, done once a session opened
+    async with live_server(SETTINGS) as live:
+        warm = await open_session(live.url)
+        state = live.state  # set by the app's startup, done once a session opened
         await warm.close()
         async with asyncio.timeout(10):
             await state.wait_sessions(0)
         fds, threads = process.num_fds(), threading.active_count()
         tasks = len(asyncio.all_tasks())
         for cycle in range(1000):
-            ws = await open_session(url)
+            ws = await open_session(live.url)
             await send(ws, type="ask", id="a", text="what now?")
             if cycle % 2:
                 assert (await recv(ws, "answer.done"))["finish_reason"] == "stop"
@@ -229,8 +172,8 @@ async def test_a_thousand_connect_ask_disconnect_cycles_leak_nothing() -> None:
             await ws.close()
         async with asyncio.timeout(30):
             await state.wait_sessions(0)
-        assert len(engine.requests) == 1000
-        assert engine.running() == frozenset()
+        assert len(live.engine.requests) == 1000
+        assert live.engine.running() == frozenset()
         assert _own_tasks() == []
         assert not [t.name for t in threading.enumerate() if t.name.startswith("decoder-")]
         # Loose bounds: uvicorn may still be closing the last few sockets; a leak would

@@ -20,12 +20,13 @@ from typing import Any
 
 import msgpack
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from streamchat.config import Settings
 from streamchat.errors import CloseCode
-from tests.endpoint.test_live_hardening import closed_code, open_session, recv, running, send
-from tests.media import chunks, encode_video
+from tests.support.live import live_server
+from tests.support.media import chunks, encode_video
+from tests.support.wsclient import closed_code, open_session, open_ws, recv, send
 
 FLOOD_CHUNK = 8 * 1024
 """The piece size users pushed a 1080p60 file in when its chunks were refused."""
@@ -90,9 +91,9 @@ async def test_1080p60_pushed_in_8_kib_chunks_decodes_completely_at_default_rate
     pieces = chunks(data, FLOOD_CHUNK)
     settings = Settings()  # the default rates: 200 messages per second, 32 MiB/s of video
     assert len(pieces) > settings.message_burst + settings.messages_per_second
-    async with running(settings) as (url, app, engine):
+    async with live_server(settings) as live:
         async with asyncio.timeout(120):
-            ws = await connect(url, compression=None)
+            ws = await open_ws(live.url)
             fps = settings.max_fps
             await send(ws, type="hello", fps=fps)
             ready = await recv(ws, "ready")
@@ -111,9 +112,9 @@ async def test_video_takes_nothing_from_the_message_rate() -> None:
     settings = Settings(messages_per_second=0.001, message_burst=2, min_pixels=28 * 28)
     data = encode_video(container="mpegts", codec="h264", seconds=2.0)
     pieces = chunks(data, len(data) // 100 + 1, seed=7)
-    async with running(settings) as (url, app, engine):
+    async with live_server(settings) as live:
         async with asyncio.timeout(60):
-            ws = await open_session(url)  # hello takes the first token; the image none
+            ws = await open_session(live.url)  # hello takes the first token; the image none
             seen = await push_and_drain(ws, pieces)
             await send(ws, type="ask", id="q", text="what is there?")
             done = await recv(ws, "answer.done", "error")
@@ -134,9 +135,9 @@ async def test_an_ask_in_a_message_flood_is_answered_or_refused_by_its_id() -> N
     before = settings.message_burst * 2 - 20
     sent = [("cancel", f"c{n}") for n in range(before)] + [("ask", "q")]
     sent += [("cancel", f"c{n}") for n in range(before, before + 15)]
-    async with running(settings) as (url, app, engine):
+    async with live_server(settings) as live:
         async with asyncio.timeout(60):
-            ws = await open_session(url)
+            ws = await open_session(live.url)
             for kind, id in sent:
                 await send(ws, type=kind, id=id, text="what is there?")
             errors: list[dict[str, Any]] = []
@@ -164,9 +165,9 @@ async def test_asks_over_the_rate_are_refused_by_id_up_to_the_flooding_close() -
     settings = Settings(messages_per_second=0.001, message_burst=4, min_pixels=28 * 28)
     sent = [("cancel", f"c{n}") for n in range(3)] + [("ask", "q1")]
     sent += [("cancel", f"c{n}") for n in range(3, 6)] + [("ask", "q2")]
-    async with running(settings) as (url, app, engine):
+    async with live_server(settings) as live:
         async with asyncio.timeout(30):
-            ws = await open_session(url)  # hello takes a token, the image none
+            ws = await open_session(live.url)  # hello takes a token, the image none
             for kind, id in sent:
                 await send(ws, type=kind, id=id, text="what is there?")
             replies = [await recv(ws, "error") for _ in sent]
@@ -209,9 +210,9 @@ async def test_every_refusal_of_an_ask_names_its_id(
     settings: Settings, hello: bool, frame: dict[str, Any] | str, code: str, fatal: bool
 ) -> None:
     """Refused before hello, for its size (msgpack, JSON), a field or a missing key: id named."""
-    async with running(settings) as (url, app, engine):
+    async with live_server(settings) as live:
         async with asyncio.timeout(30):
-            ws = await connect(url, compression=None)
+            ws = await open_ws(live.url)
             if hello:
                 await send(ws, type="hello")
                 await recv(ws, "ready")

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from streamchat.app import SESSION_PATH, create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
-from tests.media import encode_video
+from tests.support.media import encode_video
 
 
 @pytest.fixture

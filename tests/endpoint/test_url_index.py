@@ -40,8 +40,8 @@ from streamchat.ingest.faststart import read_box_header
 from streamchat.ingest.feed import ByteFeed
 from streamchat.ingest.fetch import CHUNK_BYTES, fetch_into
 from streamchat.window import Frame
-from tests.security.ssrf_net import PUBLIC, FakeDns, FakeInternet
 from tests.support.httpfiles import FileServer, Served
+from tests.support.ssrf_net import PUBLIC, FakeDns, FakeInternet
 
 FPS = 30
 SECONDS = 4

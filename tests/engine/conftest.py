@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from streamchat.engine.tiny_model import build_tiny_model
+from tests.support.engines import tiny_engine
 
 if TYPE_CHECKING:
     from streamchat.engine.vllm import VllmEngine
@@ -44,11 +45,9 @@ async def vllm_engine(
 
     On teardown it checks that shutting down left no engine process behind.
     """
-    from streamchat.engine.vllm import make_engine_args, open_vllm_engine
-
     family: str = request.param
     before = {child.pid for child in psutil.Process().children(recursive=True)}
-    async with open_vllm_engine(make_engine_args(tiny_model(family))) as engine:
+    async with tiny_engine(tiny_model(family), family) as engine:
         started = [
             child
             for child in psutil.Process().children(recursive=True)

@@ -9,21 +9,22 @@ the arithmetic is the same at the default 8192.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pytest
 
-from streamchat.config import Settings
 from streamchat.engine.base import ChatTurn, Delta, GenerationRequest, SamplingOptions, Usage
 from streamchat.errors import ContextTooLong
 from streamchat.window import Frame
 from streamchat_client import connect
-from tests.live import Live, live_server
-from tests.media import encode_video
+from tests.support.engines import QUESTION, ask, make_frames, tiny_engine
+from tests.support.live import Live, live_server
+from tests.support.media import encode_video
+from tests.support.settings import TINY
 
 if TYPE_CHECKING:
     from streamchat.engine.vllm import VllmEngine
@@ -34,62 +35,31 @@ CONTEXT = 1024
 """``max_model_len`` of the engine under test."""
 LONGEST = 640
 """``max_tokens_limit``: the longest answer a client may ask for."""
-SETTINGS = Settings(
-    fps=2.0,
-    window_frames=8,
-    min_pixels=28 * 28,
-    max_pixels=112 * 112,
-    max_tokens=16,
-    max_tokens_limit=LONGEST,
-    context_reserve=128,
-)
+SETTINGS = dataclasses.replace(TINY, window_frames=8, max_tokens_limit=LONGEST, context_reserve=128)
 """Small frames (up to 16 video tokens a pair of frames), answers of up to LONGEST tokens."""
-QUESTION = "What happens in the video?"
 
 
 @pytest.fixture(scope="module")
 async def small_engine(tiny_model: Callable[[str], Path]) -> AsyncIterator[VllmEngine]:
     """The tiny Qwen2-VL model on an engine with a context of :data:`CONTEXT` tokens."""
-    from streamchat.engine.vllm import make_engine_args, open_vllm_engine
-
-    args = make_engine_args(tiny_model("qwen2_vl"), max_model_len=CONTEXT)
-    async with open_vllm_engine(args) as engine:
+    async with tiny_engine(tiny_model("qwen2_vl"), max_model_len=CONTEXT) as engine:
         yield engine
 
 
 @pytest.fixture
-async def live(small_engine: VllmEngine) -> AsyncIterator[Live]:
+async def live(small_engine: VllmEngine) -> AsyncIterator[Live[VllmEngine]]:
     async with live_server(SETTINGS, small_engine) as server:
         yield server
 
 
-def frames(count: int, *, size: tuple[int, int] = (112, 112), seed: int = 0) -> list[Frame]:
-    rng = np.random.default_rng(seed)
-    return [
-        Frame(pts=i * 0.5, image=rng.integers(0, 256, (*size, 3), dtype=np.uint8))
-        for i in range(count)
-    ]
+def frames(count: int, *, seed: int = 0) -> list[Frame]:
+    """Frames of 112x112: 16 video tokens a pair."""
+    return make_frames(count, seed=seed, size=(112, 112))
 
 
-def request(
-    request_id: str,
-    video: Sequence[Frame],
-    *,
-    max_tokens: int,
-    history: Sequence[ChatTurn] = (),
-) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=request_id,
-        question=QUESTION,
-        frames=video,
-        history=history,
-        sampling=SamplingOptions(max_tokens=max_tokens, temperature=0.0),
-    )
-
-
-async def answer(engine: VllmEngine, ask: GenerationRequest) -> tuple[str, Delta, Usage]:
+async def answer(engine: VllmEngine, request: GenerationRequest) -> tuple[str, Delta, Usage]:
     """The answer's text, its last delta and its usage."""
-    deltas = [delta async for delta in engine.generate(ask)]
+    deltas = [delta async for delta in engine.generate(request)]
     last = deltas[-1]
     assert last.usage is not None
     return "".join(delta.text for delta in deltas), last, last.usage
@@ -146,14 +116,14 @@ async def test_history_is_trimmed_to_the_fewest_turns_that_make_room(
     # The prompt with the newest k turns, as vLLM counts it (all of them fit on their own).
     lengths = []
     for kept in range(len(history) + 1):
-        ask = request(
+        request = ask(
             f"measure-{kept}", video, max_tokens=1, history=history[len(history) - kept :]
         )
-        lengths.append((await answer(small_engine, ask))[2].prompt_tokens)
+        lengths.append((await answer(small_engine, request))[2].prompt_tokens)
     assert lengths == sorted(set(lengths)) and lengths[-1] < CONTEXT, "nothing trimmed yet"
     wanted = CONTEXT - lengths[2]  # an answer that leaves room for two turns, not three
     _, last, usage = await answer(
-        small_engine, request("trim", video, max_tokens=wanted, history=history)
+        small_engine, ask("trim", video, max_tokens=wanted, history=history)
     )
     assert last.finish_reason in ("stop", "length")
     assert usage.prompt_tokens == lengths[2]
@@ -166,7 +136,7 @@ async def test_an_answer_longer_than_the_room_left_is_cut_to_it(
 ) -> None:
     """max_tokens as large as the whole context is lowered to the room after the prompt:
     the answer ends with length at the context's end, and is not refused."""
-    _, last, usage = await answer(small_engine, request("whole", frames(8), max_tokens=CONTEXT))
+    _, last, usage = await answer(small_engine, ask("whole", frames(8), max_tokens=CONTEXT))
     assert last.finish_reason == "length"
     assert usage.prompt_tokens + usage.completion_tokens == CONTEXT
 
@@ -180,7 +150,7 @@ async def test_a_video_over_the_context_is_a_typed_refusal(
     video = frames(160)  # 80 pairs of 16 tokens: more than the context, in a short text
     for history in ((), [ChatTurn("Hi?", "Hello.")]):
         with pytest.raises(ContextTooLong, match=f"context of {CONTEXT} tokens"):
-            await answer(small_engine, request("over", video, max_tokens=8, history=history))
+            await answer(small_engine, ask("over", video, max_tokens=8, history=history))
     assert small_engine.running() == frozenset()
     assert small_engine.engine_unfinished() == 0
     assert tracebacks(caplog) == []
@@ -193,7 +163,7 @@ async def test_a_refused_question_leaves_its_video_usable(
     the next question about the same frames answers: the refusal left no stale cache entry."""
     caplog.set_level(logging.INFO)
     # Measured on other frames of the same size and count: the same number of tokens.
-    _, _, usage = await answer(small_engine, request("measure", frames(8, seed=1), max_tokens=1))
+    _, _, usage = await answer(small_engine, ask("measure", frames(8, seed=1), max_tokens=1))
     tokens = small_engine.tokenizer.encode
     asked = len(tokens(QUESTION))
     # A question whose text is short of the context by half the video's tokens: only the
@@ -211,6 +181,6 @@ async def test_a_refused_question_leaves_its_video_usable(
     )
     with pytest.raises(ContextTooLong, match=f"context of {CONTEXT} tokens"):
         await answer(small_engine, long)
-    again = await answer(small_engine, request("again", frames(8, seed=2), max_tokens=4))
+    again = await answer(small_engine, ask("again", frames(8, seed=2), max_tokens=4))
     assert again[1].finish_reason in ("stop", "length")
     assert tracebacks(caplog) == []

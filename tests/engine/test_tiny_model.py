@@ -9,11 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from streamchat.engine.base import ChatTurn
-from streamchat.engine.prompt import build_messages, video_metadata
+from streamchat.engine.prompt import build_messages
 from streamchat.engine.tiny_model import (
     CHECKPOINTS,
     SPECIAL_TOKENS,
@@ -22,36 +21,12 @@ from streamchat.engine.tiny_model import (
     main,
 )
 from streamchat.media.sampling import target_size
-from streamchat.window import Frame
+from tests.support.engines import hf_processor, make_frames, process_video
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 """What every family's template writes for one video; the processor expands the pad."""
-
-
-def _processor(path: Path) -> Any:
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(path)  # type: ignore[no-untyped-call]
-
-
-def _frames(count: int, width: int, height: int, *, fps: float = 2.0) -> list[Frame]:
-    rng = np.random.default_rng(count)
-    return [
-        Frame(i / fps, rng.integers(0, 256, (height, width, 3), np.uint8)) for i in range(count)
-    ]
-
-
-def _process(processor: Any, family: str, text: str, frames: list[Frame], fps: float) -> Any:
-    """The processor's output for ``text`` with ``frames`` as one video, as the server sends it."""
-    kwargs: dict[str, Any] = {}
-    metadata = video_metadata(frames, fps, family=family)
-    if metadata is not None:  # vLLM hands the rest of the metadata to the processor
-        kwargs["do_sample_frames"] = metadata.pop("do_sample_frames")
-        kwargs["video_metadata"] = [metadata]
-    video = np.stack([frame.image for frame in frames])
-    return processor(text=[text], videos=[video], return_tensors="np", **kwargs)
 
 
 def _size(values: Any) -> dict[str, int]:
@@ -169,7 +144,7 @@ def test_processor_loads_with_the_checkpoints_configs(
     tiny_model: Callable[[str], Path], family: str
 ) -> None:
     """AutoProcessor, offline, gives the checkpoint's limits, sizes, mean/std and chat template."""
-    processor = _processor(tiny_model(family))
+    processor = hf_processor(tiny_model(family))
     checkpoint = CHECKPOINTS[family]
     for loaded, expected in (
         (processor.image_processor, checkpoint.image),
@@ -199,8 +174,8 @@ def test_chat_template_renders_a_video_question_as_the_checkpoint_does(
     Qwen3-VL adds none (a printed Qwen3-VL-2B-Instruct prompt starts with the
     user turn). Both write the placeholder before the text.
     """
-    processor = _processor(tiny_model(family))
-    messages = build_messages("What happens?", _frames(4, 64, 48), fps=2.0)
+    processor = hf_processor(tiny_model(family))
+    messages = build_messages("What happens?", make_frames(4, seed=4, size=(48, 64)), fps=2.0)
     question = messages[-1]["content"][-1]["text"]
     text = processor.tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
@@ -219,10 +194,14 @@ def test_chat_template_replays_system_and_history_as_text(
     tiny_model: Callable[[str], Path], family: str
 ) -> None:
     """A system prompt and earlier turns render once each, in order, with one video at the end."""
-    processor = _processor(tiny_model(family))
+    processor = hf_processor(tiny_model(family))
     history = [ChatTurn("Is the door open?", "It is closed."), ChatTurn("And now?", "Open.")]
     messages = build_messages(
-        "What changed?", _frames(2, 64, 48), history, fps=2.0, system="Answer briefly."
+        "What changed?",
+        make_frames(2, seed=2, size=(48, 64)),
+        history,
+        fps=2.0,
+        system="Answer briefly.",
     )
     text = processor.tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
@@ -243,13 +222,13 @@ def test_qwen3_timestamps_come_from_the_processor_not_the_template(
     tiny_model: Callable[[str], Path],
 ) -> None:
     """Qwen3-VL's template writes no time; its processor writes one timestamp per frame pair."""
-    processor = _processor(tiny_model("qwen3_vl"))
-    frames = _frames(6, 64, 64)
+    processor = hf_processor(tiny_model("qwen3_vl"))
+    frames = make_frames(6, seed=6, size=(64, 64))
     text = processor.tokenizer.apply_chat_template(
         build_messages("When?", frames, fps=2.0), tokenize=False, add_generation_prompt=True
     )
     assert "seconds>" not in text
-    out = _process(processor, "qwen3_vl", text, frames, 2.0)
+    out = process_video(processor, "qwen3_vl", text, frames, 2.0)
     expanded = processor.tokenizer.decode(out["input_ids"][0])
     stamps = [float(t) for t in re.findall(r"<(\d+\.\d) seconds>", expanded)]
     grid_t = int(out["video_grid_thw"][0][0])
@@ -264,15 +243,15 @@ def test_processor_expands_an_odd_number_of_frames(
     tiny_model: Callable[[str], Path], family: str
 ) -> None:
     """The chat template places the video placeholder and the processor pads odd T."""
-    processor = _processor(tiny_model(family))
-    frames = _frames(3, 120, 90)
+    processor = hf_processor(tiny_model(family))
+    frames = make_frames(3, seed=3, size=(90, 120))
     text = processor.tokenizer.apply_chat_template(
         build_messages("What happens?", frames, fps=2.0),
         tokenize=False,
         add_generation_prompt=True,
     )
     assert VIDEO in text
-    out = _process(processor, family, text, frames, 2.0)
+    out = process_video(processor, family, text, frames, 2.0)
     grid = out["video_grid_thw"][0].tolist()
     assert grid[0] == 2  # 3 frames padded to 4, two frames per temporal patch
     video_pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
@@ -291,15 +270,15 @@ def test_real_size_frames_reach_the_model_unresized(
     (h/factor)*(w/factor) video tokens per two frames: 4032 for the window on
     Qwen2/2.5-VL, 2880 on Qwen3-VL.
     """
-    processor = _processor(tiny_model(family))
+    processor = hf_processor(tiny_model(family))
     factor = CHECKPOINTS[family].factor
     patch = CHECKPOINTS[family].video["patch_size"]
     width, height = target_size(1280, 720, factor=factor, max_pixels=448 * 448)
-    frames = _frames(32, width, height)
+    frames = make_frames(32, seed=32, size=(height, width))
     text = processor.tokenizer.apply_chat_template(
         build_messages("What happens?", frames, fps=2.0), tokenize=False, add_generation_prompt=True
     )
-    out = _process(processor, family, text, frames, 2.0)
+    out = process_video(processor, family, text, frames, 2.0)
     assert out["video_grid_thw"].tolist() == [[16, height // patch, width // patch]]
     video_pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     tokens = int((out["input_ids"][0] == video_pad).sum())

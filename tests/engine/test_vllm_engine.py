@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
@@ -21,11 +20,10 @@ from streamchat.engine.base import (
     ChatTurn,
     Delta,
     Engine,
-    GenerationRequest,
-    SamplingOptions,
 )
 from streamchat.errors import ContextTooLong
 from streamchat.window import Frame
+from tests.support.engines import ask, hf_processor, make_frames, process_video
 
 if TYPE_CHECKING:
     from streamchat.engine.vllm import VllmEngine
@@ -34,31 +32,6 @@ pytestmark = pytest.mark.engine
 
 LONG = 1500
 """Enough tokens that a request is still running when the test acts on it."""
-
-
-def make_frames(count: int, *, seed: int = 0, size: tuple[int, int] = (84, 112)) -> list[Frame]:
-    rng = np.random.default_rng(seed)
-    return [
-        Frame(pts=i * 0.5, image=rng.integers(0, 256, (*size, 3), dtype=np.uint8))
-        for i in range(count)
-    ]
-
-
-def ask(
-    request_id: str,
-    frames: Sequence[Frame],
-    *,
-    max_tokens: int = 16,
-    question: str = "What happens in the video?",
-    history: Sequence[ChatTurn] = (),
-) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=request_id,
-        question=question,
-        frames=frames,
-        history=history,
-        sampling=SamplingOptions(max_tokens=max_tokens, temperature=0.0),
-    )
 
 
 async def collect(deltas: AsyncIterator[Delta]) -> list[Delta]:
@@ -303,29 +276,24 @@ async def test_a_full_default_window_of_720p_fits_and_costs_what_the_processor_c
     from streamchat.config import Settings
     from streamchat.engine.prompt import build_messages
     from streamchat.media.sampling import target_size
-    from tests.engine.test_tiny_model import _process, _processor
 
     settings = Settings()
     factor = vllm_engine.frame_factor
     assert factor is not None
     width, height = target_size(1280, 720, factor=factor, max_pixels=settings.max_pixels)
-    rng = np.random.default_rng(7)
-    frames = [
-        Frame(pts=i / settings.fps, image=rng.integers(0, 256, (height, width, 3), np.uint8))
-        for i in range(settings.window_frames)
-    ]
+    frames = make_frames(settings.window_frames, seed=7, size=(height, width), fps=settings.fps)
     deltas = await collect(vllm_engine.generate(ask("full-720p", frames, max_tokens=4)))
     usage = deltas[-1].usage
     assert usage is not None and deltas[-1].finish_reason in ("stop", "length")
 
-    processor = _processor(Path(vllm_engine.model_name))
+    processor = hf_processor(Path(vllm_engine.model_name))
     family = vllm_engine.llm.model_config.hf_config.model_type
     text = processor.tokenizer.apply_chat_template(
         build_messages("What happens?", frames, fps=settings.fps),
         tokenize=False,
         add_generation_prompt=True,
     )
-    official = _process(processor, family, text, frames, settings.fps)
+    official = process_video(processor, family, text, frames, settings.fps)
     pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert usage.video_tokens == int((official["input_ids"][0] == pad).sum())
     assert usage.video_tokens == 16 * (height // factor) * (width // factor)

@@ -32,14 +32,13 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from streamchat.app import create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import CloseCode, StreamchatError
 from streamchat.messages import Ask, Cancel, Hello, Image, decode_client
 from tests.fuzz import corpus
 from tests.fuzz import payloads as p
-from tests.servers import serve, ws_url
+from tests.support.live import live_server
 
 SEED = 20_240_605
 MESSAGES = p.scaled(10_000)
@@ -223,11 +222,10 @@ async def test_hostile_messages_over_the_wire(errors_logged: Recorder) -> None:
     the server then still serves a fresh session and reports healthy, having logged no error."""
     rng = random.Random(SEED)
     tally = Tally()
-    app = create_app(SETTINGS, engine=FakeEngine(model_name="fake-model"))
-    async with serve(app, ws_max_size=SETTINGS.transport_max_bytes) as base:
+    async with live_server(SETTINGS, FakeEngine(model_name="fake-model")) as live:
         # uvicorn configures its loggers when it starts: attach after that.
         errors_logged.watch("uvicorn")
-        url = ws_url(base)
+        url, base = live.url, live.base
         for _ in range(CONNECTIONS):
             await _fuzz_connection(url, rng, MESSAGES // CONNECTIONS, tally)
 
@@ -255,8 +253,7 @@ async def test_hostile_messages_over_the_wire(errors_logged: Recorder) -> None:
 async def test_flooding_is_rate_limited_then_closed() -> None:
     """Past the message burst a session gets ``rate_limited``; keeping on closes it with 4429."""
     settings = Settings(messages_per_second=1.0, message_burst=20)
-    app = create_app(settings, engine=FakeEngine())
-    async with serve(app) as base, connect(ws_url(base), compression=None) as ws:
+    async with live_server(settings) as live, connect(live.url, compression=None) as ws:
         for _ in range(100):
             await ws.send(p.pack({"type": "cancel", "id": "x"}))
         codes: list[str] = []

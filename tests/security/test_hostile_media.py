@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
-import psutil
 import pytest
 from starlette.types import Receive, Scope, Send
 
@@ -38,7 +37,9 @@ from streamchat.errors import StreamchatError
 from streamchat.media.decoder import DecoderOptions, decode_image, decode_stream
 from streamchat.window import Frame
 from streamchat_client import ServerError, connect
-from tests.media import (
+from tests.support.live import serve, serve_files
+from tests.support.measure import RssSampler, high_water_mark
+from tests.support.media import (
     Codec,
     Container,
     encode_image,
@@ -52,8 +53,7 @@ from tests.media import (
     patch_vp8_size,
     pattern_frame,
 )
-from tests.processes import ServerProcess, server_process
-from tests.servers import serve, serve_files
+from tests.support.process import ServerProcess, server_process
 
 MAX_SOURCE_SECONDS = 600.0
 MAX_SOURCE_FRAMES = 200
@@ -367,42 +367,6 @@ async def streamchat_server(cwd: Path, *flags: str) -> AsyncIterator[ServerProce
         yield served
 
 
-class RssSampler:
-    """Samples a process's RSS every few milliseconds on the event loop; keeps the peak."""
-
-    def __init__(self, pid: int, interval: float = 0.005) -> None:
-        self._process = psutil.Process(pid)
-        self._interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._task = asyncio.create_task(self._run())
-
-    def now(self) -> int:
-        rss = int(self._process.memory_info().rss)
-        self.peak = max(self.peak, rss)
-        self.samples += 1
-        return rss
-
-    async def _run(self) -> None:
-        while True:
-            self.now()
-            await asyncio.sleep(self._interval)  # periodic sampling, not synchronisation
-
-    async def stop(self) -> int:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        return self.peak
-
-
-def _high_water_mark(pid: int) -> int:
-    """The kernel's record of the process's peak RSS (``VmHWM``), in bytes."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
-    assert match, status
-    return int(match.group(1)) * 1024
-
-
 @pytest.fixture(scope="module")
 def valid_clip() -> bytes:
     return encode_video(container="webm", codec="vp8", seconds=1)
@@ -479,7 +443,7 @@ async def test_a_served_session_survives_the_corpus_pushed_and_fetched(
                 await valid(mode)
         answer = await session.ask("What is moving?", max_tokens=8).result()
         peak = await rss.stop()
-        high_water = _high_water_mark(server.process.pid)
+        high_water = high_water_mark(server.process.pid)
         assert server.process.returncode is None
         await server.stop()
 

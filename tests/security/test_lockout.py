@@ -16,64 +16,26 @@ import dataclasses
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import msgpack
 import pytest
-from starlette.applications import Starlette
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamchat.access import RefusalLog
-from streamchat.app import create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import CloseCode, ServerBusy, Unauthorized
 from streamchat.server import REFUSAL_LOG_INTERVAL, ServerState
-from tests.media import encode_image
-from tests.servers import serve, ws_url
+from tests.support.live import live_server
+from tests.support.wsclient import IMAGE, open_ws, recv, send
 
 KEY = "k-lockout-7d2e"
 KEYED = Settings(api_keys=frozenset({KEY}))
 BEARER = {"Authorization": f"Bearer {KEY}"}
 ATTACKERS = [f"127.0.0.{n}" for n in range(2, 10)]
 """8 addresses, as in the issue; the key holder comes from 127.0.0.1."""
-IMAGE = encode_image(width=64, height=48)
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[str, Starlette, FakeEngine]]:
-    engine = FakeEngine()
-    app = create_app(settings, engine=engine)
-    try:
-        async with serve(app, ws_max_size=settings.transport_max_bytes) as base:
-            yield ws_url(base), app, engine
-    finally:
-        engine.gate.set()
-
-
-def state_of(app: Starlette) -> ServerState:
-    """The server's state (it exists once a first connection was accepted)."""
-    state: ServerState = app.state.streamchat
-    return state
-
-
-async def open_ws(url: str, **options: Any) -> ClientConnection:
-    return await connect(url, compression=None, proxy=None, **options)
-
-
-async def send(ws: ClientConnection, **message: Any) -> None:
-    await ws.send(msgpack.packb(message, use_bin_type=True))
-
-
-async def recv(ws: ClientConnection, *types: str) -> dict[str, Any]:
-    """The next message of one of ``types``, skipping status updates and deltas."""
-    while True:
-        message = dict(msgpack.unpackb(await ws.recv()))
-        if not types or message["type"] in types:
-            return message
-        assert message["type"] in ("video.status", "answer.delta"), message
 
 
 async def ask_and_answer(ws: ClientConnection, **hello: Any) -> dict[str, Any]:
@@ -139,16 +101,16 @@ async def attack_then_get_in(
 
     ``clients``: how each connects (``connect`` options) and what its ``hello`` carries.
     """
-    async with running(settings) as (url, app, engine):
-        attackers, refused = await open_attackers(url, settings.max_sessions // len(ATTACKERS))
-        state = state_of(app)
+    async with live_server(settings) as live:
+        attackers, refused = await open_attackers(live.url, settings.max_sessions // len(ATTACKERS))
+        state = live.state
         holding = [asyncio.create_task(hold(a, junk_every)) for a in attackers]
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for connect_options, hello in clients:
                     # The attack is on: every waiting place is held, or was taken back.
                     assert state.waiting == settings.max_pending_sessions
-                    ws = await stack.enter_async_context(await open_ws(url, **connect_options))
+                    ws = await stack.enter_async_context(await open_ws(live.url, **connect_options))
                     done = await ask_and_answer(ws, **hello)
                     assert (done["id"], done["finish_reason"]) == ("q", "stop")
                 async with asyncio.timeout(3 * settings.hello_timeout):
@@ -281,16 +243,16 @@ async def test_300_refused_handshakes_log_a_bounded_number_of_lines(
     """401s, 403s and 503s at full speed: a line or two an interval, none at ERROR, no key."""
     loop = asyncio.get_running_loop()
     lines = Lines()
-    async with running(KEYED) as (url, app, engine):
-        held = [await open_ws(url, additional_headers=BEARER)]
+    async with live_server(KEYED) as live:
+        held = [await open_ws(live.url, additional_headers=BEARER)]
         with lines.attached(caplog):
             # The key's share of sessions, so that one more is refused with 503.
             held += [
-                await open_ws(url, additional_headers=BEARER)
+                await open_ws(live.url, additional_headers=BEARER)
                 for _ in range(KEYED.max_sessions_per_client - 1)
             ]
             assert any(r.name == "uvicorn.error" for r in lines.records), "uvicorn's lines reach us"
-            state = state_of(app)
+            state = live.state
             start, began = len(lines.records), loop.time()
             attempts: list[tuple[dict[str, str], int]] = [
                 ({"Authorization": "Bearer wrong"}, 401),
@@ -300,7 +262,7 @@ async def test_300_refused_handshakes_log_a_bounded_number_of_lines(
             statuses = []
             for headers, _ in attempts * 100:
                 with pytest.raises(InvalidStatus) as refused:
-                    await open_ws(url, additional_headers=headers)
+                    await open_ws(live.url, additional_headers=headers)
                 statuses.append(refused.value.response.status_code)
             elapsed = loop.time() - began
             during = lines.records[start:]
@@ -336,15 +298,15 @@ async def connect_as(url: str, name: str, **options: Any) -> ClientConnection:
 
 async def test_with_auth_off_a_dns_rebinding_page_is_refused_and_the_own_page_works() -> None:
     """Auth off: a page on a host name is refused; on localhost or the IP address it works."""
-    async with running(Settings()) as (url, app, engine):
+    async with live_server(Settings()) as live:
         with pytest.raises(InvalidStatus) as refused:
-            await connect_as(url, "rebind.example")
+            await connect_as(live.url, "rebind.example")
         assert refused.value.response.status_code == 403
         assert b"origin_not_allowed" in refused.value.response.body
         for name in ("localhost", "127.0.0.1"):
-            async with await connect_as(url, name) as ws:
+            async with await connect_as(live.url, name) as ws:
                 done = await ask_and_answer(ws)
                 assert done["finish_reason"] == "stop"
-    async with running(KEYED) as (url, app, engine):
-        async with await connect_as(url, "rebind.example", additional_headers=BEARER) as ws:
+    async with live_server(KEYED) as live:
+        async with await connect_as(live.url, "rebind.example", additional_headers=BEARER) as ws:
             assert (await ask_and_answer(ws))["finish_reason"] == "stop"  # the key protects

@@ -16,17 +16,11 @@ Finding 9: sampling values vLLM refuses are ``invalid_field`` naming the ask.
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import json
-import os
 import re
 import socket
 import statistics
-import struct
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -35,9 +29,10 @@ import pytest
 
 from streamchat.config import DEFAULT_MAX_MESSAGE_BYTES
 from streamchat.messages import MAX_DEPTH, MAX_VALUES
-from streamchat_client import ServerError, Session, connect
-from tests.media import encode_image
-from tests.processes import ServerProcess, server_process
+from streamchat_client import ServerError
+from tests.support.measure import high_water_mark, reset_peak, slowest, timed, viewer
+from tests.support.process import ServerProcess, server_process
+from tests.support.rawws import client_frame, upgrade_request
 
 MIB = 1024 * 1024
 SIZE = DEFAULT_MAX_MESSAGE_BYTES
@@ -109,54 +104,15 @@ HOSTILE: list[tuple[Callable[[], bytes | str], str, str]] = [
 # -- measuring ------------------------------------------------------------------
 
 
-async def _timed(step: Callable[[], Awaitable[object]]) -> float:
-    start = time.perf_counter()
-    await step()
-    return time.perf_counter() - start
-
-
-async def _baseline(step: Callable[[], Awaitable[object]], runs: int = 10) -> float:
-    """The slowest of ``runs`` after a warm-up: the bound is a multiple of it."""
-    await step()
-    return max([await _timed(step) for _ in range(runs)])
-
-
-def _status(pid: int, field: str) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+) kB$", status, re.MULTILINE)
-    assert match, status
-    return int(match.group(1)) * 1024
-
-
-def _reset_peak(pid: int) -> int:
-    """Reset the kernel's peak RSS of ``pid`` (``VmHWM``) to its RSS now; return that."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return _status(pid, "VmRSS")
-
-
 def _errors(server: ServerProcess) -> list[str]:
     return [line for line in server.log if "Traceback" in line or re.search(r"\bERROR\b", line)]
 
 
-@contextlib.asynccontextmanager
-async def _server() -> AsyncIterator[ServerProcess]:
-    async with server_process("--engine", "fake") as served:
-        yield served
-
-
-@contextlib.asynccontextmanager
-async def _viewer(url: str) -> AsyncIterator[Session]:
-    """Another client's session, with a frame to ask about."""
-    async with connect(url) as session:
-        await session.send_image(encode_image())
-        await session.wait_frames(1, timeout=LIVENESS)
-        yield session
-
-
 def _frame(message: bytes | str) -> bytes:
-    """A client frame with a zero mask (valid, and the payload goes as it is)."""
-    opcode, payload = (0x2, message) if isinstance(message, bytes) else (0x1, message.encode())
-    return bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", len(payload)) + bytes(4) + payload
+    """A client frame of ``message``: binary for bytes, text for a string."""
+    if isinstance(message, bytes):
+        return client_frame(0x2, message)
+    return client_frame(0x1, message.encode())
 
 
 def _exactly(sock: socket.socket, size: int) -> bytes:
@@ -176,12 +132,7 @@ def _attack(port: int, frames: list[bytes]) -> list[tuple[str, str | None]]:
     the test nothing while the server parses.
     """
     with socket.create_connection(("127.0.0.1", port), timeout=LIVENESS) as sock:
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(
-            f"GET /v1/session HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
+        sock.sendall(upgrade_request())
         head = b""
         while not head.endswith(b"\r\n\r\n"):
             head += _exactly(sock, 1)
@@ -209,29 +160,29 @@ async def test_hostile_messages_do_not_hold_up_another_session_or_health() -> No
     frames = [_frame(build()) for build, _, _ in HOSTILE for _ in range(ROUNDS)]
     expected = [(code, id) for _, code, id in HOSTILE for _ in range(ROUNDS)]
     async with (
-        _server() as server,
-        _viewer(server.url) as viewer,
+        server_process("--engine", "fake") as server,
+        viewer(server.url) as bystander,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=LIVENESS) as http,
     ):
 
         async def ask() -> None:
-            assert (await viewer.ask("what is there?", max_tokens=8).result()).text
+            assert (await bystander.ask("what is there?", max_tokens=8).result()).text
 
         async def health() -> None:
             assert (await http.get("/health")).status_code == 200
 
-        ask_baseline = await _baseline(ask)
-        health_baseline = await _baseline(health)
-        rss = _reset_peak(server.process.pid)
+        ask_baseline = await slowest(ask)
+        health_baseline = await slowest(health)
+        rss = reset_peak(server.process.pid)
         attacking = asyncio.create_task(asyncio.to_thread(_attack, server.port, frames))
         asks: list[float] = []
         polls: list[float] = []
         async with asyncio.timeout(LIVENESS):
             while not attacking.done():
-                asks.append(await _timed(ask))
-                polls.append(await _timed(health))
+                asks.append(await timed(ask))
+                polls.append(await timed(health))
             replies = await attacking
-        growth = _status(server.process.pid, "VmHWM") - rss
+        growth = high_water_mark(server.process.pid) - rss
         await ask()
 
     report = (
@@ -258,16 +209,16 @@ async def test_sampling_values_the_engine_refuses_are_invalid_fields(
     generation: dict[str, float],
 ) -> None:
     """An ask with top_p 0 or temperature 3 is invalid_field naming its id; the session goes on."""
-    async with _server() as server, _viewer(server.url) as viewer:
+    async with server_process("--engine", "fake") as server, viewer(server.url) as bystander:
         with pytest.raises(ServerError) as refused:
-            await viewer.ask("what is there?", id="odd", **generation).result()  # type: ignore[arg-type]
+            await bystander.ask("what is there?", id="odd", **generation).result()  # type: ignore[arg-type]
         assert (refused.value.code, refused.value.id, refused.value.fatal) == (
             "invalid_field",
             "odd",
             False,
         )
         assert next(iter(generation)) in refused.value.message
-        assert (await viewer.ask("and now?", max_tokens=8).result()).text
+        assert (await bystander.ask("and now?", max_tokens=8).result()).text
     assert not _errors(server), "\n".join(server.log)
 
 

@@ -17,8 +17,10 @@ session's image or fetch answered within a multiple of its own baseline
   never another session's lookup.
 * FFmpeg's threads end with their decoders, however the source ended.
 
-The media are built here: ``mp4_with_index`` rewrites a real MP4's sample
-tables, ``scan_bomb_jpeg`` writes a progressive JPEG of empty scans.
+The media are built byte by byte (``tests.support.hostile``). The memory test
+runs ``streamchat serve`` as a process, so the RSS measured is the server's
+alone, with the allocator settings it serves with; the others serve in this
+process, whose threads they count.
 """
 
 from __future__ import annotations
@@ -32,31 +34,28 @@ import os
 import re
 import socket
 import statistics
-import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import av
-import httpx
 import psutil
 import pytest
-from starlette.applications import Starlette
 
-from streamchat.app import create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.errors import UrlFetchFailed
 from streamchat.ingest.feed import ByteFeed
 from streamchat.ingest.fetch import fetch_into
 from streamchat.ingest.netguard import Lookups
-from streamchat.server import ServerState
 from streamchat_client import ServerError, Session, connect
-from tests.media import encode_image, encode_video, patch_h264_size, patch_mp4_header
-from tests.processes import ServerProcess, server_process
-from tests.servers import serve, serve_files, ws_url
+from tests.support.hostile import mp4_with_index, scan_bomb_jpeg
+from tests.support.live import Live, live_server, serve_files
+from tests.support.measure import high_water_mark, timed
+from tests.support.media import encode_image, encode_video, patch_h264_size, patch_mp4_header
+from tests.support.process import ServerProcess, server_process
 
 MIB = 1024 * 1024
 INDEX_LIMIT = Settings().max_index_samples
@@ -72,192 +71,18 @@ SLOWDOWN = 10
 WAIT = 60.0
 
 
-# -- media ------------------------------------------------------------------------------
-
-_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
-Box = list[Any]  # [kind, body bytes or list of boxes]
-
-
-def _boxes(data: bytes, start: int, end: int) -> list[Box]:
-    boxes: list[Box] = []
-    while start + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, start)
-        body = data[start + 8 : start + size]
-        nested = kind in _MP4_CONTAINERS
-        boxes.append([kind, _boxes(data, start + 8, start + size) if nested else body])
-        start += size
-    return boxes
-
-
-def _write(boxes: list[Box]) -> bytes:
-    out = b""
-    for kind, body in boxes:
-        payload = _write(body) if isinstance(body, list) else body
-        out += struct.pack(">I4s", 8 + len(payload), kind) + payload
-    return out
-
-
-def _box(boxes: list[Box], kind: bytes) -> Box:
-    for box in boxes:
-        if box[0] == kind:
-            return box
-        if isinstance(box[1], list):
-            with contextlib.suppress(LookupError):
-                return _box(box[1], kind)
-    raise LookupError(kind)
-
-
-def mp4_with_index(data: bytes, samples: int) -> bytes:
-    """A faststart MP4 (one track, one chunk) whose sample tables declare ``samples`` samples.
-
-    The real samples keep their sizes and come first, so their frames decode;
-    the others are 1-byte samples that never arrive, so a decoder fed the file
-    without its end waits with the whole index built. ``stsz`` lists every
-    size (4 bytes a sample: 1.9 MB at 500,000), ``stts`` and ``stsc`` declare
-    them all, as a long recording's tables do; the chunk offset moves with
-    the grown header.
-    """
-    top = _boxes(data, 0, len(data))
-    moov = next(i for i, box in enumerate(top) if box[0] == b"moov")
-    old_end = len(_write(top[: moov + 1]))
-    stsz = _box(top, b"stsz")
-    (count,) = struct.unpack_from(">I", stsz[1], 8)
-    sizes = [*struct.unpack_from(f">{count}I", stsz[1], 12), *[1] * (samples - count)]
-    stsz[1] = struct.pack(f">III{samples}I", 0, 0, samples, *sizes)
-    stts = _box(top, b"stts")
-    (delta,) = struct.unpack_from(">I", stts[1], 12)
-    stts[1] = struct.pack(">IIII", 0, 1, samples, delta)
-    _box(top, b"stsc")[1] = struct.pack(">IIIII", 0, 1, 1, samples, 1)
-    stco = _box(top, b"stco")
-    (first,) = struct.unpack_from(">I", stco[1], 8)
-    new_end = len(_write(top[: moov + 1]))
-    stco[1] = struct.pack(">III", 0, 1, first + new_end - old_end)
-    return _write(top)
-
-
-class _Bits:
-    """JPEG entropy-coded bits, most significant first, with 0xFF bytes stuffed."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self._byte = self._count = 0
-
-    def put(self, value: int, length: int) -> None:
-        for shift in range(length - 1, -1, -1):
-            self._byte = (self._byte << 1) | ((value >> shift) & 1)
-            self._count += 1
-            if self._count == 8:
-                self.out += b"\xff\x00" if self._byte == 0xFF else bytes([self._byte])
-                self._byte = self._count = 0
-
-    def end(self) -> bytes:
-        if self._count:
-            self.put((1 << (8 - self._count)) - 1, 8 - self._count)  # pad with ones
-        return bytes(self.out)
-
-
-def _segment(marker: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", 0xFF, marker, len(body) + 2) + body
-
-
-def scan_bomb_jpeg(scans: int, width: int = 4096, height: int = 2304) -> bytes:
-    """A progressive greyscale JPEG of ``scans`` scans: one DC scan, AC scans of end-of-band runs.
-
-    An AC scan takes about 20 bytes, yet FFmpeg walks every block of the
-    picture for it (0.3 ms at 4096x2304 on this machine): 200,000 of them in
-    a 4 MiB message kept a core busy for about a minute. The DC scan codes
-    every block as "no change" (its one Huffman code, ``0``, is category 0);
-    the AC table has a 4-bit code for each EOBn (``n`` = 0..14), whose ``n``
-    extra bits make a run of ``2**n`` to ``2**(n+1) - 1`` blocks.
-    """
-    blocks = -(-width // 8) * -(-height // 8)
-    dc = _Bits()
-    for _ in range(blocks):
-        dc.put(0, 1)
-    ac = _Bits()
-    left = blocks
-    while left:
-        run = min(left, 32767)
-        n = run.bit_length() - 1
-        ac.put(n, 4)  # EOBn is the n-th symbol of the table: code n
-        ac.put(run - (1 << n), n)
-        left -= run
-    dc_table = bytes([1] + [0] * 15) + b"\x00"
-    ac_table = bytes([0, 0, 0, 15] + [0] * 12) + bytes(n << 4 for n in range(15))
-    head = (
-        b"\xff\xd8"
-        + _segment(0xDB, b"\x00" + bytes([1] * 64))
-        + _segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
-        + _segment(0xC4, b"\x00" + dc_table)
-        + _segment(0xC4, b"\x10" + ac_table)
-        + _segment(0xDA, b"\x01\x01\x00\x00\x00\x00")
-        + dc.end()
-    )
-    scan = _segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + ac.end()
-    return head + scan * (scans - 1) + b"\xff\xd9"
-
-
-def mp4_with_edits(data: bytes, edits: int) -> bytes:
-    """A faststart MP4 whose track's edit list has ``edits`` edits, each showing all its media.
-
-    FFmpeg indexes the track's samples once per edit: 20 samples and 20,000
-    edits (240 KB) made an index of 400,000 entries, and a decode that played
-    the clip 20,000 times.
-    """
-    top = _boxes(data, 0, len(data))
-    moov = next(i for i, box in enumerate(top) if box[0] == b"moov")
-    old_end = len(_write(top[: moov + 1]))
-    (duration,) = struct.unpack_from(">I", _box(top, b"mvhd")[1], 16)
-    entry = struct.pack(">IiI", duration, 0, 0x10000)  # duration, media time 0, rate 1
-    _box(top, b"elst")[1] = struct.pack(">II", 0, edits) + entry * edits
-    stco = _box(top, b"stco")
-    (count,) = struct.unpack_from(">I", stco[1], 4)
-    offsets = struct.unpack_from(f">{count}I", stco[1], 8)
-    shift = len(_write(top[: moov + 1])) - old_end
-    stco[1] = struct.pack(f">II{count}I", 0, count, *(o + shift for o in offsets))
-    return _write(top)
-
-
 # -- servers and measures -------------------------------------------------------------------
 
 
-def _high_water_mark(pid: int) -> int:
-    """The kernel's record of the process's peak RSS (``VmHWM``), in bytes."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
-    assert match, status
-    return int(match.group(1)) * 1024
+async def _closed_in(server: ServerProcess, opened: int) -> None:
+    """Until the server has closed all the ``opened`` sessions (decoders ended), as it logs."""
+    async with asyncio.timeout(WAIT):
+        await server.wait_sessions_closed(opened)
 
 
-async def _idle(server: ServerProcess) -> None:
-    """Until the server has closed every session (its ``/health`` says 0), bounded."""
-    url = f"http://127.0.0.1:{server.port}/health"
-    async with httpx.AsyncClient() as http:
-        for _ in range(600):
-            if (await http.get(url)).json()["sessions"] == 0:
-                return
-            await asyncio.sleep(0.05)  # polling an observation, bounded
-    raise AssertionError("the sessions did not close")
-
-
-async def _timed(action: Awaitable[Any]) -> float:
-    start = time.perf_counter()
-    await action
-    return time.perf_counter() - start
-
-
-@contextlib.asynccontextmanager
-async def _in_process(settings: Settings) -> AsyncIterator[tuple[str, Starlette]]:
-    """A server in this process (its threads can be counted), on a fake engine."""
-    app = create_app(settings, engine=FakeEngine())
-    async with serve(app, ws_max_size=settings.transport_max_bytes) as base:
-        yield ws_url(base), app
-
-
-async def _closed(app: Starlette) -> None:
+async def _closed(live: Live[FakeEngine]) -> None:
     """Until the app has closed every session: decoders stopped, threads waited for."""
-    state: ServerState = app.state.streamchat  # set by the lifespan, before any session
-    await asyncio.wait_for(state.wait_sessions(0), WAIT)
+    await asyncio.wait_for(live.state.wait_sessions(0), WAIT)
 
 
 def _native_threads(prefix: str) -> int:
@@ -300,10 +125,12 @@ async def test_mp4_indexes_stay_within_the_stated_bound_and_are_given_back() -> 
             await warm_up.send_bytes(clip, format="mp4")
             await warm_up.end_video()
             await warm_up.wait_ended(timeout=WAIT)
-        await _idle(server)
+        opened = 1
+        await _closed_in(server, opened)
         baseline = process.memory_info().rss
 
         refused = [await connect(server.url) for _ in range(SESSIONS)]
+        opened += SESSIONS
         for session in refused:
             await session.send_bytes(bomb, format="mp4")
         codes = []
@@ -318,6 +145,7 @@ async def test_mp4_indexes_stay_within_the_stated_bound_and_are_given_back() -> 
         report = []
         for round in range(2):
             holding = [await connect(server.url) for _ in range(SESSIONS)]
+            opened += SESSIONS
             for session in holding:  # no end: each decoder waits for the missing samples
                 await session.send_bytes(at_limit, format="mp4")
             for session in holding:
@@ -325,9 +153,9 @@ async def test_mp4_indexes_stay_within_the_stated_bound_and_are_given_back() -> 
             held = process.memory_info().rss
             for session in holding:
                 await session.close()
-            await _idle(server)
+            await _closed_in(server, opened)
             after = process.memory_info().rss
-            peak = _high_water_mark(process.pid)
+            peak = high_water_mark(process.pid)
             report.append(
                 f"round {round}: baseline {baseline / MIB:.0f} MiB, held "
                 f"+{(held - baseline) / MIB / SESSIONS:.1f} MiB a session, peak "
@@ -461,17 +289,17 @@ async def test_hung_dns_lookups_do_not_delay_another_sessions_fetch(
     (tmp_path / "clip.webm").write_bytes(encode_video(container="webm", codec="vp8", seconds=1))
     settings = Settings(fetch_allow_private=True)  # the media server is on loopback
     attackers = SESSIONS - 1  # the victim is the eighth session of this address
-    async with serve_files(tmp_path) as files, _in_process(settings) as (url, app):
+    async with serve_files(tmp_path) as files, live_server(settings) as live:
         media = files.replace("127.0.0.1", "media.test") + "/clip.webm"
-        victim = await connect(url)
+        victim = await connect(live.url)
 
         async def fetch() -> float:
             await victim.send_url(media)
-            return await _timed(victim.wait_ended(timeout=WAIT))
+            return await timed(lambda: victim.wait_ended(timeout=WAIT))
 
         await fetch()  # warm-up
         baseline = statistics.median([await fetch() for _ in range(3)])
-        hostile = [await connect(url) for _ in range(attackers)]
+        hostile = [await connect(live.url) for _ in range(attackers)]
         for number, session in enumerate(hostile):
             for attempt in range(3):  # each new source stops the last, whose lookup still hangs
                 await session.send_url(f"http://n{number}-{attempt}.hang.test/v.webm")
@@ -481,7 +309,7 @@ async def test_hung_dns_lookups_do_not_delay_another_sessions_fetch(
         dns.release.set()
         for session in [victim, *hostile]:
             await session.close()
-        await _closed(app)
+        await _closed(live)
     print(
         f"fetch baseline {baseline * 1000:.1f} ms, with {hung_most} lookups hung "
         f"{[round(t * 1000, 1) for t in under_attack]} ms"
@@ -544,11 +372,11 @@ async def test_no_decoder_or_ffmpeg_thread_outlives_its_session(no_gc: None) -> 
     image = encode_image("jpeg", width=640, height=480)
     assert _native_threads("av:") == 0
     contexts = _codec_contexts()
-    async with _in_process(Settings()) as (url, app):
+    async with live_server(Settings()) as live:
         sessions: list[Session] = []
         outcomes = []
         for kind in ("ends", "fails", "cut off") * 2:
-            session = await connect(url)
+            session = await connect(live.url)
             sessions.append(session)
             await session.send_image(image)
             if kind == "ends":
@@ -568,7 +396,7 @@ async def test_no_decoder_or_ffmpeg_thread_outlives_its_session(no_gc: None) -> 
         while_open = _native_threads("av:")
         for session in sessions:
             await session.close()
-        await _closed(app)
+        await _closed(live)
         left = _native_threads("av:")
         kept = _codec_contexts() - contexts
     assert collections.Counter(outcomes) == {"ended": 2, "video_too_large": 2, "decoding": 2}

@@ -34,9 +34,9 @@ from streamchat.ingest.feed import ByteFeed
 from streamchat.ingest.fetch import fetch_into
 from streamchat.ingest.netguard import address_refusal, resolve_allowed, system_resolver
 from streamchat.ingest.urlpolicy import AllowedDomain, parse_allowed_domain
-from tests.media import encode_video
-from tests.security.ssrf_net import PUBLIC, PUBLIC_2, SECRET_PATH, Canary, FakeDns, FakeInternet
-from tests.servers import serve, ws_url
+from tests.support.live import live_server, serve
+from tests.support.media import encode_video
+from tests.support.ssrf_net import PUBLIC, PUBLIC_2, SECRET_PATH, Canary, FakeDns, FakeInternet
 
 DNS = {
     "video.example": [[PUBLIC]],
@@ -679,11 +679,11 @@ async def test_every_refusal_reaches_the_client_typed_without_a_traceback(
         (f"{media.as_uri()}/outside", "url_not_allowed"),  # a directory
     ]
     settings = Settings(allowed_file_dir=media, fetch_allow_private=True, fetch_timeout=5.0)
-    async with serve(create_app(settings, engine=FakeEngine())) as base:
-        outcomes = await _refusals(ws_url(base), [url for url, _ in cases])
+    async with live_server(settings) as live:
+        outcomes = await _refusals(live.url, [url for url, _ in cases])
     strict = Settings()  # the default policy: loopback is refused by address
-    async with serve(create_app(strict, engine=FakeEngine())) as base:
-        outcomes += await _refusals(ws_url(base), [f"http://127.0.0.1:{port}/secret"])
+    async with live_server(strict) as live:
+        outcomes += await _refusals(live.url, [f"http://127.0.0.1:{port}/secret"])
     cases.append((f"http://127.0.0.1:{port}/secret", "url_not_allowed"))
     assert outcomes == [([(code, False)], "failed") for _, code in cases]
     assert _tracebacks(caplog) == []
@@ -700,8 +700,8 @@ async def test_an_unforeseen_fetch_failure_is_typed_and_logged_without_the_url(
 
     monkeypatch.setattr("streamchat.session.fetch_into", broken)
     caplog.set_level(logging.DEBUG)
-    async with serve(create_app(Settings(), engine=FakeEngine())) as base:
-        outcomes = await _refusals(ws_url(base), ["http://video.example/clip?token=SECRET"])
+    async with live_server(Settings()) as live:
+        outcomes = await _refusals(live.url, ["http://video.example/clip?token=SECRET"])
     assert outcomes == [([("url_fetch_failed", False)], "failed")]
     assert _tracebacks(caplog) == []
     assert "KeyError" in caplog.text and "SECRET" not in caplog.text

@@ -5,39 +5,32 @@ The attacks run against ``streamchat serve --engine fake`` with its default
 settings, in a process of its own whose memory is read from ``/proc``. The
 tests of a client that stops reading, and of the log, serve in-process with
 the same configuration (there a small kernel send buffer, or uvicorn's loggers
-to capture). Clients speak raw TCP: an attacker does not use a WebSocket library.
+to capture). Clients speak raw TCP (``tests.support.rawws``): an attacker does
+not use a WebSocket library.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import os
-import re
 import socket
 import statistics
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import httpx
 import msgpack
 import pytest
-from starlette.applications import Starlette
 
-from streamchat.app import create_app
 from streamchat.config import Settings
-from streamchat.engine.fake import FakeEngine
 from streamchat.redact import REDACTED
-from streamchat.serving import GracefulServer, server_config
 from streamchat.transport import HEAD_TIMEOUT, MAX_PENDING_HEADS
-from streamchat_client import Session, connect
-from tests.media import encode_image
-from tests.processes import ServerProcess, server_process
-from tests.servers import serve, ws_url
+from streamchat_client import connect
+from tests.support.live import live_server
+from tests.support.measure import high_water_mark, reset_peak, slowest, timed, viewer
+from tests.support.media import encode_image
+from tests.support.process import server_process
+from tests.support.rawws import client_frame, upgrade_request
 
 MIB = 1024 * 1024
 FLOOD_BYTES = 128 * MIB
@@ -65,12 +58,6 @@ median is checked against the plain multiple."""
 DRIP_PACE = 1.0
 """Seconds between the bytes of a dripped request head (the attack's pace, not a wait)."""
 
-UPGRADE = (
-    "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    "Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
 # -- raw clients ----------------------------------------------------------------
 
 
@@ -96,23 +83,13 @@ async def _until_closed(sock: socket.socket) -> bytes:
     return received
 
 
-def _frame(opcode: int, payload: bytes) -> bytes:
-    """A client frame with a zero mask (valid, and the payload goes as it is)."""
-    size = len(payload)
-    if size < 126:
-        head = bytes([0x80 | opcode, 0x80 | size])
-    else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", size)
-    return head + bytes(4) + payload
-
-
 def _packed(**message: object) -> bytes:
-    return _frame(0x2, msgpack.packb(message, use_bin_type=True))
+    return client_frame(0x2, msgpack.packb(message, use_bin_type=True))
 
 
-PINGS = b"".join(_frame(0x9, bytes(125)) for _ in range(512))
+PINGS = b"".join(client_frame(0x9, bytes(125)) for _ in range(512))
 """64 KiB of pings; each asks the server for a 127-byte pong."""
-PONGS = b"".join(_frame(0xA, bytes(125)) for _ in range(512))
+PONGS = b"".join(client_frame(0xA, bytes(125)) for _ in range(512))
 """64 KiB of unsolicited pongs: the server answers nothing to them."""
 
 
@@ -121,11 +98,7 @@ async def _websocket(
 ) -> socket.socket:
     """A WebSocket past its handshake and ``hello``, whose client need not read."""
     sock = await _tcp(port, rcvbuf=4096)
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = UPGRADE.format(path=path, key=key)
-    if protocol is not None:
-        request = request.replace("\r\n\r\n", f"\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n")
-    await _send(sock, request.encode())
+    await _send(sock, upgrade_request(path, protocol))
     head, loop = b"", asyncio.get_running_loop()
     while b"\r\n\r\n" not in head:
         chunk = await loop.sock_recv(sock, 1)  # the head only: what follows is frames
@@ -180,46 +153,6 @@ async def _flood(
 # -- the server process ---------------------------------------------------------
 
 
-def _status(pid: int, field: str) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+) kB$", status, re.MULTILINE)
-    assert match, status
-    return int(match.group(1)) * 1024
-
-
-def _reset_peak(pid: int) -> int:
-    """Reset the kernel's peak RSS of ``pid`` (``VmHWM``) to its RSS now; return that."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return _status(pid, "VmRSS")
-
-
-@contextlib.asynccontextmanager
-async def _server() -> AsyncIterator[ServerProcess]:
-    async with server_process("--engine", "fake") as served:
-        yield served
-
-
-@contextlib.asynccontextmanager
-async def _viewer(url: str) -> AsyncIterator[Session]:
-    """Another client's session, with a frame to ask about."""
-    async with connect(url) as session:
-        await session.send_image(encode_image())
-        await session.wait_frames(1, timeout=LIVENESS)
-        yield session
-
-
-async def _timed(step: Callable[[], Awaitable[object]]) -> float:
-    start = time.perf_counter()
-    await step()
-    return time.perf_counter() - start
-
-
-async def _baseline(step: Callable[[], Awaitable[object]], runs: int = 10) -> float:
-    """The slowest of ``runs`` after a warm-up: the bound below is a multiple of it."""
-    await step()
-    return max([await _timed(step) for _ in range(runs)])
-
-
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.NOTSET)
@@ -234,10 +167,10 @@ class _Records(logging.Handler):
 
 async def test_a_ping_flood_that_reads_nothing_is_bounded_and_cut_off() -> None:
     """Clients sending pings and reading nothing cost bounded memory, are closed, slow no one."""
-    async with _server() as server, _viewer(server.url) as viewer:
+    async with server_process("--engine", "fake") as server, viewer(server.url) as bystander:
 
         async def ask() -> None:
-            assert (await viewer.ask("what is there?", max_tokens=8).result()).text
+            assert (await bystander.ask("what is there?", max_tokens=8).result()).text
 
         async def attack() -> list[tuple[bool, int]]:
             floods: list[tuple[bool, int]] = []
@@ -245,16 +178,16 @@ async def test_a_ping_flood_that_reads_nothing_is_bounded_and_cut_off() -> None:
                 floods.append(await _flood(await _websocket(server.port)))
             return floods
 
-        baseline = await _baseline(ask)
-        rss = _reset_peak(server.process.pid)
+        baseline = await slowest(ask)
+        rss = reset_peak(server.process.pid)
         attacking = asyncio.create_task(attack())
         under_attack: list[float] = []
         async with asyncio.timeout(LIVENESS):
             while not attacking.done():
-                under_attack.append(await _timed(ask))
+                under_attack.append(await timed(ask))
             floods = await attacking
-        growth = _status(server.process.pid, "VmHWM") - rss
-        assert not viewer.closed
+        growth = high_water_mark(server.process.pid) - rss
+        assert not bystander.closed
         await ask()
 
     sent = sum(sent for _, sent in floods)
@@ -286,34 +219,17 @@ async def _stalled_client(port: int) -> socket.socket:
     return sock
 
 
-@contextlib.asynccontextmanager
-async def _graceful(
-    app: Starlette,
-) -> AsyncIterator[tuple[int, GracefulServer, asyncio.Task[None]]]:
-    """``streamchat serve``'s server in-process, with a small kernel send buffer.
+SMALL_SEND_BUFFER = 4096
+"""The kernel send buffer of the in-process server's connections.
 
-    On loopback the kernel takes megabytes before uvicorn's write buffer holds
-    anything; a small send buffer (as a slow link would give) gets there at once.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    server = GracefulServer(server_config(app, Settings(), log_level="info", lifespan="on"), app)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield sock.getsockname()[1], server, serving
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
+On loopback the kernel takes megabytes before uvicorn's write buffer holds
+anything; a small send buffer (as a slow link would give) gets there at once."""
 
 
 async def test_a_client_that_stops_reading_mid_answer_is_aborted() -> None:
     """A client that reads nothing while answers wait is cut off, though it keeps sending."""
-    app = create_app(Settings(), engine=FakeEngine())
-    async with _graceful(app) as (port, _, _):
-        sock = await _stalled_client(port)
+    async with live_server(send_buffer=SMALL_SEND_BUFFER, log_level="info") as live:
+        sock = await _stalled_client(live.port)
         # The client sends pongs (the server answers nothing to them), and reads nothing.
         async with asyncio.timeout(LIVENESS):
             cut, sent = await _flood(sock, PONGS)
@@ -328,18 +244,16 @@ async def test_stopping_does_not_wait_on_a_client_that_reads_nothing() -> None:
     The path a second SIGTERM takes (``should_exit``); the first one's drain
     is the app's (it waits on sessions, not connections).
     """
-    app = create_app(Settings(), engine=FakeEngine())
     records = _Records()
     uvicorn_logger = logging.getLogger("uvicorn")
-    async with _graceful(app) as (port, server, serving):
+    async with live_server(send_buffer=SMALL_SEND_BUFFER, log_level="info") as live:
         uvicorn_logger.addHandler(records)
         try:
-            sock = await _stalled_client(port)
+            sock = await _stalled_client(live.port)
             flood = asyncio.create_task(_flood(sock, PONGS))
             begun = time.perf_counter()
-            server.should_exit = True
             async with asyncio.timeout(LIVENESS):
-                await serving
+                await live.stop()
                 took = time.perf_counter() - begun
                 cut, _ = await flood
         finally:
@@ -356,8 +270,8 @@ async def test_stopping_does_not_wait_on_a_client_that_reads_nothing() -> None:
 
 async def test_an_oversized_request_head_is_refused_at_its_bound() -> None:
     """A header line that never ends is refused (431, or cut) and costs bounded memory."""
-    async with _server() as server:
-        rss = _reset_peak(server.process.pid)
+    async with server_process("--engine", "fake") as server:
+        rss = reset_peak(server.process.pid)
         sock = await _tcp(server.port)
         reply = asyncio.create_task(_until_closed(sock))
         sent = 0
@@ -369,7 +283,7 @@ async def test_an_oversized_request_head_is_refused_at_its_bound() -> None:
                     await _send(sock, line)
                     sent += len(line)
             answer = await reply
-        growth = _status(server.process.pid, "VmHWM") - rss
+        growth = high_water_mark(server.process.pid) - rss
         sock.close()
         async with httpx.AsyncClient() as client:
             health = await client.get(f"http://127.0.0.1:{server.port}/health")
@@ -384,7 +298,7 @@ async def test_an_oversized_request_head_is_refused_at_its_bound() -> None:
 
 async def test_a_request_head_dripped_byte_by_byte_is_cut_off() -> None:
     """A head sent one byte at a time, each in time to dodge an idle timeout, is closed."""
-    async with _server() as server:
+    async with server_process("--engine", "fake") as server:
         sock = await _tcp(server.port)
         closed = asyncio.create_task(_until_closed(sock))
         await _send(sock, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -406,20 +320,20 @@ async def test_a_request_head_dripped_byte_by_byte_is_cut_off() -> None:
 
 async def test_half_open_handshakes_do_not_keep_a_client_out() -> None:
     """Twice the pending-head bound in half-open heads: the oldest are closed, a client gets in."""
-    async with _server() as server:
+    async with server_process("--engine", "fake") as server:
 
         async def visit() -> None:
-            async with _viewer(server.url) as viewer:
-                assert (await viewer.ask("what is there?", max_tokens=8).result()).text
+            async with viewer(server.url) as bystander:
+                assert (await bystander.ask("what is there?", max_tokens=8).result()).text
 
-        baseline = await _baseline(visit, runs=5)
+        baseline = await slowest(visit, runs=5)
         half_open: list[socket.socket] = []
         partial = b"GET /v1/session HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         for _ in range(2 * MAX_PENDING_HEADS):
             sock = await _tcp(server.port)
             await _send(sock, partial)
             half_open.append(sock)
-        took = await _timed(visit)  # accepted after every half-open one: they were all seen
+        took = await timed(visit)  # accepted after every half-open one: they were all seen
 
         def closed(sock: socket.socket) -> bool:
             try:
@@ -452,17 +366,16 @@ async def test_keys_never_reach_the_log(level: str) -> None:
     """A key in a query string, a bearer header, a subprotocol or hello is never logged."""
     key, wrong = "s3cr3t-key-1234567890", "wr0ng-key-0987654321"
     settings = Settings(api_keys=frozenset({key}))
-    app = create_app(settings, engine=FakeEngine())
     records = _Records()
     # The server's loggers (not the root: the test's own client logs its headers at DEBUG).
     loggers = [logging.getLogger(name) for name in ("streamchat", "uvicorn", "uvicorn.access")]
     own_level = loggers[0].level
-    async with serve(app, log_level=level) as base:
+    async with live_server(settings, log_level=level) as live:
+        base, port = live.base, live.port
         for logger in loggers:
             logger.addHandler(records)
         loggers[0].setLevel(logging.DEBUG)
         try:
-            port = int(base.rsplit(":", 1)[1])
             async with httpx.AsyncClient() as client:
                 for name in ("key", "token", "api_key"):
                     await client.get(f"{base}/health?{name}={wrong}")
@@ -470,14 +383,14 @@ async def test_keys_never_reach_the_log(level: str) -> None:
             for query in (f"key={key}", f"token={wrong}&api_key={key}"):
                 sock = await _websocket(port, f"/v1/session?{query}")
                 sock.close()
-            async with connect(ws_url(base), api_key=key) as session:
+            async with connect(live.url, api_key=key) as session:
                 await session.send_image(encode_image())
                 await session.wait_frames(1, timeout=LIVENESS)
                 await session.ask("what is there?", max_tokens=4).result()
             # The key as a subprotocol, and in hello.
             sock = await _websocket(port, protocol=f"streamchat.key.{key}", token=key)
             assert (await _message(sock))["type"] == "ready"
-            await _send(sock, _frame(0x8, b"\x03\xe8"))  # close, 1000
+            await _send(sock, client_frame(0x8, b"\x03\xe8"))  # close, 1000
             await _until_closed(sock)
             sock.close()
         finally:

@@ -1,6 +1,6 @@
 """Test media written by the ``ffmpeg`` command-line tool, the way cameras and phones write it.
 
-PyAV-made media (:mod:`tests.media`) only covers what PyAV's muxers do when
+PyAV-made media (:mod:`tests.support.media`) only covers what PyAV's muxers do when
 driven by our own code. Real files come from other writers: an MP4 whose index
 (``moov``) comes after the media (FFmpeg's default layout, and most cameras'),
 HEVC tagged ``hvc1`` as Apple devices write it, a phone's portrait video stored
@@ -11,9 +11,9 @@ open GOPs and audio, MPEG-TS, and variable frame rate with a gap. Each
 really has the property it exists for (failing loudly if not), and returns a
 :class:`Media` describing what a decoder must get out of it.
 
-Pictures: the frames are :func:`tests.media.pattern_frame` images piped into
+Pictures: the frames are :func:`tests.support.media.pattern_frame` images piped into
 ``ffmpeg`` as raw RGB, so every decoded frame still tells its source frame
-number (:func:`tests.media.frame_index`), and a test can check that a frame
+number (:func:`tests.support.media.frame_index`), and a test can check that a frame
 said to be at time *t* is the source frame that the file shows at *t*. The
 portrait file also carries :data:`MARKER`, a solid block drawn by ``ffmpeg``'s
 ``drawbox`` in the top-left corner of the upright picture before it is turned
@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from tests.media import INDEX_BITS, pattern_frame
+from tests.support.media import INDEX_BITS, pattern_frame
 
 __all__ = [
     "CORPUS",
@@ -309,7 +309,7 @@ def _encode(
 ) -> int:
     """Encode ``seconds`` of numbered pattern frames with ``ffmpeg`` into ``path``.
 
-    The frames (:func:`tests.media.pattern_frame`, numbered from 0) go to
+    The frames (:func:`tests.support.media.pattern_frame`, numbered from 0) go to
     ``ffmpeg`` as raw RGB on stdin at :data:`SOURCE_FPS`; with ``audio``, a
     440 Hz tone from ``lavfi`` is its second input. ``args`` are the output
     options (codecs, filters, muxer). Returns how many frames were written.

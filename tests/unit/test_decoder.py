@@ -42,7 +42,8 @@ from streamchat.media.decoder import (
 )
 from streamchat.media.sampling import FrameSampler, target_size
 from streamchat.window import Frame
-from tests.media import (
+from tests.support.hostile import mp4_with_edits, scan_bomb_jpeg
+from tests.support.media import (
     chunks,
     corrupt_payloads,
     encode_image,
@@ -53,7 +54,6 @@ from tests.media import (
     patch_mp4_header,
     patch_png_size,
 )
-from tests.security.test_resources import mp4_with_edits, scan_bomb_jpeg
 
 SRC_FPS = 10
 ImageFormat = Literal["png", "jpeg"]

@@ -18,7 +18,7 @@ import numpy as np
 from streamchat.ingest.feed import ByteFeed
 from streamchat.media.decoder import DecoderOptions, decode_stream
 from streamchat.window import Frame
-from tests.media import chunks, encode_video
+from tests.support.media import chunks, encode_video
 
 FPS = 10
 

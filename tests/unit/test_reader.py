@@ -15,7 +15,7 @@ import pytest
 
 from streamchat.errors import VideoDecodeError, VideoTooLong
 from streamchat.media.reader import Mp4Declared, Mp4Walker, SafeReader, mp4_declared, mp4_header
-from tests.media import chunks, encode_video, patch_fmp4_largesize, patch_fmp4_samples
+from tests.support.media import chunks, encode_video, patch_fmp4_largesize, patch_fmp4_samples
 
 
 class Recorder:

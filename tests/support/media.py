@@ -31,6 +31,8 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.stream import VideoStream
 
 __all__ = [
+    "CLIP_FPS",
+    "CLIP_SECONDS",
     "INDEX_BITS",
     "chunks",
     "corrupt_payloads",
@@ -52,6 +54,9 @@ Codec = Literal["vp8", "vp9", "h264"]
 
 INDEX_BITS = 8
 """Bits of frame number drawn in each frame (numbers wrap at 256)."""
+CLIP_SECONDS = 2.0
+CLIP_FPS = 10
+"""The client tests' clip: 2 s at 10 fps (their ``clip`` fixture)."""
 
 _FORMATS: dict[str, tuple[str, str, dict[str, str]]] = {
     # container -> (FFmpeg muxer, file suffix, muxer options)

@@ -1,7 +1,10 @@
 """``streamchat serve`` as a process of its own, the way a user starts it.
 
-Readiness is read from the server's log (uvicorn's "Uvicorn running on"),
-never waited for by time; the whole log is kept for assertions.
+For what an in-process server cannot show: the server's own memory (read from
+``/proc``, not mixed with the test's), its command line, its signals and its
+exit. Readiness is read from the server's log (uvicorn's "Uvicorn running
+on"), never waited for by time; so are the sessions it has closed. The whole
+log is kept for assertions.
 """
 
 from __future__ import annotations
@@ -9,21 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-__all__ = ["ServerProcess", "free_port", "server_process"]
+from tests.support.ports import free_port
+
+__all__ = ["ServerProcess", "server_process"]
 
 READY_TIMEOUT = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+SESSION_CLOSED = re.compile(r"\bsession \S+ closed$")
+"""The line a session's end is logged with (INFO), once it has fully stopped (decoders ended)."""
 
 
 class ServerProcess:
@@ -32,23 +33,43 @@ class ServerProcess:
         self.port = port
         self.url = f"ws://127.0.0.1:{port}/v1/session"
         self.log: list[str] = []
+        self.sessions_closed = 0
+        """Sessions the server has logged as closed so far."""
         self._ready = asyncio.Event()
+        self._logged = asyncio.Condition()
+        self._ended = False
         self._drain = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         assert self.process.stderr is not None
         async for raw in self.process.stderr:
             line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
+            async with self._logged:
+                self.log.append(line)
+                self.sessions_closed += bool(SESSION_CLOSED.search(line))
+                self._logged.notify_all()
             if "Uvicorn running on" in line:
                 self._ready.set()
-        self._ready.set()  # the process ended: let the waiter see it
+        self._ready.set()  # the process ended: let the waiters see it
+        async with self._logged:
+            self._ended = True
+            self._logged.notify_all()
 
     async def ready(self) -> None:
         async with asyncio.timeout(READY_TIMEOUT):
             await self._ready.wait()
         if self.process.returncode is not None:
             raise AssertionError("server exited early:\n" + "\n".join(self.log))
+
+    async def wait_sessions_closed(self, count: int) -> None:
+        """Until the server has logged ``count`` sessions closed in all (or has exited).
+
+        A process's counterpart of :meth:`ServerState.wait_sessions`: the line is
+        logged once the session is forgotten, after its answers and decoders ended.
+        """
+        async with self._logged:
+            await self._logged.wait_for(lambda: self.sessions_closed >= count or self._ended)
+        assert self.sessions_closed >= count, "\n".join(self.log[-60:])
 
     async def stop(self) -> None:
         """SIGTERM, and check that the server shut down gracefully (exit status 0)."""
