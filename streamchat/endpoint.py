@@ -21,6 +21,8 @@ connection runs two tasks:
   left to stall its session (the outbox in front of it is bounded).
 
 Whichever task ends first ends the connection; the session is then closed.
+Every line about the connection, from its acceptance on, goes through the
+session's :class:`~streamchat.session.SessionLog`.
 """
 
 from __future__ import annotations
@@ -48,14 +50,11 @@ from .errors import (
     close_reason,
 )
 from .limits import RateLimiter
-from .messages import ClientMessage, Hello, decode_client, encode_server, peek_id
-from .protocol import message_id
+from .messages import ClientMessage, Hello, decode_client, encode_server, message_id, peek_id
 from .server import ServerState, Waiting
 from .session import Close, Session
 
 __all__ = ["RefusedHandshakeFilter", "session_endpoint"]
-
-logger = logging.getLogger("streamchat.endpoint")
 
 SHUTTING_DOWN = "the server is shutting down"
 CLOSE_GRACE = 1.0
@@ -97,8 +96,9 @@ async def session_endpoint(websocket: WebSocket) -> None:
     try:
         await websocket.accept(subprotocol=grant.subprotocol)
         session = Session(state.settings, state.engine, session_id=uuid.uuid4().hex[:12])
+        session.log.tag_task()
         await state.add(session)
-        session.log.info("session %s opened (%s)", session.id, grant.identity)
+        session.log.info("opened (%s)", grant.identity)
         connection = _Connection(websocket, session, state, identity, waiting, deadline)
         if state.closing:  # the drain began during the handshake, and did not see this one
             await session.going_away(SHUTTING_DOWN, 0.0)
@@ -109,7 +109,7 @@ async def session_endpoint(websocket: WebSocket) -> None:
             await session.aclose()
             connection.give_back()  # before it is forgotten: who waits on that sees the counts
             await state.discard(session)
-            session.log.info("session %s closed", session.id)
+            session.log.info("closed")
     finally:
         if connection is not None:
             connection.give_back()
@@ -227,14 +227,12 @@ class _Connection:
                         await websocket.send_text(payload)
             except TimeoutError:
                 session.log.warning(
-                    "session %s: client read nothing for %g s, disconnecting",
-                    session.id,
-                    self.settings.send_timeout,
+                    "client read nothing for %g s, disconnecting", self.settings.send_timeout
                 )
                 return
             except (WebSocketDisconnect, RuntimeError, OSError):
                 # The peer is gone; the reader sees the disconnect too.
-                session.log.debug("session %s: send failed, peer gone", session.id)
+                session.log.debug("send failed, peer gone")
                 return
 
     # -- reader -------------------------------------------------------------
@@ -270,13 +268,13 @@ class _Connection:
                     await self.session.report(exc)
                 continue
             except Exception as exc:  # a bug in decoding: tell the client, keep the session
-                self.session.log.exception("session %s: decoding failed", self.session.id)
+                self.session.log.exception("decoding failed")
                 await self.session.report(exc)
                 continue
             try:
                 await self.session.handle(message)
             except Exception as exc:  # a bug: tell the client, keep the session
-                self.session.log.exception("session %s: %s failed", self.session.id, message.type)
+                self.session.log.exception("%s failed", message.type)
                 await self.session.report(exc, id=message_id(message))
             if delay > 0:
                 # Pushed media over its rate is paced, never dropped: read on later.
@@ -337,7 +335,7 @@ class _Connection:
         if self._timer is not None:
             self._timer.cancel()
         if keys.enabled:
-            self.session.log.info("session %s: authenticated as %s", self.session.id, identity)
+            self.session.log.info("authenticated as %s", identity)
 
     def give_back(self) -> None:
         """Give back the place this connection holds (again: nothing)."""
@@ -371,7 +369,7 @@ class _Connection:
         :data:`CLOSE_GRACE` seconds to send them, then the reader is stopped,
         which ends the connection.
         """
-        self.session.log.info("session %s: %s before authenticating", self.session.id, exc.code)
+        self.session.log.info("%s before authenticating", exc.code)
         if not self.failed:  # else a fatal error and the close are on their way already
             self.failed = True
             outbox = self.session.outbox
@@ -387,5 +385,5 @@ class _Connection:
     async def _fail(self, exc: StreamchatError) -> None:
         """Send the fatal error, then close; messages read meanwhile are ignored."""
         self.failed = True
-        self.session.log.info("session %s: %s", self.session.id, exc.code)
+        self.session.log.info("closing: %s", exc.code)
         await self.session.fail(exc)

@@ -32,7 +32,7 @@ Two budgets, and every client message is charged to exactly one of them:
   on); a client that keeps sending after being refused, more than a further
   burst's worth, is flooding: the session is closed with close code 4429. A
   refusal of an ``ask`` names its id, so the client knows which answer will
-  never come (see :func:`~streamchat.protocol.message_id`).
+  never come (see :func:`~streamchat.messages.message_id`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 
 from .config import Settings
 from .errors import Flooding, RateLimited
-from .messages import ClientMessage, Image, VideoChunk, VideoEnd
-from .protocol import message_id
+from .messages import ClientMessage, Image, VideoChunk, VideoEnd, message_id
 
 __all__ = ["MEDIA_MESSAGE_FLOOR", "RateLimiter", "TokenBucket", "media_floor"]
 

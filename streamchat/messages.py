@@ -1,14 +1,45 @@
-"""Protocol v1 messages and the one place that touches the wire format.
+"""The protocol's vocabulary, and the one place that turns it into bytes and back.
 
-A message is a map with a ``type``. It travels as msgpack in a binary
-WebSocket frame or as JSON in a text frame (browsers); the server answers in
-the encoding of the client's most recent message. In JSON, byte fields are
-base64 strings. See ``docs/protocol.md`` for the full description.
+A session as the wire sees it (``docs/protocol.md`` has every field)::
 
-Decoding validates everything a client sends and raises the typed errors of
-:mod:`streamchat.errors`; nothing else in the server parses client input.
-A message is parsed only once its structure is known to be small (see
-:data:`MAX_VALUES`), so what parsing one costs is bounded by its size alone.
+    client                                  server
+    hello ──────────────────────────────▶   options capped by the server's limits
+          ◀──────────────────────────────   ready: session id, model, protocol, Limits
+    video.chunk… video.end | video.url  ─▶  a source: decoded in the background
+    image ──────────────────────────────▶   one frame
+          ◀──────────────────────────────   video.status: throttled, and when a source ends
+    ask {id} ───────────────────────────▶   about the frames in the window now
+          ◀──────────────────────────────   answer.delta {id}…, then one answer.done {id, Usage}
+    cancel {id} ────────────────────────▶   that answer.done says "cancelled"
+          ◀──────────────────────────────   error {code, id, fatal}: anything refused, any time
+          ◀──────────────────────────────   going_away: the server is stopping; then the close
+
+**Two families of frozen dataclasses**, each message tagged by its ``type``.
+Client to server (:data:`ClientMessage`) are only ever *decoded*, by
+:func:`decode_client`, which validates every field and raises the typed errors
+of :mod:`streamchat.errors`: nothing else in the server parses client input.
+Server to client (:data:`ServerMessage`, with the nested :class:`Limits` and
+:class:`Usage`) are only ever *built* by :mod:`streamchat.protocol` and
+*encoded* by :func:`encode_server`: every field is always sent (``None`` as
+null), so what a client receives is exactly the dataclass. The bundled client
+mirrors that family in ``streamchat_client.messages``; ``tests/contract``
+fails when the two disagree on a field.
+
+**Two encodings**: msgpack in a binary WebSocket frame, JSON in a text frame
+(browsers; byte fields are base64 there). The server answers in the encoding
+of the client's most recent message.
+
+**Bounded decoding**: the endpoint refuses a frame over ``max_message_bytes``
+unread; below that, a message is parsed only once its structure is known to
+be small (:mod:`streamchat.wireshape`: :data:`MAX_VALUES` values, nesting
+:data:`MAX_DEPTH` deep, counted without building anything), so what parsing
+one costs is bounded by its size alone. Field values are bounded too (ids,
+tokens, URLs, sampling values the engine accepts). Unknown fields are
+ignored, so later versions can add some; an unknown ``type`` is refused.
+
+**Who calls what**: the endpoint decodes each frame and hands the message to
+the session; the session feeds it to the pure protocol, which decides and
+returns actions; among them ``Send(message)``, which the endpoint encodes.
 """
 
 from __future__ import annotations
@@ -17,14 +48,14 @@ import base64
 import binascii
 import json
 import math
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgpack
 
 from .errors import BadMessage, InvalidField, UnknownType
+from .wireshape import MAX_DEPTH, MAX_VALUES, PEEK_CHARS, check_size, head_fields, nesting
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -38,17 +69,21 @@ __all__ = [
     "GoingAway",
     "Hello",
     "Image",
+    "Limits",
     "MAX_DEPTH",
     "MAX_VALUES",
     "PEEK_CHARS",
     "Ready",
     "ServerMessage",
+    "SourceStatus",
+    "Usage",
     "VideoChunk",
     "VideoEnd",
     "VideoStatus",
     "VideoUrl",
     "decode_client",
     "encode_server",
+    "message_id",
     "peek_id",
 ]
 
@@ -57,24 +92,11 @@ PROTOCOL_VERSION = 1
 CONTAINER_FORMATS = frozenset({"webm", "matroska", "mp4", "mpegts", "avi"})
 MAX_ID_CHARS = 128
 MAX_TOKEN_CHARS = 512
+MAX_URL_CHARS = 8192
 MAX_TEMPERATURE = 2.0
 MIN_TEMPERATURE = 0.01
 """The lowest temperature but 0 (greedy): vLLM raises lower ones to it, with a warning each time."""
 MAX_SEED = (1 << 63) - 1
-
-MAX_VALUES = 256
-"""Most values one message may hold, map keys included (a ``hello`` with every field holds 23).
-
-Decoding builds a Python object per value: a 4 MiB message of empty arrays is
-millions of them, seconds of the event loop and hundreds of MiB. The bound is
-checked before anything is built, by walking the message's structure
-(:func:`_check_msgpack`, :func:`_check_json`). Unknown fields are ignored,
-so later versions can add some: ten times what version 1 uses is room enough.
-"""
-MAX_DEPTH = 4
-"""Deepest nesting of maps and arrays, the message itself counting one (version 1 uses 2)."""
-PEEK_CHARS = 64 * 1024
-"""How much of a message that is not parsed is read for the id of the ask it may be."""
 
 
 # --- client -> server ------------------------------------------------------
@@ -92,6 +114,8 @@ class Generation:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello:
+    """Opens the session (the first message); every option is capped by the server."""
+
     type: ClassVar[str] = "hello"
     fps: float | None = None
     window_frames: int | None = None
@@ -105,6 +129,8 @@ class Hello:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VideoChunk:
+    """The next bytes of the pushed source, cut anywhere; the first starts a new source."""
+
     type: ClassVar[str] = "video.chunk"
     data: bytes
     format: str | None = None
@@ -112,6 +138,8 @@ class VideoChunk:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VideoUrl:
+    """A video for the server to fetch and decode: a new source, replacing the current one."""
+
     type: ClassVar[str] = "video.url"
     url: str
     format: str | None = None
@@ -119,11 +147,15 @@ class VideoUrl:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VideoEnd:
+    """No more bytes for the pushed source: decode what is buffered, then end it."""
+
     type: ClassVar[str] = "video.end"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Image:
+    """A still image, one frame of the window."""
+
     type: ClassVar[str] = "image"
     data: bytes
     pts: float | None = None
@@ -131,6 +163,8 @@ class Image:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ask:
+    """A question about the frames in the window now; its answer streams back under ``id``."""
+
     type: ClassVar[str] = "ask"
     id: str
     text: str
@@ -143,6 +177,8 @@ class Ask:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel:
+    """Stop the answer ``id``: it still ends, with ``answer.done`` saying ``cancelled``."""
+
     type: ClassVar[str] = "cancel"
     id: str
 
@@ -150,24 +186,82 @@ class Cancel:
 ClientMessage = Hello | VideoChunk | VideoUrl | VideoEnd | Image | Ask | Cancel
 
 
+def message_id(message: ClientMessage) -> str | None:
+    """The id an error refusing ``message`` names: an ``ask``'s, else none.
+
+    Every refusal of an ``ask``, for whatever reason (a rate, a size, the
+    state of the session), names it, so the client can end the answer it
+    waits for. A refused ``cancel`` does not: its id is that of an answer
+    which may still be running, and an error naming it would read as that
+    answer's end (only ``unknown_id``, which says there is no such answer,
+    names a cancel's id). The answer then ends by itself, with ``answer.done``.
+    """
+    if isinstance(message, Ask):
+        return message.id
+    return None
+
+
 # --- server -> client ------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """What the server holds this session to, told once in ``ready``.
+
+    The options ``hello`` asked for, as capped, and the server's own bounds,
+    so that a client can stay within them instead of learning them from
+    refusals. Field order is wire order.
+    """
+
+    fps: float
+    window_frames: int
+    window_bytes: int
+    min_pixels: int
+    max_pixels: int
+    frame_factor: int
+    """Frame sides are multiples of this (the model's patch times its merge)."""
+    max_message_bytes: int
+    video_buffer_bytes: int
+    """Undecoded bytes a source may hold; more is refused (``video_backlog_full``)."""
+    max_concurrent_asks: int
+    max_question_chars: int
+    max_tokens: int
+    """The session's default answer length."""
+    max_tokens_limit: int
+    tokens_per_frame: int
+    """The most context tokens one frame costs; 0 when the engine cannot tell."""
+    max_ask_frames: int
+    """The most frames one question carries (what fits the context); 0 when not known."""
+    keyframes_only: bool
+    messages_per_second: float
+    message_burst: int
+    video_bytes_per_second: int
+    idle_timeout: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ready:
+    """The answer to ``hello``: the session is open."""
+
     type: ClassVar[str] = "ready"
     session: str
     model: str
     protocol: int
-    limits: dict[str, Any]
+    limits: Limits
+
+
+SourceStatus = Literal["decoding", "ended", "failed"]
+"""A source's state as the client is told it (``protocol.SourceState`` has the finer one)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VideoStatus:
+    """Where decoding and the window stand."""
+
     type: ClassVar[str] = "video.status"
     source: int
-    state: str
-    """``decoding``, ``ended`` or ``failed``."""
+    """The source's number in the session (1, 2, ...); 0 before any."""
+    state: SourceStatus
     frames: int
     span: float
     first_pts: float | None
@@ -184,26 +278,53 @@ class VideoStatus:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AnswerDelta:
+    """The next piece of answer ``id``'s text."""
+
     type: ClassVar[str] = "answer.delta"
     id: str
     text: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """What an answer cost, in ``answer.done``: zeros when the engine counted nothing.
+
+    The engine's own count (:class:`streamchat.engine.base.Usage`) is a type
+    of its own: this one adds what only the session measures, and the engine
+    layer never sees the wire.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    video_tokens: int
+    """Tokens the frames took in the prompt."""
+    frames: int
+    """Frames the answer saw."""
+    time_to_first_token: float | None
+    """Seconds from the ``ask`` to the first delta, measured by the server; None if none came."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AnswerDone:
+    """The end of answer ``id``: every accepted ``ask`` gets exactly one."""
+
     type: ClassVar[str] = "answer.done"
     id: str
     finish_reason: str
-    usage: dict[str, Any]
+    """``stop``, ``length``, ``cancelled``, ``error`` or ``shutdown``."""
+    usage: Usage
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Error:
+    """Something was refused or failed; ``id`` names the ``ask`` concerned (:func:`message_id`)."""
+
     type: ClassVar[str] = "error"
     code: str
     message: str
     id: str | None = None
     fatal: bool = False
+    """The server closes the session after this error."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,7 +357,7 @@ def _reject_ext(code: int, data: bytes) -> object:
 
 def _load(data: bytes | str) -> Mapping[str, Any]:
     try:
-        _check_shape(data)
+        check_size(data)
     except BadMessage as exc:
         raise BadMessage(exc.message, id=peek_id(data)) from None
     try:
@@ -257,7 +378,7 @@ def _load(data: bytes | str) -> Mapping[str, Any]:
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         kind = "JSON" if isinstance(data, str) else "msgpack"
         raise BadMessage(f"not valid {kind}: {exc.__class__.__name__}") from None
-    if _nesting(value) > MAX_DEPTH:
+    if nesting(value) > MAX_DEPTH:
         raise BadMessage(
             f"maps and arrays nest at most {MAX_DEPTH} deep in a message", id=peek_id(data)
         )
@@ -266,241 +387,23 @@ def _load(data: bytes | str) -> Mapping[str, Any]:
     return value
 
 
-# --- structure bounds ------------------------------------------------------
-# Both checks read a message without building anything from it and stop as soon
-# as it is over MAX_VALUES: their cost is one pass over the bytes in C plus at
-# most MAX_VALUES steps in Python, whatever the message holds. A message they
-# cannot follow (truncated, not msgpack or JSON) is left to the decoder, which
-# then refuses it having built no more values than were counted before the fault.
-
-
-def _too_many() -> BadMessage:
-    return BadMessage(f"a message holds at most {MAX_VALUES} values, map keys included")
-
-
-def _check_shape(data: bytes | str) -> None:
-    """Raise ``BadMessage`` if decoding ``data`` would build more than :data:`MAX_VALUES`."""
-    if isinstance(data, str):
-        _check_json(data)
-    else:
-        _check_msgpack(data)
-
-
-_VALUE, _ARRAY, _MAP, _NEVER = range(4)
-
-
-def _msgpack_head(byte: int) -> tuple[int, int, int]:
-    """What a msgpack value whose type byte is ``byte`` is: ``(kind, fixed, width)``.
-
-    ``width`` is the size of the length that follows the type byte (str, bin,
-    ext, array and map 16/32); ``fixed`` is the rest of a value's size beyond
-    that length (a fixstr's length, a number's bytes, an ext's type byte), or
-    the count of a fixarray or fixmap.
-    """
-    if byte <= 0x7F or byte >= 0xE0 or byte in (0xC0, 0xC2, 0xC3):
-        return _VALUE, 0, 0  # fixint, nil, bool
-    if byte <= 0x8F:
-        return _MAP, byte & 0x0F, 0
-    if byte <= 0x9F:
-        return _ARRAY, byte & 0x0F, 0
-    if byte <= 0xBF:
-        return _VALUE, byte & 0x1F, 0  # fixstr
-    if byte == 0xC1:
-        return _NEVER, 0, 0
-    if byte <= 0xC6:
-        return _VALUE, 0, 1 << (byte - 0xC4)  # bin 8/16/32
-    if byte <= 0xC9:
-        return _VALUE, 1, 1 << (byte - 0xC7)  # ext 8/16/32
-    if byte <= 0xCB:
-        return _VALUE, 4 << (byte - 0xCA), 0  # float 32/64
-    if byte <= 0xCF:
-        return _VALUE, 1 << (byte - 0xCC), 0  # uint 8..64
-    if byte <= 0xD3:
-        return _VALUE, 1 << (byte - 0xD0), 0  # int 8..64
-    if byte <= 0xD8:
-        return _VALUE, 1 + (1 << (byte - 0xD4)), 0  # fixext 1..16
-    if byte <= 0xDB:
-        return _VALUE, 0, 1 << (byte - 0xD9)  # str 8/16/32
-    if byte <= 0xDD:
-        return _ARRAY, 0, 2 << (byte - 0xDC)  # array 16/32
-    return _MAP, 0, 2 << (byte - 0xDE)  # map 16/32
-
-
-_MSGPACK_HEADS = tuple(_msgpack_head(byte) for byte in range(256))
-
-
-def _check_msgpack(data: bytes) -> None:
-    """Count a msgpack message's values from their headers, skipping strings and bytes.
-
-    Maps and arrays declare their sizes up front: a message declaring more than
-    :data:`MAX_VALUES` values is refused as soon as the declaration is read, so
-    the walk takes at most that many steps.
-    """
-    pending = [1]  # values still to come in each open container, the message itself first
-    declared = 1
-    at = 0
-    while pending:
-        if not pending[-1]:
-            pending.pop()
-            continue
-        pending[-1] -= 1
-        if at >= len(data):
-            return
-        kind, fixed, width = _MSGPACK_HEADS[data[at]]
-        length = int.from_bytes(data[at + 1 : at + 1 + width], "big")
-        at += 1 + width
-        if kind == _VALUE:
-            at += fixed + length
-        elif kind == _NEVER:
-            return
-        else:
-            count = (fixed + length) * (2 if kind == _MAP else 1)
-            declared += count
-            if declared > MAX_VALUES:
-                raise _too_many()
-            pending.append(count)
-
-
-_MARKS = "[{,:"
-"""Every JSON value but the outermost follows one of these, keys included.
-
-So a text holds at most one value more than it has marks outside strings (an
-empty array or map is counted one too many, which no message needs anyway).
-"""
-_JSON = json.JSONDecoder()
-
-
-def _count_marks(text: str, start: int, end: int, limit: int) -> int:
-    """Marks in ``text[start:end]``, counted no further than past ``limit``.
-
-    ``str.find`` of one character is a ``memchr``: one fast pass per mark,
-    plus one Python step per mark found.
-    """
-    count = 0
-    for mark in _MARKS:
-        at = text.find(mark, start, end)
-        while at >= 0:
-            count += 1
-            if count > limit:
-                return count
-            at = text.find(mark, at + 1, end)
-    return count
-
-
-def _check_json(text: str) -> None:
-    """Count a JSON message's values from its marks (``[ { , :``) outside strings.
-
-    Counting marks inside strings too is enough for almost every message (a
-    video chunk's base64 has none); only when that count is over the bound
-    are strings skipped, with the JSON decoder's own C string scanner, one
-    Python step per string: a question may hold many commas.
-    """
-    if _count_marks(text, 0, len(text), MAX_VALUES - 1) < MAX_VALUES:
-        return
-    values = 1
-    strings = at = 0
-    while True:
-        quote = text.find('"', at)
-        end = len(text) if quote < 0 else quote
-        values += _count_marks(text, at, end, MAX_VALUES - values)
-        if values > MAX_VALUES:
-            raise _too_many()
-        if quote < 0:
-            return
-        strings += 1
-        if strings > values:
-            return  # a string that no mark introduced: not JSON
-        try:
-            at = _JSON.raw_decode(text, quote)[1]
-        except ValueError:
-            return  # a string that does not end, or is not JSON
-
-
-def _nesting(value: object) -> int:
-    """How deep maps and arrays nest in ``value`` (decoded: at most MAX_VALUES of them)."""
-    if isinstance(value, dict):
-        inner: Iterator[object] = iter(value.values())
-    elif isinstance(value, list):
-        inner = iter(value)
-    else:
-        return 0
-    return 1 + max(map(_nesting, inner), default=0)
-
-
-# --- the id of a message that is not parsed ---------------------------------
-
-_PEEKED = frozenset({"type", "id"})
-_SPACE = re.compile(r"[ \t\n\r]*")
+_PEEKED = ("type", "id")
 
 
 def peek_id(data: bytes | str) -> str | None:
     """The id of an ``ask`` that is not parsed (too large, too complex), if its head names one.
 
-    Only the first :data:`PEEK_CHARS` are read, and only the message's first
-    top-level fields up to the first map or array (at most half of
-    :data:`MAX_VALUES` of them), so the cost is bounded whatever the message
-    holds: a string or a number is skipped in C, a map or array is not
-    walked. Clients write ``type`` and ``id`` first (the bundled client and
-    browsers' ``JSON.stringify`` of ``{type, id, text}`` do); an id found
-    nowhere before that is not named.
+    The head is read at a bounded cost (:func:`~streamchat.wireshape.head_fields`).
+    Clients write ``type`` and ``id`` first (the bundled client and browsers'
+    ``JSON.stringify`` of ``{type, id, text}`` do); an id found nowhere
+    before the first map or array is not named, nor one the decoder would
+    refuse.
     """
-    fields: dict[str, object] = {}
-    try:
-        head = data[:PEEK_CHARS]
-        pairs = _msgpack_pairs(head) if isinstance(head, bytes) else _json_pairs(head)
-        for key, value in pairs:
-            fields[key] = value
-            if len(fields) == len(_PEEKED):
-                break
-    except (ValueError, TypeError, IndexError, RecursionError, msgpack.UnpackException):
-        pass  # the head ends, or is not a map: what was found so far stands
+    fields = head_fields(data, _PEEKED)
     id = fields.get("id")
     if fields.get("type") != "ask" or not isinstance(id, str):
         return None
     return id if 0 < len(id) <= MAX_ID_CHARS else None
-
-
-def _msgpack_pairs(head: bytes) -> Iterator[tuple[str, object]]:
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(head) or 1)
-    unpacker.feed(head)
-    for _ in range(min(unpacker.read_map_header(), MAX_VALUES // 2)):
-        if _MSGPACK_HEADS[head[unpacker.tell()]][0] != _VALUE:
-            return
-        key = unpacker.unpack()
-        if _MSGPACK_HEADS[head[unpacker.tell()]][0] != _VALUE:
-            return
-        if isinstance(key, str) and key in _PEEKED:
-            yield key, unpacker.unpack()
-        else:
-            unpacker.skip()
-
-
-def _json_pairs(head: str) -> Iterator[tuple[str, object]]:
-    at = _skip_space(head, 0)
-    if head[at : at + 1] != "{":
-        return
-    for _ in range(MAX_VALUES // 2):
-        at = _skip_space(head, at + 1)
-        if head[at : at + 1] != '"':
-            return
-        key, at = _JSON.raw_decode(head, at)
-        at = _skip_space(head, at)
-        if head[at : at + 1] != ":":
-            return
-        at = _skip_space(head, at + 1)
-        if head[at : at + 1] in ("[", "{"):
-            return
-        value, at = _JSON.raw_decode(head, at)
-        if key in _PEEKED:
-            yield key, value
-        at = _skip_space(head, at)
-        if head[at : at + 1] != ",":
-            return
-
-
-def _skip_space(text: str, at: int) -> int:
-    match = _SPACE.match(text, at)
-    return match.end() if match else at
 
 
 _T = TypeVar("_T")
@@ -656,7 +559,7 @@ _PARSERS: dict[str, Callable[[_Fields], ClientMessage]] = {
         data=f.data("data"), format=f.choice("format", CONTAINER_FORMATS)
     ),
     "video.url": lambda f: VideoUrl(
-        url=f.string("url", required=True, max_chars=8192),
+        url=f.string("url", required=True, max_chars=MAX_URL_CHARS),
         format=f.choice("format", CONTAINER_FORMATS),
     ),
     "video.end": lambda f: VideoEnd(),

@@ -1,12 +1,43 @@
-"""The session state machine: client messages in, actions out. No I/O.
+"""The session state machine: client messages and events in, actions out. No I/O.
 
-:class:`SessionProtocol` decides everything about a session that does not
-need a socket, a thread or the engine: whether a message is allowed now, what
-the effective options are, which frames a question sees, what the client is
-told. The async shell (:mod:`streamchat.session`) feeds it messages and
-events (a frame decoded, a source ended, an answer finished) and carries out
-the actions it returns. Like ``websockets.protocol``, it can be tested
-exhaustively without an event loop.
+:class:`SessionProtocol` decides everything about a session that needs no
+socket, thread or engine: whether a message is allowed now, what the
+effective options are, which frames a question sees, and every message the
+client is told, which it builds itself. Like ``websockets.protocol`` it can be
+tested exhaustively without an event loop. Who calls what::
+
+    endpoint reader ── a decoded ClientMessage ──▶ Session.handle ──▶ receive()
+    the session's work ── events ──▶ frame_decoded(), image_decoded(), source_ended(),
+        (decoder threads,             answer_delta(), answer_finished(), flush_status()
+         fetches, answers)
+    receive() and the events ──▶ [Action] ──▶ Session._run carries them out:
+        Send(ServerMessage)          queued in the outbox; the endpoint writer encodes it
+        StartSource, StopSource, FeedChunk, EndSource, DecodeImage
+        StartAnswer, CancelAnswer
+
+The session (:class:`State`)::
+
+    AWAITING_HELLO ──hello──▶ OPEN ──close()──▶ CLOSED
+    (anything else before hello is refused with hello_required; after close, ignored)
+
+Its video, one source at a time (:class:`SourceState`): the first chunk after
+``video.end`` (or with no source), and every ``video.url``, start a new
+source, which replaces the current one and clears the window::
+
+    DECODING ──video.end──▶ ENDING ──the decoder drained the rest──▶ ENDED
+        └──────────────────────┴──── the decoder or fetch failed ──▶ FAILED
+    (replaced or closed: ENDED)      video.status tells decoding, ended or failed
+
+Its answers: an accepted ``ask`` is in :attr:`SessionProtocol.answers` from
+its :class:`StartAnswer` until :meth:`~SessionProtocol.answer_finished`,
+which the session calls exactly once per accepted ``ask`` and which yields
+its one ``answer.done``; a ``cancel`` marks it, so that ``answer.done`` says
+``cancelled`` whatever the engine said. Completed answers (``stop``,
+``length``) join the history replayed to later questions.
+
+A refusal is raised inside as a typed :class:`~streamchat.errors.StreamchatError`
+and turned into an ``error`` by :meth:`SessionProtocol.error`: :meth:`receive`
+never raises for a valid message.
 """
 
 from __future__ import annotations
@@ -16,7 +47,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .config import Settings
-from .engine.base import ChatTurn, GenerationRequest, SamplingOptions, Usage
+from .engine.base import ChatTurn, GenerationRequest, SamplingOptions
+from .engine.base import Usage as Counted
 from .errors import (
     DuplicateHello,
     DuplicateId,
@@ -32,6 +64,7 @@ from .errors import (
 )
 from .messages import (
     PROTOCOL_VERSION,
+    AnswerDelta,
     AnswerDone,
     Ask,
     Cancel,
@@ -41,12 +74,16 @@ from .messages import (
     GoingAway,
     Hello,
     Image,
+    Limits,
     Ready,
     ServerMessage,
+    SourceStatus,
+    Usage,
     VideoChunk,
     VideoEnd,
     VideoStatus,
     VideoUrl,
+    message_id,
 )
 from .window import Frame, FrameWindow
 
@@ -61,15 +98,17 @@ __all__ = [
     "SessionOptions",
     "SessionProtocol",
     "SourceKind",
+    "SourceState",
     "StartAnswer",
     "StartSource",
     "State",
     "StopSource",
-    "message_id",
 ]
 
 
 class State(enum.Enum):
+    """The session's state (drawn in the module's docstring)."""
+
     AWAITING_HELLO = "awaiting_hello"
     OPEN = "open"
     CLOSED = "closed"
@@ -78,6 +117,39 @@ class State(enum.Enum):
 class SourceKind(enum.Enum):
     PUSH = "push"
     URL = "url"
+
+
+class SourceState(enum.Enum):
+    """A source's state (drawn in the module's docstring); only :meth:`_Source.move` changes it."""
+
+    DECODING = "decoding"
+    """Bytes come in (pushed, or fetched) and are decoded as they do."""
+    ENDING = "ending"
+    """``video.end`` was received: the decoder drains what it has, then ends."""
+    ENDED = "ended"
+    """The decoder reached the end, or the source was stopped (replaced, closed)."""
+    FAILED = "failed"
+    """The decoder or the fetch failed: the client was told why."""
+
+    @property
+    def told(self) -> SourceStatus:
+        """The state as ``video.status`` tells it: an ending source is still decoding."""
+        return _TOLD[self]
+
+
+_TOLD: dict[SourceState, SourceStatus] = {
+    SourceState.DECODING: "decoding",
+    SourceState.ENDING: "decoding",
+    SourceState.ENDED: "ended",
+    SourceState.FAILED: "failed",
+}
+
+_MOVES: dict[SourceState, frozenset[SourceState]] = {
+    SourceState.DECODING: frozenset({SourceState.ENDING, SourceState.ENDED, SourceState.FAILED}),
+    SourceState.ENDING: frozenset({SourceState.ENDED, SourceState.FAILED}),
+    SourceState.ENDED: frozenset(),
+    SourceState.FAILED: frozenset(),
+}
 
 
 # --- actions for the shell -------------------------------------------------
@@ -143,23 +215,8 @@ Action = (
     | EndSource
     | DecodeImage
     | StartAnswer
-    | (CancelAnswer)
+    | CancelAnswer
 )
-
-
-def message_id(message: ClientMessage) -> str | None:
-    """The id an error refusing ``message`` names: an ``ask``'s, else none.
-
-    Every refusal of an ``ask``, for whatever reason (a rate, a size, the
-    state of the session), names it, so the client can end the answer it
-    waits for. A refused ``cancel`` does not: its id is that of an answer
-    which may still be running, and an error naming it would read as that
-    answer's end (only ``unknown_id``, which says there is no such answer,
-    names a cancel's id). The answer then ends by itself, with ``answer.done``.
-    """
-    if isinstance(message, Ask):
-        return message.id
-    return None
 
 
 # --- state -----------------------------------------------------------------
@@ -180,13 +237,23 @@ class SessionOptions:
 class _Source:
     number: int
     kind: SourceKind
-    active: bool = True
-    """Decoding (or fetching) is still going on."""
-    ending: bool = False
-    """``video.end`` was received: the decoder drains what it has, then ends."""
-    failed: bool = False
+    state: SourceState = SourceState.DECODING
     frames_decoded: int = 0
     bytes_received: int = 0
+
+    @property
+    def live(self) -> bool:
+        """Its decoder still runs (it has not ended, failed or been stopped)."""
+        return self.state in (SourceState.DECODING, SourceState.ENDING)
+
+    def move(self, to: SourceState) -> None:
+        """The one place a source changes state; a move the diagram does not draw is a bug."""
+        if to not in _MOVES[self.state]:
+            raise AssertionError(f"source {self.number}: {self.state.name} -> {to.name}")
+        self.state = to
+
+
+_NOTHING_COUNTED = Counted(prompt_tokens=0, completion_tokens=0, video_tokens=0, frames=0)
 
 
 @dataclass(slots=True)
@@ -284,16 +351,11 @@ class SessionProtocol:
             max_frames=self.options.window_frames, max_bytes=self.settings.window_bytes
         )
         self.state = State.OPEN
-        return [
-            Send(
-                Ready(
-                    session=self.session_id,
-                    model=self.model,
-                    protocol=PROTOCOL_VERSION,
-                    limits=self.limits(),
-                )
-            )
-        ]
+        limits = self.limits()
+        ready = Ready(
+            session=self.session_id, model=self.model, protocol=PROTOCOL_VERSION, limits=limits
+        )
+        return [Send(ready)]
 
     def _options(self, hello: Hello) -> SessionOptions:
         s = self.settings
@@ -313,34 +375,35 @@ class SessionProtocol:
             seed=base.seed if given.seed is None else given.seed,
         )
 
-    def limits(self) -> dict[str, int | float | bool]:
+    def limits(self) -> Limits:
         """Effective limits, told to the client in ``ready``."""
         s, o = self.settings, self.options
-        return {
-            "fps": o.fps,
-            "window_frames": o.window_frames,
-            "window_bytes": s.window_bytes,
-            "min_pixels": s.min_pixels,
-            "max_pixels": o.max_pixels,
-            "frame_factor": s.factor,
-            "max_message_bytes": s.max_message_bytes,
-            "video_buffer_bytes": s.feed_bytes,
-            "max_concurrent_asks": s.max_concurrent_asks,
-            "max_question_chars": s.max_question_chars,
-            "max_tokens": o.sampling.max_tokens,
-            "max_tokens_limit": s.max_tokens_limit,
-            "tokens_per_frame": s.tokens_per_frame or 0,
-            "max_ask_frames": s.max_ask_frames or 0,
-            "keyframes_only": o.keyframes_only,
-            "messages_per_second": s.messages_per_second,
-            "message_burst": s.message_burst,
-            "video_bytes_per_second": s.video_bytes_per_second,
-            "idle_timeout": s.idle_timeout,
-        }
+        return Limits(
+            fps=o.fps,
+            window_frames=o.window_frames,
+            window_bytes=s.window_bytes,
+            min_pixels=s.min_pixels,
+            max_pixels=o.max_pixels,
+            frame_factor=s.factor,
+            max_message_bytes=s.max_message_bytes,
+            video_buffer_bytes=s.feed_bytes,
+            max_concurrent_asks=s.max_concurrent_asks,
+            max_question_chars=s.max_question_chars,
+            max_tokens=o.sampling.max_tokens,
+            max_tokens_limit=s.max_tokens_limit,
+            tokens_per_frame=s.tokens_per_frame or 0,
+            max_ask_frames=s.max_ask_frames or 0,
+            keyframes_only=o.keyframes_only,
+            messages_per_second=s.messages_per_second,
+            message_burst=s.message_burst,
+            video_bytes_per_second=s.video_bytes_per_second,
+            idle_timeout=s.idle_timeout,
+        )
 
     def _new_source(self, kind: SourceKind, container: str | None, url: str | None) -> list[Action]:
         actions: list[Action] = []
-        if self.source is not None and self.source.active:
+        if self.source is not None and self.source.live:
+            self.source.move(SourceState.ENDED)
             actions.append(StopSource(self.source.number))
         self._sources += 1
         self.source = _Source(self._sources, kind)
@@ -351,7 +414,7 @@ class SessionProtocol:
     def _chunk(self, chunk: VideoChunk) -> list[Action]:
         actions: list[Action] = []
         source = self.source
-        if source is None or not source.active or source.ending:
+        if source is None or source.state is not SourceState.DECODING:
             actions += self._new_source(SourceKind.PUSH, chunk.format, None)
             source = self.source
             assert source is not None
@@ -366,9 +429,9 @@ class SessionProtocol:
 
     def _end(self) -> list[Action]:
         source = self.source
-        if source is None or not source.active or source.ending:
+        if source is None or source.state is not SourceState.DECODING:
             return []
-        source.ending = True
+        source.move(SourceState.ENDING)
         return [EndSource(source.number)]
 
     def _image(self, image: Image, now: float) -> list[Action]:
@@ -466,12 +529,15 @@ class SessionProtocol:
     def source_ended(
         self, number: int, error: BaseException | None, *, level: FeedLevel
     ) -> list[Action]:
-        """Source ``number`` finished: cleanly, or with ``error``. Frames stay."""
+        """Source ``number`` finished: cleanly, or with ``error``. Frames stay.
+
+        Only a live source's end is told: one already stopped (the session
+        closed) has nobody left to tell.
+        """
         source = self.source
-        if source is None or source.number != number:
+        if source is None or source.number != number or not source.live:
             return []
-        source.active = False
-        source.failed = error is not None
+        source.move(SourceState.ENDED if error is None else SourceState.FAILED)
         actions: list[Action] = []
         if error is not None:
             actions.append(self.error(error))
@@ -479,10 +545,21 @@ class SessionProtocol:
         actions.append(Send(self.status()))
         return actions
 
+    def answer_delta(self, id: str, text: str) -> list[Action]:
+        """The engine produced more of answer ``id``: pass it on at once."""
+        if id not in self.answers:
+            return []
+        return [Send(AnswerDelta(id=id, text=text))]
+
     def answer_finished(
-        self, id: str, text: str, finish_reason: str, usage: Usage | None, ttft: float | None
+        self, id: str, text: str, finish_reason: str, usage: Counted | None, ttft: float | None
     ) -> list[Action]:
-        """An answer ended; completed answers join the history."""
+        """Answer ``id`` ended with ``text``; a completed one joins the history.
+
+        ``usage`` is what the engine counted (None if it counted nothing:
+        refused, failed, cancelled before it began), ``ttft`` the seconds the
+        session measured to the first delta (None if none came).
+        """
         answer = self.answers.pop(id, None)
         if answer is None:
             return []
@@ -490,14 +567,15 @@ class SessionProtocol:
             finish_reason = "cancelled"
         if finish_reason in ("stop", "length"):
             self.history.append(ChatTurn(answer.question, text))
-        fields: dict[str, int | float | None] = {
-            "prompt_tokens": usage.prompt_tokens if usage else 0,
-            "completion_tokens": usage.completion_tokens if usage else 0,
-            "video_tokens": usage.video_tokens if usage else 0,
-            "frames": usage.frames if usage else 0,
-            "time_to_first_token": ttft,
-        }
-        return [Send(AnswerDone(id=id, finish_reason=finish_reason, usage=fields))]
+        counted = usage or _NOTHING_COUNTED
+        told = Usage(
+            prompt_tokens=counted.prompt_tokens,
+            completion_tokens=counted.completion_tokens,
+            video_tokens=counted.video_tokens,
+            frames=counted.frames,
+            time_to_first_token=ttft,
+        )
+        return [Send(AnswerDone(id=id, finish_reason=finish_reason, usage=told))]
 
     def error(self, exc: BaseException, *, id: str | None = None) -> Send:
         """The ``error`` for ``exc``, naming the error's own id, else ``id``.
@@ -511,14 +589,12 @@ class SessionProtocol:
         return Send(Error(code=code, message=message, id=id, fatal=fatal))
 
     def status(self) -> VideoStatus:
+        """Where the current source and the window stand, as ``video.status`` tells it."""
         source = self.source
         width, height = self.window.newest_size
-        state = "ended"
-        if source is not None:
-            state = "failed" if source.failed else ("decoding" if source.active else "ended")
         return VideoStatus(
             source=source.number if source else 0,
-            state=state,
+            state=source.state.told if source else "ended",
             frames=len(self.window),
             span=round(self.window.span, 3),
             first_pts=self.window.first_pts,
@@ -537,11 +613,15 @@ class SessionProtocol:
         self.draining = True
         return [Send(GoingAway(reason=reason, timeout=timeout))]
 
-    def close(self) -> list[Action]:
-        """The connection is gone: stop everything that still runs."""
+    def close(self) -> None:
+        """The connection is gone: nothing more is received, and the source is over.
+
+        No actions: stopping the work still running is the shell's own
+        business, and it must stop more than the protocol knows of (a
+        replaced source still draining, an answer past its last delta whose
+        ``answer.done`` waits for room in the outbox, threads), so it stops
+        everything it runs, rather than what a list from here would name.
+        """
         self.state = State.CLOSED
-        actions: list[Action] = [CancelAnswer(id) for id in self.answers]
-        if self.source is not None and self.source.active:
-            self.source.active = False
-            actions.append(StopSource(self.source.number))
-        return actions
+        if self.source is not None and self.source.live:
+            self.source.move(SourceState.ENDED)

@@ -32,7 +32,7 @@ from websockets.frames import CloseCode
 
 from .answer import DEFAULT_MAX_PIECES, Answer
 from .errors import ClientError, ProtocolViolation, ServerError, SessionClosed, SourceError
-from .handshake import hello_message, open_session
+from .handshake import open_session
 from .inbox import ErrorCallback, Inbox, StatusCallback
 from .messages import (
     ENCODINGS,
@@ -40,8 +40,15 @@ from .messages import (
     Limits,
     Ready,
     VideoStatus,
+    ask_message,
+    cancel_message,
+    chunk_message,
     decode,
     encode,
+    end_message,
+    hello_message,
+    image_message,
+    url_message,
 )
 from .sources import ChunkSink, ProgressCallback, PushStats, push_file, push_live
 
@@ -208,7 +215,7 @@ class Session:
         self._pushing = False
         self._source_open = False
         self._inbox.end_push()
-        await self._send({"type": "video.end"})
+        await self._send(end_message())
 
     async def send_file(
         self,
@@ -315,14 +322,11 @@ class Session:
 
     async def send_url(self, url: str, *, format: str | None = None) -> None:
         """Have the server fetch and decode ``url`` as a new source (replacing the current one)."""
-        message: dict[str, Any] = {"type": "video.url", "url": url}
-        if format is not None:
-            message["format"] = format
         self._pushing = False
         self._inbox.end_push()
         self._sources_started += 1
         self._source_open = True
-        await self._send(message)
+        await self._send(url_message(url, format=format))
 
     async def send_image(self, data: bytes, *, pts: float | None = None) -> None:
         """Append a JPEG or PNG image to the window as a frame.
@@ -331,10 +335,7 @@ class Session:
         count them; ``pts`` defaults (server side) to seconds since the
         session's first image.
         """
-        message: dict[str, Any] = {"type": "image", "data": bytes(data)}
-        if pts is not None:
-            message["pts"] = pts
-        await self._send(message)
+        await self._send(image_message(bytes(data), pts=pts))
 
     async def wait_frames(self, n: int, *, timeout: float | None = None) -> VideoStatus:
         """Wait for a ``video.status`` of the current source showing at least ``n`` frames.
@@ -399,27 +400,18 @@ class Session:
             raise ValueError("an answer id must have 1 to 128 characters")
         if id in self._inbox.answers:
             raise ValueError(f"an answer with id {id!r} is still in flight")
-        message: dict[str, Any] = {"type": "ask", "id": id, "text": text}
-        generation = {
-            name: value
-            for name, value in (
-                ("max_tokens", max_tokens),
-                ("temperature", temperature),
-                ("top_p", top_p),
-                ("seed", seed),
-            )
-            if value is not None
-        }
-        if generation:
-            message["generation"] = generation
-        for name, value in (
-            ("last_seconds", last_seconds),
-            ("start", start),
-            ("end", end),
-            ("max_frames", max_frames),
-        ):
-            if value is not None:
-                message[name] = value
+        message = ask_message(
+            id,
+            text,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            last_seconds=last_seconds,
+            start=start,
+            end=end,
+            max_frames=max_frames,
+        )
         payload = self._payload(message)
         answer = Answer(id, text, cancel=self.cancel, max_pieces=self._max_pieces)
         self._inbox.answers[id] = answer
@@ -437,7 +429,7 @@ class Session:
             await answer.sent()  # the cancel must not overtake its ask
             if answer.finished:
                 return
-        await self._send({"type": "cancel", "id": id})
+        await self._send(cancel_message(id))
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -513,7 +505,6 @@ class Session:
         source: a chunk sent after that would be dropped, or would start a new
         source from the middle of the stream.
         """
-        message: dict[str, Any] = {"type": "video.chunk", "data": data}
         if self._pushing:
             stop = self._inbox.push_stop
             if stop is not None:
@@ -524,14 +515,13 @@ class Session:
                 )
             if self._inbox.push_ended:
                 return False
-        else:
-            self._pushing = True
-            self._source_open = True
-            self._sources_started += 1
-            self._inbox.start_push(self._sources_started)
-            if format is not None:
-                message["format"] = format
-        await self._send(message)
+            await self._send(chunk_message(data))
+            return True
+        self._pushing = True
+        self._source_open = True
+        self._sources_started += 1
+        self._inbox.start_push(self._sources_started)
+        await self._send(chunk_message(data, format=format))
         return True
 
     def _sink(self, chunk_bytes: int) -> ChunkSink:

@@ -19,37 +19,13 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .errors import ConnectError, ProtocolViolation
-from .messages import Encoding, Ready, decode, encode, parse_error, parse_ready
+from .messages import Encoding, Ready, decode, encode, hello_message, parse_error, parse_ready
 
 __all__ = ["CLOSE_TIMEOUT", "MAX_SERVER_MESSAGE_BYTES", "hello_message", "open_session"]
 
 MAX_SERVER_MESSAGE_BYTES = 1024 * 1024
 """The server sends only small maps (statuses, deltas, errors); anything bigger is a fault."""
 CLOSE_TIMEOUT = 5.0
-
-
-def hello_message(
-    *,
-    fps: float | None,
-    window_frames: int | None,
-    max_pixels: int | None,
-    keyframes_only: bool,
-    generation: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    """The ``hello`` map: only the fields given, so the server's defaults apply to the rest."""
-    hello: dict[str, Any] = {"type": "hello"}
-    for name, value in (
-        ("fps", fps),
-        ("window_frames", window_frames),
-        ("max_pixels", max_pixels),
-    ):
-        if value is not None:
-            hello[name] = value
-    if keyframes_only:
-        hello["keyframes_only"] = True
-    if generation:
-        hello["generation"] = dict(generation)
-    return hello
 
 
 async def open_session(

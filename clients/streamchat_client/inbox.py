@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .answer import Answer
-from .errors import ProtocolViolation, ServerError, SessionClosed
-from .messages import VideoStatus, parse_done, parse_error, parse_status
+from .errors import ServerError, SessionClosed
+from .messages import PARSERS, AnswerDelta, Done, GoingAway, VideoStatus
 
 __all__ = ["ErrorCallback", "Inbox", "StatusCallback"]
 
@@ -84,33 +84,31 @@ class Inbox:
         self._status_event = asyncio.Event()
 
     def dispatch(self, message: Mapping[str, Any]) -> None:
-        """Take one server message; raises :class:`ProtocolViolation` for a malformed one."""
+        """Take one server message; a malformed one raises
+        :class:`~streamchat_client.errors.ProtocolViolation`."""
         kind = message["type"]
-        if kind == "answer.delta":
-            id, text = message.get("id"), message.get("text")
-            if not isinstance(id, str) or not isinstance(text, str):
-                raise ProtocolViolation("answer.delta: 'id' and 'text' must be strings")
-            if (answer := self.answers.get(id)) is not None:
-                answer._delta(text)
-        elif kind == "answer.done":
-            done = parse_done(message)
-            id = message.get("id")
-            if isinstance(id, str) and (answer := self.answers.pop(id, None)) is not None:
-                answer._done(done)
-        elif kind == "video.status":
-            self.status = parse_status(message)
-            self._push_status(self.status)
-            self._wake()
-            _call(self.on_status, self.status)
-        elif kind == "error":
-            self._error(parse_error(message))
-        elif kind == "going_away":
-            reason = message.get("reason")
-            self.going_away = reason if isinstance(reason, str) else "the server is stopping"
-            logger.info("the server is going away: %s", self.going_away)
-        else:
+        parse = None if kind == "ready" else PARSERS.get(kind)
+        if parse is None:
             # A later protocol version's message (or a stray 'ready'): ignored, by design.
             logger.debug("ignoring a %r message", kind)
+            return
+        match parse(message):
+            case AnswerDelta(id=id, text=text):
+                if (answer := self.answers.get(id)) is not None:
+                    answer._delta(text)
+            case Done() as done:
+                if (answer := self.answers.pop(done.id, None)) is not None:
+                    answer._done(done)
+            case VideoStatus() as status:
+                self.status = status
+                self._push_status(status)
+                self._wake()
+                _call(self.on_status, status)
+            case ServerError() as error:
+                self._error(error)
+            case GoingAway(reason=reason):
+                self.going_away = reason
+                logger.info("the server is going away: %s", reason)
 
     def _error(self, error: ServerError) -> None:
         if error.fatal:

@@ -1,18 +1,25 @@
-"""Protocol v1 as the client sees it: encoding requests, parsing replies.
+"""Protocol v1 as the client sees it: building requests, parsing replies.
 
 This is the only module of the client that touches the wire format (see
-``docs/protocol.md``). Client messages are plain maps; server messages are
-parsed into frozen dataclasses so the rest of the client, and its users, get
-attributes and types instead of dictionary look-ups. Fields a later protocol
-version adds are ignored; a documented field that is missing or mistyped is
-a :class:`~streamchat_client.errors.ProtocolViolation`.
+``docs/protocol.md``). Client messages are plain maps, each built by one
+``*_message`` function here with only the fields given, so that the server's
+defaults apply to the rest. Server messages are parsed (:data:`PARSERS`, by
+``type``) into frozen dataclasses, so the rest of the client, and its users,
+get attributes and types instead of dictionary look-ups. Fields a later
+protocol version adds are ignored; a documented field that is missing or
+mistyped is a :class:`~streamchat_client.errors.ProtocolViolation`.
+
+The client is standalone, so these types are the server's
+(``streamchat.messages``) written again; ``tests/contract`` fails when the
+two disagree on a field. Where this side says ``X | None`` and the server
+always sends an ``X``, it is for older servers that did not send the field.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,18 +28,30 @@ import msgpack
 from .errors import ProtocolViolation, ServerError
 
 __all__ = [
+    "PARSERS",
+    "AnswerDelta",
     "Done",
     "Encoding",
+    "GoingAway",
     "Limits",
     "Ready",
     "Usage",
     "VideoStatus",
+    "ask_message",
+    "cancel_message",
+    "chunk_message",
     "decode",
     "encode",
+    "end_message",
+    "hello_message",
+    "image_message",
+    "parse_delta",
     "parse_done",
     "parse_error",
+    "parse_going_away",
     "parse_ready",
     "parse_status",
+    "url_message",
 ]
 
 Encoding = Literal["msgpack", "json"]
@@ -65,6 +84,74 @@ def decode(frame: bytes | str) -> dict[str, Any]:
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
         raise ProtocolViolation("a server message must be a map with a string 'type'")
     return value
+
+
+# --- client messages -------------------------------------------------------
+
+
+def _given(message: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """``message`` with the ``fields`` that are not None."""
+    message.update((name, value) for name, value in fields.items() if value is not None)
+    return message
+
+
+def hello_message(
+    *,
+    fps: float | None,
+    window_frames: int | None,
+    max_pixels: int | None,
+    keyframes_only: bool,
+    generation: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``hello`` map (the API key travels in the handshake's headers, not here)."""
+    hello = _given({"type": "hello"}, fps=fps, window_frames=window_frames, max_pixels=max_pixels)
+    if keyframes_only:
+        hello["keyframes_only"] = True
+    if generation:
+        hello["generation"] = dict(generation)
+    return hello
+
+
+def chunk_message(data: bytes, *, format: str | None = None) -> dict[str, Any]:
+    """A ``video.chunk``; ``format`` (the demuxer hint) matters only on a source's first."""
+    return _given({"type": "video.chunk", "data": data}, format=format)
+
+
+def end_message() -> dict[str, Any]:
+    return {"type": "video.end"}
+
+
+def url_message(url: str, *, format: str | None = None) -> dict[str, Any]:
+    return _given({"type": "video.url", "url": url}, format=format)
+
+
+def image_message(data: bytes, *, pts: float | None = None) -> dict[str, Any]:
+    return _given({"type": "image", "data": data}, pts=pts)
+
+
+def ask_message(
+    id: str,
+    text: str,
+    *,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    last_seconds: float | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    max_frames: int | None = None,
+) -> dict[str, Any]:
+    """An ``ask``: ``type`` and ``id`` first, so that a server refusing it unread can name it."""
+    message: dict[str, Any] = {"type": "ask", "id": id, "text": text}
+    generation = _given({}, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if generation:
+        message["generation"] = generation
+    return _given(message, last_seconds=last_seconds, start=start, end=end, max_frames=max_frames)
+
+
+def cancel_message(id: str) -> dict[str, Any]:
+    return {"type": "cancel", "id": id}
 
 
 # --- typed server messages -------------------------------------------------
@@ -153,9 +240,27 @@ class Usage:
 class Done:
     """How an answer ended: the ``answer.done`` message."""
 
+    id: str
+    """The answer's id, as the ``ask`` gave it."""
     finish_reason: str
-    """``stop``, ``length``, ``cancelled`` or ``error``."""
+    """``stop``, ``length``, ``cancelled``, ``error`` or ``shutdown``."""
     usage: Usage
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AnswerDelta:
+    """The next piece of an answer's text."""
+
+    id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GoingAway:
+    """The server is stopping: answers in flight get ``timeout`` seconds, then the close."""
+
+    reason: str
+    timeout: float
 
 
 class _Fields:
@@ -269,7 +374,17 @@ def parse_done(raw: Mapping[str, Any]) -> Done:
         frames=u.integer("frames"),
         time_to_first_token=u.opt_number("time_to_first_token"),
     )
-    return Done(finish_reason=f.text("finish_reason"), usage=usage)
+    return Done(id=f.text("id"), finish_reason=f.text("finish_reason"), usage=usage)
+
+
+def parse_delta(raw: Mapping[str, Any]) -> AnswerDelta:
+    f = _Fields(raw, "answer.delta")
+    return AnswerDelta(id=f.text("id"), text=f.text("text"))
+
+
+def parse_going_away(raw: Mapping[str, Any]) -> GoingAway:
+    f = _Fields(raw, "going_away")
+    return GoingAway(reason=f.text("reason"), timeout=f.number("timeout"))
 
 
 def parse_error(raw: Mapping[str, Any]) -> ServerError:
@@ -277,3 +392,14 @@ def parse_error(raw: Mapping[str, Any]) -> ServerError:
     return ServerError(
         f.text("code"), f.text("message"), id=f.opt_text("id"), fatal=f.flag("fatal")
     )
+
+
+PARSERS: dict[str, Callable[[Mapping[str, Any]], object]] = {
+    "ready": parse_ready,
+    "video.status": parse_status,
+    "answer.delta": parse_delta,
+    "answer.done": parse_done,
+    "error": parse_error,
+    "going_away": parse_going_away,
+}
+"""The parser of each server message ``type`` protocol v1 has; the client ignores any other."""

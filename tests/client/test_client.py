@@ -351,6 +351,7 @@ async def test_an_unread_answer_buffers_in_bounded_pieces() -> None:
         answer._delta(word)
     answer._done(
         Done(
+            id="a",
             finish_reason="stop",
             usage=Usage(
                 prompt_tokens=1,

@@ -20,6 +20,7 @@ from streamchat.messages import (
     AnswerDelta,
     Ask,
     Cancel,
+    ClientMessage,
     Error,
     Hello,
     VideoChunk,
@@ -28,6 +29,7 @@ from streamchat.messages import (
     _load,
     decode_client,
     encode_server,
+    message_id,
     peek_id,
 )
 
@@ -414,3 +416,14 @@ def test_a_refused_ask_is_named_when_its_head_shows_its_id(binary: bool) -> None
 def test_peek_id_names_nothing_it_would_have_to_walk_far_for(data: bytes | str) -> None:
     """Only the first scalar fields of a map are read, up to 128 of them."""
     assert peek_id(data) is None
+
+
+def test_message_id_is_the_id_of_asks_only() -> None:
+    """A refusal names an ask's id; never a cancel's, which is that of an answer maybe running."""
+    messages: list[ClientMessage] = [
+        Ask(id="q", text="t"),
+        Cancel(id="c"),
+        Hello(),
+        VideoChunk(data=b"x"),
+    ]
+    assert [message_id(m) for m in messages] == ["q", None, None, None]

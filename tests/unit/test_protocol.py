@@ -4,26 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import msgpack
 import numpy as np
 import pytest
 
 from streamchat.config import Settings
-from streamchat.engine.base import Usage
-from streamchat.errors import NoFrames
+from streamchat.engine.base import Usage as Counted
+from streamchat.errors import NoFrames, VideoDecodeError
 from streamchat.messages import (
+    AnswerDelta,
     AnswerDone,
     Ask,
     Cancel,
-    ClientMessage,
     Error,
     Generation,
     Hello,
     Image,
     Ready,
+    Usage,
     VideoChunk,
     VideoEnd,
     VideoStatus,
     VideoUrl,
+    encode_server,
 )
 from streamchat.protocol import (
     CancelAnswer,
@@ -34,11 +37,11 @@ from streamchat.protocol import (
     Send,
     SessionProtocol,
     SourceKind,
+    SourceState,
     StartAnswer,
     StartSource,
     State,
     StopSource,
-    message_id,
 )
 from streamchat.window import Frame
 
@@ -78,9 +81,9 @@ def test_hello_first_then_ready_with_capped_options() -> None:
     )
     assert isinstance(action, Send) and isinstance(action.message, Ready)
     limits = action.message.limits
-    assert limits["fps"] == 4.0
-    assert limits["window_frames"] == SETTINGS.max_window_frames
-    assert limits["max_tokens"] == 100
+    assert limits.fps == 4.0
+    assert limits.window_frames == SETTINGS.max_window_frames
+    assert limits.max_tokens == 100
     assert protocol.state is State.OPEN
     [dup] = errors(protocol.receive(Hello(), now=0.0))
     assert dup.code == "duplicate_hello"
@@ -173,18 +176,31 @@ def test_cancel_known_and_unknown() -> None:
 
 
 def test_answer_done_reports_usage() -> None:
+    """answer.done tells the engine's counts and the session's time to first token; an answer
+    the engine counted nothing for (refused, failed) tells zeros."""
     protocol = with_frames(opened())
     protocol.receive(Ask(id="a", text="q"), now=0.0)
-    usage = Usage(prompt_tokens=50, completion_tokens=5, video_tokens=40, frames=4)
-    [done] = protocol.answer_finished("a", "text", "length", usage, 0.25)
+    protocol.receive(Ask(id="b", text="q"), now=0.0)
+    counted = Counted(prompt_tokens=50, completion_tokens=5, video_tokens=40, frames=4)
+    [done] = protocol.answer_finished("a", "text", "length", counted, 0.25)
+    [none] = protocol.answer_finished("b", "", "error", None, None)
     assert isinstance(done, Send) and isinstance(done.message, AnswerDone)
-    assert done.message.usage == {
-        "prompt_tokens": 50,
-        "completion_tokens": 5,
-        "video_tokens": 40,
-        "frames": 4,
-        "time_to_first_token": 0.25,
-    }
+    assert isinstance(none, Send) and isinstance(none.message, AnswerDone)
+    assert done.message.usage == Usage(
+        prompt_tokens=50, completion_tokens=5, video_tokens=40, frames=4, time_to_first_token=0.25
+    )
+    assert none.message.usage == Usage(
+        prompt_tokens=0, completion_tokens=0, video_tokens=0, frames=0, time_to_first_token=None
+    )
+
+
+def test_deltas_of_an_answer_in_flight_are_sent_and_none_after_its_end() -> None:
+    """The protocol builds each answer.delta; a delta for an answer that ended is dropped."""
+    protocol = with_frames(opened())
+    protocol.receive(Ask(id="a", text="q"), now=0.0)
+    assert protocol.answer_delta("a", "Hel") == [Send(AnswerDelta(id="a", text="Hel"))]
+    protocol.answer_finished("a", "Hel", "stop", None, 0.1)
+    assert protocol.answer_delta("a", "lo") == []
 
 
 def test_too_long_or_empty_question() -> None:
@@ -221,8 +237,6 @@ def test_status_is_throttled_and_sent_at_source_end() -> None:
 
 
 def test_failed_source_keeps_frames_and_reports_error() -> None:
-    from streamchat.errors import VideoDecodeError
-
     protocol = with_frames(opened(), 3)
     actions = protocol.source_ended(1, VideoDecodeError("corrupt"), level=IDLE)
     [err] = errors(actions)
@@ -243,11 +257,96 @@ def test_images_get_session_clock_timestamps() -> None:
     assert protocol.receive(Image(data=b"png", pts=7.0), now=13.0) == [DecodeImage(b"png", 7.0)]
 
 
-def test_close_cancels_answers_and_stops_the_source() -> None:
+def test_close_ends_the_session_and_its_source_and_ignores_what_follows() -> None:
+    """After close, messages are ignored and the source's own end is not told again (the shell
+    stops its work itself: the protocol does not know all of it)."""
     protocol = with_frames(opened())
     protocol.receive(Ask(id="a", text="q"), now=0.0)
-    assert protocol.close() == [CancelAnswer("a"), StopSource(1)]
+    protocol.close()
+    assert protocol.state is State.CLOSED
+    assert protocol.source is not None and protocol.source.state is SourceState.ENDED
     assert protocol.receive(Ask(id="b", text="q"), now=0.0) == []
+    assert protocol.source_ended(1, None, level=IDLE) == []
+
+
+def told(protocol: SessionProtocol) -> tuple[SourceState, str]:
+    """The current source's state, and what video.status says of it."""
+    assert protocol.source is not None
+    return protocol.source.state, protocol.status().state
+
+
+def test_a_source_moves_through_its_states_and_status_tells_three_of_them() -> None:
+    """DECODING -> ENDING -> ENDED or FAILED; an ending source is told as still decoding; a
+    replaced source ends; no state goes back."""
+    protocol = opened()
+    assert protocol.status().state == "ended"  # no source yet
+    protocol.receive(VideoChunk(data=b"x"), now=0.0)
+    assert told(protocol) == (SourceState.DECODING, "decoding")
+    protocol.receive(VideoEnd(), now=0.0)
+    assert told(protocol) == (SourceState.ENDING, "decoding")
+    assert protocol.receive(VideoEnd(), now=0.0) == []  # already ending
+    protocol.source_ended(1, None, level=IDLE)
+    assert told(protocol) == (SourceState.ENDED, "ended")
+
+    protocol.receive(VideoChunk(data=b"x"), now=0.0)
+    first = protocol.source
+    protocol.receive(VideoUrl(url="http://h/v.mp4"), now=0.0)
+    assert first is not None and first.state is SourceState.ENDED  # replaced
+    protocol.receive(VideoEnd(), now=0.0)
+    protocol.source_ended(3, VideoDecodeError("corrupt"), level=IDLE)
+    assert told(protocol) == (SourceState.FAILED, "failed")
+    with pytest.raises(AssertionError, match="FAILED -> DECODING"):
+        protocol.source.move(SourceState.DECODING)
+
+
+def test_ready_and_answer_done_encode_to_the_wire_maps_of_protocol_v1() -> None:
+    """The typed limits and usage travel as the same maps as before they were typed: the same
+    keys in the same order, the same value types."""
+    protocol = SessionProtocol(Settings(), session_id="s1", model="m")
+    [ready] = protocol.receive(Hello(keyframes_only=True), now=0.0)
+    assert isinstance(ready, Send)
+    limits = msgpack.unpackb(encode_server(ready.message, binary=True))["limits"]
+    s = Settings()
+    assert list(limits.items()) == [
+        ("fps", s.fps),
+        ("window_frames", s.window_frames),
+        ("window_bytes", s.window_bytes),
+        ("min_pixels", s.min_pixels),
+        ("max_pixels", s.max_pixels),
+        ("frame_factor", s.factor),
+        ("max_message_bytes", s.max_message_bytes),
+        ("video_buffer_bytes", s.feed_bytes),
+        ("max_concurrent_asks", s.max_concurrent_asks),
+        ("max_question_chars", s.max_question_chars),
+        ("max_tokens", s.max_tokens),
+        ("max_tokens_limit", s.max_tokens_limit),
+        ("tokens_per_frame", 0),
+        ("max_ask_frames", 0),
+        ("keyframes_only", True),
+        ("messages_per_second", s.messages_per_second),
+        ("message_burst", s.message_burst),
+        ("video_bytes_per_second", s.video_bytes_per_second),
+        ("idle_timeout", s.idle_timeout),
+    ]
+    assert [type(value) for value in limits.values()] == [
+        float, int, int, int, int, int, int, int, int, int, int, int, int, int, bool,
+        float, int, int, float,
+    ]  # fmt: skip
+    with_frames(protocol).receive(Ask(id="a", text="q"), now=0.0)
+    [done] = protocol.answer_finished("a", "", "error", None, None)
+    assert isinstance(done, Send)
+    assert msgpack.unpackb(encode_server(done.message, binary=True)) == {
+        "type": "answer.done",
+        "id": "a",
+        "finish_reason": "error",
+        "usage": {
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "video_tokens": 0,
+            "frames": 0,
+            "time_to_first_token": None,
+        },
+    }
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("secret path /etc"), KeyError("x")])
@@ -285,14 +384,3 @@ def test_an_unexpected_failure_while_handling_an_ask_names_it() -> None:
     assert isinstance(bug, Error) and isinstance(own, Error)
     assert (bug.code, bug.id, "secret" in bug.message) == ("internal_error", "q1", False)
     assert (own.code, own.id) == ("no_frames", "q2")
-
-
-def test_message_id_is_the_id_of_asks_only() -> None:
-    """A refusal names an ask's id; never a cancel's, which is that of an answer maybe running."""
-    messages: list[ClientMessage] = [
-        Ask(id="q", text="t"),
-        Cancel(id="c"),
-        Hello(),
-        VideoChunk(data=b"x"),
-    ]
-    assert [message_id(m) for m in messages] == ["q", None, None, None]
