@@ -22,7 +22,7 @@ connection runs two tasks:
 
 Whichever task ends first ends the connection; the session is then closed.
 Every line about the connection, from its acceptance on, goes through the
-session's :class:`~streamchat.session.SessionLog`.
+session's :class:`~streamchat.sessionlog.SessionLog`.
 """
 
 from __future__ import annotations

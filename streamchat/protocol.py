@@ -20,13 +20,15 @@ The session (:class:`State`)::
     AWAITING_HELLO ──hello──▶ OPEN ──close()──▶ CLOSED
     (anything else before hello is refused with hello_required; after close, ignored)
 
-Its video, one source at a time (:class:`SourceState`): the first chunk after
-``video.end`` (or with no source), and every ``video.url``, start a new
-source, which replaces the current one and clears the window::
+Its video, one source at a time (:class:`SourceState`): a chunk when no
+source is decoding, and every ``video.url``, start a new source, which
+replaces the current one and clears the window (its frames are a new
+stream's)::
 
-    DECODING ──video.end──▶ ENDING ──the decoder drained the rest──▶ ENDED
-        └──────────────────────┴──── the decoder or fetch failed ──▶ FAILED
-    (replaced or closed: ENDED)      video.status tells decoding, ended or failed
+    DECODING ──video.end──▶ ENDING                         video.status: "decoding"
+    DECODING | ENDING ──the decoder reached the end──▶ ENDED             "ended"
+    DECODING | ENDING ──the decoder or the fetch failed──▶ FAILED        "failed"
+    DECODING | ENDING ──replaced by a new source, or closed──▶ ENDED
 
 Its answers: an accepted ``ask`` is in :attr:`SessionProtocol.answers` from
 its :class:`StartAnswer` until :meth:`~SessionProtocol.answer_finished`,

@@ -19,10 +19,10 @@ returns. It owns three kinds of background work, all stopped by
 Frames cross from the decoder thread to the loop with
 ``call_soon_threadsafe``; the window is only touched on the loop.
 
-Every line a session logs begins ``session <id>: ``: the endpoint and the
-session log through its :class:`SessionLog`, and the layers below them, which
-know no session (decoding, fetching, the engine), are tagged from the task or
-thread they run in (:meth:`SessionLog.tag_task`).
+Every line about a session names it (:mod:`streamchat.sessionlog`): the
+endpoint and the session log through :attr:`Session.log`, and each thread
+the session starts gets its context, so that the lines the layers below log
+there are tagged too.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -58,72 +58,17 @@ from .protocol import (
     StartSource,
     StopSource,
 )
+from .sessionlog import SessionLog
 from .window import Frame
 
-__all__ = ["Close", "Session", "SessionLog"]
+__all__ = ["Close", "Session"]
 
 logger = logging.getLogger("streamchat.session")
-
-_TAGGED_LOGGERS = ("streamchat.decoder", "streamchat.fetch", "streamchat.engine")
-"""The loggers of the layers a session's work runs in, which know nothing of sessions."""
 
 SOURCE_STOP_GRACE = 5.0
 """Seconds :meth:`Session.aclose` waits for its threads (decoders, an image, a lookup) to end."""
 
 _T = TypeVar("_T")
-
-
-_RUNNING: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "streamchat_session", default=None
-)
-"""The id of the session whose task or thread this is (see :meth:`SessionLog.tag_task`)."""
-
-
-def _prefix(session_id: str) -> str:
-    return f"session {session_id}: "
-
-
-class SessionLog(logging.LoggerAdapter[logging.Logger]):
-    """One session's lines: each begins ``session <id>: `` and its record carries ``session``.
-
-    The prefix is in the message itself, so every log format shows it (the
-    ``session`` attribute is there for structured handlers).
-    """
-
-    def __init__(self, session_id: str, base: logging.Logger = logger) -> None:
-        super().__init__(base, {"session": session_id})
-        self.session_id = session_id
-
-    def process(
-        self, msg: object, kwargs: MutableMapping[str, Any]
-    ) -> tuple[str, MutableMapping[str, Any]]:
-        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
-        return f"{_prefix(self.session_id)}{msg}", kwargs
-
-    def tag_task(self) -> None:
-        """Tag the lines the layers below log from the calling task from now on.
-
-        Tasks copy their creator's context, and :meth:`Session._in_thread`
-        hands it to each thread: so the connection's task, tagged once, tags
-        everything the session starts from it.
-        """
-        _RUNNING.set(self.session_id)
-
-
-class _TagSessionLines(logging.Filter):
-    """Prefixes the lines of a layer below with the id of the session it runs for, if any."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        session_id = _RUNNING.get()
-        if session_id is not None and not hasattr(record, "session"):
-            record.session = session_id
-            record.msg = f"{_prefix(session_id)}{record.msg}"
-        return True
-
-
-_TAG = _TagSessionLines()
-for _name in _TAGGED_LOGGERS:
-    logging.getLogger(_name).addFilter(_TAG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +133,7 @@ class Session:
         self._lookups = lookups or shared_lookups(settings.max_dns_lookups)
         self._threads: set[asyncio.Future[object]] = set()  # the end of each thread running
         self._images = asyncio.Lock()  # one image decoding at a time
-        self.log = SessionLog(session_id)
+        self.log = SessionLog(logger, session_id)
 
     # -- input --------------------------------------------------------------
 

@@ -65,6 +65,13 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Usage:
+    """What the engine counted for one answer.
+
+    Not the wire's :class:`streamchat.messages.Usage`, which the protocol
+    builds from this and the time to the first delta that the session
+    measures: the engine layer never sees the wire.
+    """
+
     prompt_tokens: int
     completion_tokens: int
     video_tokens: int
