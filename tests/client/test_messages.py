@@ -15,6 +15,7 @@ import pytest
 from streamchat.config import Settings
 from streamchat_client import ProtocolViolation, PushStats, connect
 from streamchat_client.display import Display
+from streamchat_client.inbox import Inbox
 from streamchat_client.messages import parse_ready, parse_status
 from tests.client.scripted import LIMITS
 from tests.support.live import Live
@@ -52,6 +53,36 @@ def test_new_fields_are_optional_and_typed() -> None:
     assert (status.width, status.height) == (168, 308)
     with pytest.raises(ProtocolViolation, match="height"):
         parse_status({**STATUS, "width": 168, "height": 308.5})
+
+
+USAGE = {"prompt_tokens": 1, "completion_tokens": 1, "video_tokens": 0, "frames": 0,
+         "time_to_first_token": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ({"type": "answer.delta", "id": "q1"}, "text"),
+        ({"type": "answer.delta", "id": 7, "text": "x"}, "id"),
+        ({"type": "answer.done", "finish_reason": "stop", "usage": USAGE}, "id"),
+        ({"type": "going_away", "reason": "stopping"}, "timeout"),
+    ],
+)
+def test_every_server_message_is_checked_field_by_field(
+    message: dict[str, Any], field: str
+) -> None:
+    """A delta, a done or a going_away with a field missing or mistyped is a protocol violation
+    naming the field, as ready and video.status are."""
+    with pytest.raises(ProtocolViolation, match=f"'{field}'"):
+        Inbox(max_errors=1).dispatch(message)
+
+
+def test_messages_the_client_does_not_read_are_ignored() -> None:
+    """A later version's message type, and a stray ready, change nothing and raise nothing."""
+    inbox = Inbox(max_errors=1)
+    inbox.dispatch({"type": "video.frame", "whatever": 1})
+    inbox.dispatch({"type": "ready"})
+    assert (inbox.status, list(inbox.errors), inbox.going_away) == (None, [], None)
 
 
 def test_cli_shows_frame_size_and_the_frame_budget() -> None:
