@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .config import DEFAULT_MODEL, Settings
-from .ingest.urlpolicy import parse_allowed_domain
+from .ingest import parse_allowed_domain
 
 __all__ = ["build_parser", "main", "settings_from_args"]
 
@@ -206,7 +206,7 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
     settings = settings_from_args(args, model)
 
     from .app import create_app
-    from .media.decoder import map_large_blocks
+    from .media import map_large_blocks
     from .serving import GracefulServer, server_config
 
     map_large_blocks()  # freed FFmpeg tables go back to the kernel, not to arenas

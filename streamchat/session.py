@@ -39,10 +39,8 @@ from typing import Any, TypeVar, cast
 from .config import Settings
 from .engine.base import Engine, EngineError, GenerationRequest, Usage
 from .errors import EngineFailure, StreamchatError, UrlFetchFailed, close_reason
-from .ingest.feed import ByteFeed, FeedClosed
-from .ingest.fetch import fetch_into
-from .ingest.netguard import Lookups, shared_lookups
-from .media.decoder import DecoderOptions, decode_image, decode_stream
+from .ingest import ByteFeed, FeedClosed, Lookups, fetch_into, shared_lookups
+from .media import DecoderOptions, decode_image, decode_stream
 from .messages import ClientMessage, ServerMessage, VideoStatus
 from .protocol import (
     Action,
