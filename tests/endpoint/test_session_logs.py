@@ -14,7 +14,7 @@ from streamchat.app import SESSION_PATH, create_app
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat.sessionlog import SessionLog
-from tests.media import chunks, encode_video
+from tests.support.media import chunks, encode_video
 
 SETTINGS = Settings(max_message_bytes=64 * 1024, min_pixels=28 * 28, max_pixels=56 * 56)
 

@@ -319,8 +319,9 @@ def test_a_file_whose_index_never_arrives_is_a_decode_error(
         assert played.status["frames"] == 0
         if scheme == "http":
             server.wait_idle()
-            ranges = [s.range for s in server.log]
-            assert ranges == ([None] if at < clip.index[0] else [None, f"bytes={clip.index[0]}-"])
+            # In either order: the abandoned whole-file GET may be logged after the range request.
+            ranges = sorted((s.range or "" for s in server.log), key=str)
+            assert ranges == ([""] if at < clip.index[0] else ["", f"bytes={clip.index[0]}-"])
 
 
 def test_a_server_that_cuts_the_file_or_the_connection(

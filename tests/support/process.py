@@ -23,7 +23,7 @@ from tests.support.ports import free_port
 __all__ = ["ServerProcess", "server_process"]
 
 READY_TIMEOUT = 240.0
-SESSION_CLOSED = re.compile(r"\bsession \S+ closed$")
+SESSION_CLOSED = re.compile(r"\bsession \S+: closed$")
 """The line a session's end is logged with (INFO), once it has fully stopped (decoders ended)."""
 
 

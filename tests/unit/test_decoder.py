@@ -1,6 +1,6 @@
 """The PyAV decoder: resize rule, sampling, and real decoding of generated media.
 
-Videos are generated with PyAV (``tests/media.py``); each frame shows its own
+Videos are generated with PyAV (``tests/support/media.py``); each frame shows its own
 frame number, so a test can check which source frame a decoded image is.
 Pushed streams go through a real ``ByteFeed`` in arbitrary-boundary chunks
 from the event loop while ``decode_stream`` runs in a worker thread.

@@ -1,6 +1,6 @@
 """The MP4 box walker that checks what each fragment declares as the bytes pass.
 
-Streams are generated fragmented MP4 (``tests/media.py``), fed whole, a byte at
+Streams are generated fragmented MP4 (``tests/support/media.py``), fed whole, a byte at
 a time, and in random slices; boxes the muxer never writes are built here.
 """
 
