@@ -21,7 +21,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from . import __version__
+from . import __version__, openai
 from .access import KeyStore
 from .config import Settings
 from .endpoint import RefusedHandshakeFilter, session_endpoint
@@ -89,6 +89,7 @@ def create_app(
                 resolved = dataclasses.replace(settings, frame_factor=served.frame_factor)
             resolved = fit_context(resolved, served.vision_costs)
             state = ServerState(resolved, served, KeyStore.from_settings(resolved))
+            await openai.warm()
             app.state.streamchat = state
             if not state.keys.enabled:
                 logger.info(
@@ -106,12 +107,14 @@ def create_app(
             finally:
                 uvicorn_log.removeFilter(quiet)
                 state.flush_refusals()
+                await state.videos.aclose()
 
     return Starlette(
         routes=[
             _index_route(),
             Route("/health", _health),
             WebSocketRoute(SESSION_PATH, session_endpoint),
+            *openai.routes(),
             Mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static"),
         ],
         lifespan=lifespan,

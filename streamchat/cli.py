@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("ping_interval", float, "seconds between WebSocket pings"),
         ("ping_timeout", float, "seconds a ping may wait for its pong"),
         ("shutdown_timeout", float, "seconds answers may finish after SIGTERM"),
+        ("max_request_bytes", int, "largest OpenAI-compatible request body (HTTP 413)"),
+        ("max_request_videos", int, "videos per OpenAI-compatible request"),
+        ("max_request_images", int, "images per OpenAI-compatible request"),
+        ("video_cache_bytes", int, "decoded videos kept for repeated requests"),
+        ("max_media_decodes", int, "videos and images of requests decoded at once"),
+        ("max_data_url_bytes", int, "largest data: URL, decoded"),
+        ("max_data_url_frames", int, "most JPEG frames in a data:video/jpeg URL"),
+        ("max_image_bytes", int, "largest image fetched or given"),
     ):
         group.add_argument(
             "--" + name.replace("_", "-"),

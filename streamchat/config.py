@@ -32,6 +32,11 @@ DEFAULT_OUTBOX_MESSAGES = 256
 DEFAULT_FETCH_MAX_BYTES = 2 * 1024 * 1024 * 1024
 DEFAULT_FETCH_TIMEOUT = 30.0
 DEFAULT_FETCH_MAX_REDIRECTS = 5
+DEFAULT_VIDEO_CACHE_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_MEDIA_DECODES = 4
+DEFAULT_MAX_DATA_URL_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_DATA_URL_FRAMES = 256
+DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_SOURCE_SECONDS = 4 * 3600.0
 DEFAULT_MAX_SOURCE_FRAMES = 1_000_000
 DEFAULT_MAX_INDEX_SAMPLES = 500_000
@@ -52,6 +57,9 @@ DEFAULT_SEND_TIMEOUT = 10.0
 DEFAULT_PING_INTERVAL = 20.0
 DEFAULT_PING_TIMEOUT = 20.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_REQUEST_VIDEOS = 4
+DEFAULT_MAX_REQUEST_IMAGES = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +117,18 @@ class Settings:
     """Let URLs reach loopback, private, link-local and other non-global addresses."""
     fetch_allowed_domains: tuple[str, ...] = ()
     """When not empty, URLs may only name these hosts (or their subdomains)."""
+    video_cache_bytes: int = DEFAULT_VIDEO_CACHE_BYTES
+    """Decoded frames the server keeps for requests that name a video or image by URL
+    (:mod:`streamchat.videocache`), in bytes of pixels; least recently used go first."""
+    max_media_decodes: int = DEFAULT_MAX_MEDIA_DECODES
+    """Videos and images of such requests decoded at once (each in a thread of its own,
+    with ``decoder_threads`` FFmpeg threads); more wait for a place."""
+    max_data_url_bytes: int = DEFAULT_MAX_DATA_URL_BYTES
+    """Largest ``data:`` URL, in decoded bytes (checked from its length, before decoding)."""
+    max_data_url_frames: int = DEFAULT_MAX_DATA_URL_FRAMES
+    """Most JPEG frames in one multi-frame ``data:video/jpeg;base64,f1,f2,...`` URL."""
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    """Largest image file (compressed) fetched by URL or given as a ``data:`` URL."""
     max_source_seconds: float = DEFAULT_MAX_SOURCE_SECONDS
     """A source (URL or pushed stream) longer than this, in video time, ends with an error."""
     max_source_frames: int = DEFAULT_MAX_SOURCE_FRAMES
@@ -124,6 +144,14 @@ class Settings:
     max_dns_lookups: int = DEFAULT_MAX_DNS_LOOKUPS
     """DNS lookups running at once in the server, each in a thread of its own, at most one
     per session (:class:`~streamchat.ingest.netguard.Lookups`)."""
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    """The largest body of an OpenAI-compatible request (its ``data:`` URLs included): HTTP 413."""
+    max_request_videos: int = DEFAULT_MAX_REQUEST_VIDEOS
+    """Videos in one OpenAI-compatible request, over all its messages (vLLM's
+    ``limit_mm_per_prompt`` is set to match)."""
+    max_request_images: int = DEFAULT_MAX_REQUEST_IMAGES
+    """Images in one OpenAI-compatible request, over all its messages."""
 
     max_sessions: int = DEFAULT_MAX_SESSIONS
     """Sessions open at once; more are refused at the handshake (HTTP 503)."""

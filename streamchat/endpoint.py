@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+import secrets
 from contextvars import ContextVar
 
 from starlette.responses import JSONResponse
@@ -95,9 +95,10 @@ async def session_endpoint(websocket: WebSocket) -> None:
     connection: _Connection | None = None
     try:
         await websocket.accept(subprotocol=grant.subprotocol)
-        session = Session(state.settings, state.engine, session_id=uuid.uuid4().hex[:12])
+        session = Session(state.settings, state.engine, session_id=secrets.token_hex(16))
         session.log.tag_task()
         await state.add(session)
+        session.identity = identity
         session.log.info("opened (%s)", grant.identity)
         connection = _Connection(websocket, session, state, identity, waiting, deadline)
         if state.closing:  # the drain began during the handshake, and did not see this one
@@ -331,6 +332,7 @@ class _Connection:
         identity = check_token(message.token, keys) if keys.enabled else self.waiting.address
         self.state.reserve(identity)  # ServerBusy is fatal: no room for this key (or address)
         self.identity = identity
+        self.session.identity = identity
         self._stop_waiting()
         if self._timer is not None:
             self._timer.cancel()

@@ -33,7 +33,9 @@
     │   ├── VideoBacklogFull            video_backlog_full: pushed faster than decoded
     │   ├── SourceBusy                  source_busy: chunks while a URL source is active
     │   ├── UrlNotAllowed               url_not_allowed: scheme, host, address or path refused
-    │   └── UrlFetchFailed              url_fetch_failed: unreachable, HTTP error, too large
+    │   ├── UrlFetchFailed              url_fetch_failed: unreachable, HTTP error, too large
+    │   └── MediaInvalid                media_invalid: a ``data:`` URL not base64, or of a
+    │                                   media type its bytes belie
     └── EngineFailure                   engine_error: the model failed while answering
 
 Each class carries its wire ``code`` and whether the session can go on
@@ -59,6 +61,7 @@ __all__ = [
     "HelloRequired",
     "IdleTimeout",
     "InvalidField",
+    "MediaInvalid",
     "MessageTooLarge",
     "NoFrames",
     "OriginNotAllowed",
@@ -247,6 +250,13 @@ class UrlNotAllowed(VideoError):
 
 class UrlFetchFailed(VideoError):
     code = "url_fetch_failed"
+
+
+class MediaInvalid(VideoError):
+    """A ``data:`` URL that is malformed (not base64, no media type) or whose bytes are not
+    what its media type says (``video/mp4`` holding a PNG image)."""
+
+    code = "media_invalid"
 
 
 class EngineFailure(StreamchatError):

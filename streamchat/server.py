@@ -26,6 +26,7 @@ from .config import Settings
 from .engine.base import Engine
 from .engine.prompt import MAX_CLIPS
 from .errors import AccessError, CloseCode, ServerBusy
+from .videocache import VideoCache
 
 if TYPE_CHECKING:
     from .session import Session
@@ -79,6 +80,18 @@ class ServerState:
     _numbers: itertools.count[int] = field(default_factory=itertools.count)
     refusals: RefusalLog = field(default_factory=lambda: RefusalLog(REFUSAL_LOG_INTERVAL))
     _refusals_due: asyncio.TimerHandle | None = None
+    videos: VideoCache = field(default=None)  # type: ignore[assignment]
+    """Decoded videos and images of the OpenAI-compatible door, kept for the next request."""
+    _by_id: dict[str, Session] = field(default_factory=dict)
+    _unreserved: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        if self.videos is None:
+            self.videos = VideoCache(self.settings, max_bytes=self.settings.video_cache_bytes)
+
+    def find_session(self, session_id: str) -> Session | None:
+        """The open session of that id, if any."""
+        return self._by_id.get(session_id)
 
     def reserve(self, identity: str) -> None:
         """Count a new session against the limits, or raise :class:`ServerBusy`.
@@ -104,6 +117,19 @@ class ServerState:
         self._per_client[identity] -= 1
         if self._per_client[identity] <= 0:
             del self._per_client[identity]
+        if not self._per_client:
+            self._unreserved.set()
+
+    @property
+    def reserved(self) -> int:
+        """Places held now: sessions, and requests of the OpenAI-compatible door."""
+        return self._per_client.total()
+
+    async def wait_unreserved(self) -> None:
+        """Return once no place is held (every session closed, every request answered)."""
+        while self._per_client:
+            self._unreserved.clear()
+            await self._unreserved.wait()
 
     @property
     def waiting(self) -> int:
@@ -207,12 +233,14 @@ class ServerState:
     async def add(self, session: Session) -> None:
         async with self._changed:
             self.sessions.add(session)
+            self._by_id[session.id] = session
             self._changed.notify_all()
 
     async def discard(self, session: Session) -> None:
         """Forget a session once it has fully stopped (answers aborted, decoders ended)."""
         async with self._changed:
             self.sessions.discard(session)
+            self._by_id.pop(session.id, None)
             self._changed.notify_all()
 
     async def wait_sessions(self, count: int) -> None:

@@ -120,6 +120,9 @@ class Session:
         self.settings = settings
         self.engine = engine
         self.id = session_id
+        self.identity: str | None = None
+        """Who opened it (its key, else its address) once authenticated: only they may
+        name it as a video source (:mod:`streamchat.openai`)."""
         self.protocol = SessionProtocol(settings, session_id=session_id, model=engine.model_name)
         self.outbox: asyncio.Queue[ServerMessage | Close] = asyncio.Queue(settings.outbox_messages)
         self._loop = asyncio.get_running_loop()
@@ -226,17 +229,12 @@ class Session:
 
     def _decoder_options(self, container: str | None) -> DecoderOptions:
         s, o = self.settings, self.protocol.options
-        return DecoderOptions(
+        return DecoderOptions.from_settings(
+            s,
             fps=o.fps,
             min_pixels=min(s.min_pixels, o.max_pixels),
             max_pixels=o.max_pixels,
-            factor=s.factor,
             container=container,
-            max_decode_pixels=s.max_decode_pixels,
-            max_source_seconds=s.max_source_seconds,
-            max_source_frames=s.max_source_frames,
-            max_index_samples=s.max_index_samples,
-            threads=s.decoder_threads,
             keyframes_only=o.keyframes_only,
         )
 

@@ -15,13 +15,19 @@ from ..budget import VisionCosts
 from ..window import Frame
 
 __all__ = [
+    "ChatRequest",
     "ChatTurn",
     "Delta",
     "Engine",
     "EngineError",
     "GenerationRequest",
+    "Image",
+    "Message",
+    "Part",
+    "Request",
     "SamplingOptions",
     "Usage",
+    "Video",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -35,6 +41,8 @@ class SamplingOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """Strings that end the answer where they appear (not included in it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +69,51 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     fps: float = 2.0
     """The rate the frames were sampled at (Qwen2.5-VL/Qwen3-VL need it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Video:
+    """One video of a prompt: frames oldest first, with their stream times (``Frame.pts``)."""
+
+    frames: Sequence[Frame]
+    fps: float
+    """The rate the frames were sampled at (what a single frame's clip is told)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """One picture of a prompt."""
+
+    frame: Frame
+
+
+Part = str | Video | Image
+"""A piece of a message's content: text, a video or an image, in the order the model reads them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message of a conversation, in the shape every chat template takes."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Sequence[Part]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatRequest:
+    """A whole conversation with its media, as OpenAI's chat API carries one.
+
+    Unlike a :class:`GenerationRequest`, nothing in it may be dropped to fit
+    the context: a conversation that does not fit is ``ContextTooLong``.
+    """
+
+    request_id: str
+    messages: Sequence[Message]
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+
+Request = GenerationRequest | ChatRequest
+"""What an engine answers: a live session's question, or a whole conversation."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,7 +162,7 @@ class Engine(Protocol):
         """What video costs in the model's context, if known (the app plans the window by it)."""
         ...
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+    def generate(self, request: Request) -> AsyncGenerator[Delta, None]:
         """Stream the answer to ``request`` as deltas.
 
         Closing the iterator early (or cancelling its consumer) must abort the

@@ -14,7 +14,8 @@ import asyncio
 from collections.abc import AsyncGenerator
 
 from ..budget import VisionCosts
-from .base import Delta, EngineError, GenerationRequest, Usage
+from .base import Delta, EngineError, GenerationRequest, Request, Usage, Video
+from .prompt import conversation, media_frames
 
 __all__ = ["FakeEngine"]
 
@@ -31,7 +32,7 @@ class FakeEngine:
         self.vision_costs = vision_costs
         """What video costs the fake's "model" (None: no context to fit, as before)."""
         self._running: set[str] = set()
-        self.requests: list[GenerationRequest] = []
+        self.requests: list[Request] = []
         self.aborted: list[str] = []
         self.fail_with = fail_with
         """When set, every answer fails with an ``EngineError`` after its first delta."""
@@ -58,20 +59,22 @@ class FakeEngine:
         return not (self.dead or self.closed)
 
     @staticmethod
-    def script(request: GenerationRequest) -> list[str]:
+    def script(request: Request) -> list[str]:
         """The words the fake answers ``request`` with."""
-        frames = request.frames
+        messages, _ = conversation(request)
+        frames = [f for m in messages for p in m.content if isinstance(p, Video) for f in p.frames]
         span = f"{frames[0].pts:.1f}-{frames[-1].pts:.1f}s" if frames else "none"
+        turns = sum(m.role == "assistant" for m in messages)
         text = (
-            f"I see {len(frames)} frames ({span}) after {len(request.history)} turns; "
-            f"you asked: {request.question}"
+            f"I see {media_frames(messages)} frames ({span}) after {turns} turns; "
+            f"you asked: {_question(request)}"
         )
         words = text.split(" ")
         return [w if i == 0 else " " + w for i, w in enumerate(words)][
             : request.sampling.max_tokens
         ]
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+    async def generate(self, request: Request) -> AsyncGenerator[Delta, None]:
         if self.closed or self.dead:
             raise EngineError("engine is closed" if self.closed else "engine is dead")
         self.requests.append(request)
@@ -88,11 +91,12 @@ class FakeEngine:
                         raise EngineError(self.fail_with)
                 yield Delta(text=word)
             full = len(words) == request.sampling.max_tokens
+            shown = media_frames(conversation(request)[0])
             usage = Usage(
-                prompt_tokens=10 + len(request.question.split()),
+                prompt_tokens=10 + len(_question(request).split()),
                 completion_tokens=len(words),
-                video_tokens=4 * len(request.frames),
-                frames=len(request.frames),
+                video_tokens=4 * shown,
+                frames=shown,
             )
             finished = True
             yield Delta(text="", finish_reason="length" if full else "stop", usage=usage)
@@ -100,6 +104,8 @@ class FakeEngine:
             self._running.discard(request.request_id)
             if not finished:
                 self.aborted.append(request.request_id)
+            async with self.started:
+                self.started.notify_all()
 
     async def abort(self, request_id: str) -> None:
         self._running.discard(request_id)
@@ -109,5 +115,18 @@ class FakeEngine:
         async with self.started:
             await self.started.wait_for(lambda: len(self._running) >= count)
 
+    async def wait_idle(self) -> None:
+        """Return once no request is streaming (ended, or closed early and so aborted)."""
+        async with self.started:
+            await self.started.wait_for(lambda: not self._running)
+
     async def aclose(self) -> None:
         self.closed = True
+
+
+def _question(request: Request) -> str:
+    """The question: a live session's, or the last text of a conversation's last message."""
+    if isinstance(request, GenerationRequest):
+        return request.question
+    texts = [part for part in request.messages[-1].content if isinstance(part, str)]
+    return texts[-1] if texts else ""

@@ -1,11 +1,13 @@
-"""Question + frames + history -> chat messages and video metadata for the model.
+"""Requests -> chat messages and video metadata for the model.
 
 Pure: the engine adapter renders the messages with the model's chat template
 (so the model's own video placeholder tokens appear where they belong) and
-passes the frames as the prompt's videos.
+passes the frames as the prompt's videos and images, in the same order.
 
-Only the newest question carries video: earlier turns are replayed as text,
-which keeps the prompt short.
+A live session's question (:func:`conversation`): only the newest question
+carries video; earlier turns are replayed as text, which keeps the prompt
+short. A whole conversation (an OpenAI-style request) is rendered as given,
+each video where its message put it.
 
 Time. Frames keep their stream times (seconds since the source's first
 frame), and every model family is told those times, not a nominal rate:
@@ -38,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..window import Frame
-from .base import ChatTurn
+from .base import ChatRequest, ChatTurn, GenerationRequest, Image, Message, Request, Video
 
 __all__ = [
     "CLOCK",
@@ -46,12 +48,15 @@ __all__ = [
     "build_messages",
     "clip_frames",
     "clip_rate",
+    "conversation",
     "describe_frames",
+    "hf_messages",
+    "media_frames",
     "split_clips",
     "video_metadata",
 ]
 
-Message = dict[str, Any]
+HfMessage = dict[str, Any]
 Clip = Sequence[Frame]
 
 MAX_CLIPS = 4
@@ -126,6 +131,58 @@ def _describe(clip: Clip, fps: float) -> str:
     )
 
 
+def conversation(request: Request) -> tuple[list[Message], int]:
+    """The messages of ``request``, and how many of its earlier turns may be dropped to fit.
+
+    A live session's question becomes its history replayed as text (those
+    turns may be dropped, oldest first), then one user message: a video per
+    clip of the window, and the sentence saying what they span before the
+    question. A :class:`ChatRequest` is taken as it is, with nothing to drop.
+    """
+    if isinstance(request, ChatRequest):
+        return list(request.messages), 0
+    messages: list[Message] = []
+    for turn in request.history:
+        messages.append(Message("user", (turn.question,)))
+        messages.append(Message("assistant", (turn.answer,)))
+    videos = [Video(clip, request.fps) for clip in split_clips(request.frames)]
+    text = f"{describe_frames(request.frames, request.fps)}\n{request.question}"
+    messages.append(Message("user", (*videos, text)))
+    return messages, len(request.history)
+
+
+def hf_messages(messages: Sequence[Message], *, system: str | None = None) -> list[HfMessage]:
+    """``messages`` in the Hugging Face multimodal format the chat templates read.
+
+    Each video and image is a placeholder where it stands; the engine passes
+    the media themselves, in the same order.
+    """
+    rendered: list[HfMessage] = []
+    if system:
+        rendered.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    for message in messages:
+        content: list[dict[str, Any]] = []
+        for part in message.content:
+            if isinstance(part, str):
+                content.append({"type": "text", "text": part})
+            elif isinstance(part, Video):
+                content.append({"type": "video"})
+            else:
+                content.append({"type": "image"})
+        rendered.append({"role": message.role, "content": content})
+    return rendered
+
+
+def media_frames(messages: Sequence[Message]) -> int:
+    """Frames the model is shown: every video's frames and every image."""
+    return sum(
+        len(part.frames) if isinstance(part, Video) else 1
+        for message in messages
+        for part in message.content
+        if isinstance(part, Video | Image)
+    )
+
+
 def build_messages(
     question: str,
     frames: Sequence[Frame],
@@ -133,18 +190,12 @@ def build_messages(
     *,
     fps: float,
     system: str | None = None,
-) -> list[Message]:
-    """Chat messages in the Hugging Face multimodal format: one video per clip."""
-    messages: list[Message] = []
-    if system:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
-    for turn in history:
-        messages.append({"role": "user", "content": [{"type": "text", "text": turn.question}]})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.answer}]})
-    content: list[dict[str, Any]] = [{"type": "video"} for _ in split_clips(frames)]
-    content.append({"type": "text", "text": f"{describe_frames(frames, fps)}\n{question}"})
-    messages.append({"role": "user", "content": content})
-    return messages
+) -> list[HfMessage]:
+    """A live session's question as chat messages in the Hugging Face format: one video per clip."""
+    request = GenerationRequest(
+        request_id="", question=question, frames=frames, history=history, fps=fps
+    )
+    return hf_messages(conversation(request)[0], system=system)
 
 
 def video_metadata(clip: Clip, fps: float, *, family: str) -> dict[str, Any] | None:

@@ -31,11 +31,19 @@ import numpy as np
 import numpy.typing as npt
 
 from ..budget import VisionCosts
-from ..engine import cpu_compat
+from ..config import DEFAULT_MAX_REQUEST_IMAGES, DEFAULT_MAX_REQUEST_VIDEOS
 from ..errors import ContextTooLong
 from ..window import Frame
-from .base import ChatTurn, Delta, EngineError, FinishReason, GenerationRequest, Usage
-from .prompt import MAX_CLIPS, build_messages, clip_frames, split_clips, video_metadata
+from . import cpu_compat
+from .base import Delta, EngineError, FinishReason, Image, Message, Request, Usage, Video
+from .prompt import (
+    MAX_CLIPS,
+    clip_frames,
+    conversation,
+    hf_messages,
+    media_frames,
+    video_metadata,
+)
 
 cpu_compat.install()
 
@@ -116,7 +124,11 @@ def engine_defaults() -> dict[str, Any]:
         "max_num_seqs": DEFAULT_MAX_NUM_SEQS,
         "kv_cache_memory_bytes": DEFAULT_KV_CACHE_BYTES,
         "enforce_eager": True,
-        "limit_mm_per_prompt": {"video": MAX_CLIPS, "image": 1},
+        # A live question's clips; an OpenAI-style conversation's videos and images.
+        "limit_mm_per_prompt": {
+            "video": max(MAX_CLIPS, DEFAULT_MAX_REQUEST_VIDEOS),
+            "image": DEFAULT_MAX_REQUEST_IMAGES,
+        },
         "seed": 0,
         "disable_log_stats": True,
     }
@@ -207,7 +219,7 @@ class VllmEngine:
         """
         return 0 if self._closed else int(self._llm.get_num_unfinished_requests())
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+    async def generate(self, request: Request) -> AsyncGenerator[Delta, None]:
         """Stream the answer; the last delta carries the finish reason and usage."""
         llm = self._live()
         if request.request_id in self._running:
@@ -215,9 +227,9 @@ class VllmEngine:
         self._running.add(request.request_id)
         outputs: AsyncGenerator[Any, None] | None = None
         try:
-            engine_input, request = await self._render(request)
+            engine_input, request, messages = await self._render(request)
             outputs = llm.generate(engine_input, _sampling_params(request), request.request_id)
-            answer = _Answer(request, self._video_token_id)
+            answer = _Answer(request, self._video_token_id, media_frames(messages))
             try:
                 async for output in outputs:
                     if (delta := answer.delta(output)) is not None:
@@ -261,8 +273,8 @@ class VllmEngine:
             raise EngineError("the engine is shut down")
         return self._llm
 
-    async def _render(self, request: GenerationRequest) -> tuple[Any, GenerationRequest]:
-        """vLLM's engine input for ``request``, and the request as fitted to the context.
+    async def _render(self, request: Request) -> tuple[Any, Request, list[Message]]:
+        """vLLM's engine input for ``request``; the request and its messages as fitted.
 
         vLLM counts a prompt's video tokens only when it expands the videos,
         after its renderer's text check (an over-long prompt then fails inside
@@ -270,10 +282,11 @@ class VllmEngine:
         ends. So the prompt is rendered here and its length, video tokens
         included, read from the renderer's output before anything is submitted:
 
-        * earlier turns are dropped, oldest first, until the prompt and the
-          requested answer (``max_tokens``) fit ``max_model_len`` together: a
-          long answer that joined the history leaves room for the next
-          question rather than breaking every later one;
+        * a live session's earlier turns are dropped, oldest first, until the
+          prompt and the requested answer (``max_tokens``) fit ``max_model_len``
+          together: a long answer that joined the history leaves room for the
+          next question rather than breaking every later one (a
+          :class:`ChatRequest`'s turns are the client's: never dropped);
         * with no history left, an answer longer than the room that remains
           is cut to that room (it ends with ``length``);
         * a question that leaves no room at all is ``ContextTooLong``.
@@ -287,27 +300,28 @@ class VllmEngine:
         """
         limit = self._max_model_len
         wanted = request.sampling.max_tokens
-        videos = self._videos(request)
-        history = list(request.history)
-        extra = 0  # what the videos add to the text's tokens, once a render has shown it
+        messages, droppable = conversation(request)
+        media = self._media(messages)
+        extra = 0  # what the media add to the text's tokens, once a render has shown it
         while True:
-            rendered = await self._rendered(request, history, videos)
-            if rendered.fits(wanted, limit) or (not history and rendered.fits(1, limit)):
+            rendered = await self._rendered(messages, media)
+            if rendered.fits(wanted, limit) or (not droppable and rendered.fits(1, limit)):
                 break
             self._forget(rendered)
-            if not history:
-                raise self._too_long(request, rendered.counted)
+            if not droppable:
+                raise self._too_long(messages, rendered.counted)
             if rendered.length is not None:
-                text = await self._rendered(request, history, {})
+                text = await self._rendered(messages, {})
                 extra = rendered.length - (text.length or 0)
-            drop = await self._turns_to_drop(request, history, limit - wanted - extra)
+            drop = await self._turns_to_drop(messages, droppable, limit - wanted - extra)
             logger.info(
                 "request %s: %d of %d earlier turns dropped to fit the context",
                 request.request_id,
                 drop,
-                len(history),
+                droppable,
             )
-            history = history[drop:]
+            messages = messages[2 * drop :]
+            droppable -= drop
         assert rendered.length is not None
         if rendered.length + wanted > limit:
             room = limit - rendered.length
@@ -319,35 +333,31 @@ class VllmEngine:
             )
             sampling = dataclasses.replace(request.sampling, max_tokens=room)
             request = dataclasses.replace(request, sampling=sampling)
-        return rendered.engine_input, request
+        return rendered.engine_input, request, messages
 
-    async def _turns_to_drop(
-        self, request: GenerationRequest, history: Sequence[ChatTurn], room: int
-    ) -> int:
+    async def _turns_to_drop(self, messages: list[Message], droppable: int, room: int) -> int:
         """The fewest oldest turns (one at least) whose removal brings the text within ``room``.
 
         Bisected on the whole text's tokens, since a turn's cost includes the
         chat template's markup around it; all of them if nothing less will do.
         """
-        low, high = 1, len(history)
+        low, high = 1, droppable
         while low < high:
             middle = (low + high) // 2
-            text = await self._rendered(request, history[middle:], {})
+            text = await self._rendered(messages[2 * middle :], {})
             if text.fits(0, room):
                 high = middle
             else:
                 low = middle + 1
         return low
 
-    async def _rendered(
-        self, request: GenerationRequest, history: Sequence[ChatTurn], videos: dict[str, Any]
-    ) -> _Rendered:
-        """The prompt with ``history`` through vLLM's renderer, and its length.
+    async def _rendered(self, messages: Sequence[Message], media: dict[str, Any]) -> _Rendered:
+        """The prompt of ``messages`` through vLLM's renderer, and its length.
 
-        Without ``videos`` only the text is tokenized (each video one
+        Without ``media`` only the text is tokenized (each video or image one
         placeholder token), touching no multimodal cache.
         """
-        prompt = {"prompt": self._text(request, history), **videos}
+        prompt = {"prompt": self._text(messages), **media}
         try:
             (engine_input,) = await self._live().renderer.render_cmpl_async([prompt])
         except VLLMValidationError as exc:
@@ -377,49 +387,57 @@ class VllmEngine:
             for mm_hash in hashes:
                 cache.invalidate(mm_hash)
 
-    def _too_long(self, request: GenerationRequest, length: object) -> ContextTooLong:
-        """The typed refusal of a question whose prompt alone fills the context."""
+    def _too_long(self, messages: Sequence[Message], length: object) -> ContextTooLong:
+        """The typed refusal of a prompt that alone fills the context."""
         needs = f"needs {length} tokens" if length is not None else "is too long"
         return ContextTooLong(
-            f"the question with its {len(request.frames)} frames {needs}, leaving no room "
+            f"the question with its {media_frames(messages)} frames {needs}, leaving no room "
             f"for an answer in the context of {self._max_model_len} tokens: ask about fewer "
             "frames (max_frames, last_seconds) or a shorter question"
         )
 
-    def _text(self, request: GenerationRequest, history: Sequence[ChatTurn]) -> str:
-        """The prompt's text from the model's chat template (a placeholder per video).
+    def _text(self, messages: Sequence[Message]) -> str:
+        """The prompt's text from the model's chat template (a placeholder per video and image).
 
         The processor's template is preferred, as vLLM's own chat path does:
         some checkpoints' tokenizers carry a text-only template.
         """
-        messages = build_messages(request.question, request.frames, history, fps=request.fps)
         text: str = self._tokenizer.apply_chat_template(
-            messages,
+            hf_messages(messages),
             chat_template=self._chat_template,
             tokenize=False,
             add_generation_prompt=True,
         )
         return text
 
-    def _videos(self, request: GenerationRequest) -> dict[str, Any]:
-        """The frames as the prompt's videos, one per clip, with their metadata and ids."""
+    def _media(self, messages: Sequence[Message]) -> dict[str, Any]:
+        """The videos (with their metadata) and images of ``messages`` in order, with their ids."""
         videos: list[Any] = []
-        ids: list[str] = []
-        for clip in split_clips(request.frames):
-            frames = clip_frames(clip)
-            video: Any = _stack_frames(frames)
-            metadata = video_metadata(frames, request.fps, family=self._family)
-            if metadata is not None:
-                video = (video, metadata)
-            videos.append(video)
-            if self._digests is not None:
-                size = _newest_size(frames)
-                ids.append(self._digests.video_id(frames, video_size=size, metadata=metadata))
-        if not videos:
+        images: list[Any] = []
+        ids: dict[str, list[str]] = {"video": [], "image": []}
+        for part in (part for message in messages for part in message.content):
+            if isinstance(part, Video):
+                frames = clip_frames(part.frames)
+                video: Any = _stack_frames(frames)
+                metadata = video_metadata(frames, part.fps, family=self._family)
+                if metadata is not None:
+                    video = (video, metadata)
+                videos.append(video)
+                if self._digests is not None:
+                    size = _newest_size(frames)
+                    ids["video"].append(
+                        self._digests.video_id(frames, video_size=size, metadata=metadata)
+                    )
+            elif isinstance(part, Image):
+                images.append(part.frame.image)
+                if self._digests is not None:
+                    ids["image"].append("streamchat-" + self._digests.frame(part.frame.image).hex())
+        data = {kind: items for kind, items in (("video", videos), ("image", images)) if items}
+        if not data:
             return {}
-        parts: dict[str, Any] = {"multi_modal_data": {"video": videos}}
-        if ids:
-            parts["multi_modal_uuids"] = {"video": ids}
+        parts: dict[str, Any] = {"multi_modal_data": data}
+        if self._digests is not None:
+            parts["multi_modal_uuids"] = {kind: ids[kind] for kind in data}
         return parts
 
 
@@ -500,9 +518,10 @@ class _Rendered:
 class _Answer:
     """Turns one request's DELTA outputs into deltas, counting tokens for usage."""
 
-    def __init__(self, request: GenerationRequest, video_token_id: int) -> None:
+    def __init__(self, request: Request, video_token_id: int, frames: int) -> None:
         self.request = request
         self.video_token_id = video_token_id
+        self.frames = frames
         self.prompt_ids: Sequence[int] = ()
         self.completion_tokens = 0
         self.finished = False
@@ -521,7 +540,7 @@ class _Answer:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=self.completion_tokens,
             video_tokens=sum(1 for t in self.prompt_ids if t == self.video_token_id),
-            frames=len(self.request.frames),
+            frames=self.frames,
         )
         logger.debug("request %s finished: %s, %s", self.request.request_id, reason, usage)
         return Delta(text=completion.text, finish_reason=reason, usage=usage)
@@ -553,13 +572,14 @@ def _resize_nearest(image: npt.NDArray[np.uint8], height: int, width: int) -> np
     return resized
 
 
-def _sampling_params(request: GenerationRequest) -> Any:
+def _sampling_params(request: Request) -> Any:
     options = request.sampling
     return SamplingParams(
         max_tokens=options.max_tokens,
         temperature=options.temperature,
         top_p=options.top_p,
         seed=options.seed,
+        stop=list(options.stop) or None,
         output_kind=RequestOutputKind.DELTA,
     )
 

@@ -49,6 +49,18 @@ ignores ranges (``200`` instead of ``206``) is read through: the bytes
 before the wanted ones are dropped as they arrive, never held, so its media
 is downloaded twice, within the same limits. Every other stream goes to the
 feed exactly as it arrives, with no extra request.
+
+What was fetched is told back (:class:`Fetched`), for a cache to know a
+source again: the final URL and the response's validators (``ETag``,
+``Last-Modified``), or a file's :class:`FileStamp` (path, size, modification
+time, inode) taken from the file it opened. Given the validators of an
+earlier fetch, the first request is conditional (``If-None-Match``,
+``If-Modified-Since``) and a ``304`` ends the fetch with nothing fed
+(``not_modified``); the range requests for an index never are. ``on_body``
+is told before the first byte of a body goes to the feed, so a decoder need
+not start for a ``304``. :func:`bytes_into` feeds bytes already in memory the
+same way (an index at the end moved first), and :func:`stat_file` checks a
+``file:`` URL and stamps its file without reading it.
 """
 
 from __future__ import annotations
@@ -59,7 +71,8 @@ import logging
 import os
 import re
 import stat
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpcore
@@ -70,10 +83,25 @@ from ..errors import UrlFetchFailed, UrlNotAllowed
 from .feed import ByteFeed
 from .netguard import IPAddress, Resolver, resolve_allowed, system_resolver
 from .pinning import PinnedTransport
-from .relayout import CHUNK_BYTES, LocalFile, RandomAccess, stream_faststart, stream_head
+from .relayout import (
+    CHUNK_BYTES,
+    LocalFile,
+    MemoryFile,
+    RandomAccess,
+    stream_faststart,
+    stream_head,
+)
 from .urlpolicy import HttpTarget, allowed_file, check_http_url, redirect_target, url_scheme
 
-__all__ = ["CHUNK_BYTES", "fetch_into"]
+__all__ = [
+    "CHUNK_BYTES",
+    "FileStamp",
+    "Fetched",
+    "Validators",
+    "bytes_into",
+    "fetch_into",
+    "stat_file",
+]
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Identity: a compressed body could expand far past the size limit in one chunk.
@@ -81,8 +109,60 @@ _HEADERS = {"Accept": "*/*", "Accept-Encoding": "identity", "User-Agent": "strea
 # ASCII digits, and few: int() refuses some Unicode "digits" and numbers of 4,300 digits.
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
+_MAX_VALIDATOR = 1024  # characters of an ETag or Last-Modified kept (a longer one is ignored)
 
 logger = logging.getLogger("streamchat.fetch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Validators:
+    """What an HTTP response said identifies its body: ``ETag``, ``Last-Modified``."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.etag is not None or self.last_modified is not None
+
+    def conditions(self) -> dict[str, str]:
+        """The headers of a request that only wants the body if it changed."""
+        headers = {}
+        if self.etag is not None:
+            headers["If-None-Match"] = self.etag
+        if self.last_modified is not None:
+            headers["If-Modified-Since"] = self.last_modified
+        return headers
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """A file as it is now: unchanged while all of these are (a rewrite moves ``mtime_ns``)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, path: Path, status: os.stat_result) -> FileStamp:
+        return cls(str(path), status.st_size, status.st_mtime_ns, status.st_ino, status.st_dev)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fetched:
+    """What a fetch read: its final URL and what identifies the bytes there.
+
+    ``url`` is the URL the body came from, after redirects (a ``file:`` URL of
+    the resolved path for files); ``validators`` those of its response (none
+    for files, whose ``file`` stamp is taken from the file opened). A
+    ``not_modified`` fetch (a ``304`` to a conditional request) fed nothing.
+    """
+
+    url: str
+    validators: Validators = Validators()
+    file: FileStamp | None = None
+    not_modified: bool = False
 
 
 async def fetch_into(
@@ -93,7 +173,9 @@ async def fetch_into(
     resolver: Resolver | None = None,
     network: httpcore.AsyncNetworkBackend | None = None,
     max_index_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-) -> None:
+    validators: Validators | None = None,
+    on_body: Callable[[Fetched], None] | None = None,
+) -> Fetched:
     """Stream ``url`` into ``feed`` and close it; raise a typed error on failure.
 
     ``resolver`` answers DNS questions (a session passes its own, one lookup
@@ -102,16 +184,52 @@ async def fetch_into(
     (httpcore's default); tests replace both to play a network.
     ``max_index_bytes`` is the largest MP4 header (``ftyp`` and ``moov``)
     fetched for an index at the end: the decoder's own limit.
+
+    ``validators`` (of an earlier fetch of the same URL) make the request
+    conditional: a ``304`` returns ``not_modified`` with nothing fed.
+    ``on_body`` is called, once, before the first byte goes to ``feed``.
     """
     fetch = _Fetch(settings, max_index_bytes)
     scheme = url_scheme(url)
     if scheme in ("http", "https"):
         target = check_http_url(url, allowed_domains=settings.fetch_allowed_domains)
-        await _fetch_http(target, feed, fetch, resolver or system_resolver, network)
+        fetched = await _fetch_http(
+            target, feed, fetch, resolver or system_resolver, network, validators, on_body
+        )
     elif scheme == "file":
-        await _read_file(allowed_file(url, settings.allowed_file_dir), feed, fetch)
+        path = allowed_file(url, settings.allowed_file_dir)
+        fetched = await _read_file(path, feed, fetch, on_body)
     else:
         raise UrlNotAllowed(f"URL scheme {scheme or '(none)'!r} is not allowed: use http or https")
+    feed.close()
+    return fetched
+
+
+async def stat_file(url: str, settings: Settings) -> FileStamp:
+    """The stamp of the regular file a ``file:`` URL names, checked as :func:`fetch_into` does."""
+    path = allowed_file(url, settings.allowed_file_dir)
+    try:
+        status = await asyncio.to_thread(path.stat)
+    except OSError:
+        raise UrlFetchFailed("the file cannot be opened") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise UrlNotAllowed("only regular files are served")
+    return FileStamp.of(path, status)
+
+
+async def bytes_into(
+    data: bytes,
+    feed: ByteFeed,
+    settings: Settings,
+    *,
+    max_index_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> None:
+    """Feed ``data`` (a whole file in memory) into ``feed`` and close it.
+
+    As a fetched file is fed: an MP4 with its index at the end is fed in its
+    streamable form, the rest as it is.
+    """
+    await _stream_local(MemoryFile(data), feed, _Fetch(settings, max_index_bytes))
     feed.close()
 
 
@@ -164,7 +282,9 @@ async def _fetch_http(
     fetch: _Fetch,
     resolver: Resolver,
     network: httpcore.AsyncNetworkBackend | None,
-) -> None:
+    validators: Validators | None,
+    on_body: Callable[[Fetched], None] | None,
+) -> Fetched:
     settings = fetch.settings
     for _hop in range(settings.fetch_max_redirects + 1):
         try:
@@ -179,9 +299,9 @@ async def _fetch_http(
             logger.info("refused to fetch from %s: %s", target.host, exc.message)
             raise
         logger.info("fetching from %s port %d (%s)", target.host, target.port, addresses[0])
-        location = await _get(target, addresses, feed, fetch, network)
-        if location is None:
-            return
+        location = await _get(target, addresses, feed, fetch, network, validators, on_body)
+        if isinstance(location, Fetched):
+            return location
         try:
             following = redirect_target(
                 target, location, allowed_domains=settings.fetch_allowed_domains
@@ -200,7 +320,9 @@ async def _get(
     feed: ByteFeed,
     fetch: _Fetch,
     network: httpcore.AsyncNetworkBackend | None,
-) -> str | None:
+    validators: Validators | None,
+    on_body: Callable[[Fetched], None] | None,
+) -> str | Fetched:
     """GET ``target`` from ``addresses`` into ``feed``; a redirect's ``Location`` instead.
 
     The transport is used without an ``httpx.AsyncClient``: the client would
@@ -212,15 +334,22 @@ async def _get(
             target.host, target.port, [str(a) for a in addresses], network=network
         ) as (transport):
             remote = _HttpFile(transport, target, fetch)
-            response = await remote.send()
+            response = await remote.send(validators.conditions() if validators else None)
             try:
                 if response.status_code in _REDIRECTS:
                     location: str | None = response.headers.get("Location")
                     if not location:
                         raise UrlFetchFailed("the URL redirects nowhere")
                     return location
+                fetched = Fetched(url=str(target.url), validators=_validators(response))
+                if response.status_code == 304 and validators:
+                    logger.info("%s: not modified", target.host)
+                    known = fetched.validators or validators  # a 304 need not repeat them
+                    return Fetched(url=fetched.url, validators=known, not_modified=True)
                 _check_response(response, fetch.settings)
                 remote.first(response)
+                if on_body is not None:
+                    on_body(fetched)
                 async with contextlib.aclosing(_body(response, fetch)) as chunks:
                     found = await stream_head(chunks, feed, fetch.max_index_bytes)
             finally:
@@ -230,7 +359,7 @@ async def _get(
                 logger.info("%s: the MP4's index follows its media: range requests", target.host)
                 fetch.ranges = True
                 await stream_faststart(remote, layout, feed, limit=fetch.max_index_bytes)
-            return None
+            return fetched
     except httpx.TimeoutException:
         raise UrlFetchFailed(f"no answer within {fetch.settings.fetch_timeout:g} s") from None
     except httpx.HTTPError as exc:
@@ -250,6 +379,14 @@ def _check_response(response: httpx.Response, settings: Settings) -> None:
 def _check_identity(response: httpx.Response) -> None:
     if response.headers.get("Content-Encoding", "identity").lower() != "identity":
         raise UrlFetchFailed("the server sent a compressed response")
+
+
+def _validators(response: httpx.Response) -> Validators:
+    etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
+    return Validators(
+        etag=etag if etag and len(etag) <= _MAX_VALIDATOR else None,
+        last_modified=modified if modified and len(modified) <= _MAX_VALIDATOR else None,
+    )
 
 
 def _content_length(response: httpx.Response) -> int | None:
@@ -363,7 +500,9 @@ class _HttpFile(RandomAccess):
             self.size = size
 
 
-async def _read_file(path: Path, feed: ByteFeed, fetch: _Fetch) -> None:
+async def _read_file(
+    path: Path, feed: ByteFeed, fetch: _Fetch, on_body: Callable[[Fetched], None] | None
+) -> Fetched:
     try:
         # Checked before opening: opening a FIFO would block its thread for good.
         if not stat.S_ISREG((await asyncio.to_thread(path.stat)).st_mode):
@@ -372,19 +511,28 @@ async def _read_file(path: Path, feed: ByteFeed, fetch: _Fetch) -> None:
     except OSError:
         raise UrlFetchFailed("the file cannot be opened") from None
     try:
-        local = LocalFile(handle, os.fstat(handle.fileno()).st_size, fetch.count)
-        async with local.open(0, None) as cursor, contextlib.aclosing(cursor.rest()) as chunks:
-            found = await stream_head(chunks, feed, fetch.max_index_bytes)
-        if found is not None:
-            local.head, layout = found
-            logger.info("the MP4 file's index follows its media: reading it first")
-            fetch.ranges = True
-            await stream_faststart(local, layout, feed, limit=fetch.max_index_bytes)
+        status = os.fstat(handle.fileno())
+        fetched = Fetched(url=path.as_uri(), file=FileStamp.of(path, status))
+        if on_body is not None:
+            on_body(fetched)
+        await _stream_local(LocalFile(handle, status.st_size, fetch.count), feed, fetch)
     except OSError as exc:  # a disk error, a file on a network share gone away
         logger.info("reading a file failed: %s", exc.__class__.__name__)
         raise UrlFetchFailed("the file cannot be read") from None
     finally:
         handle.close()
+    return fetched
+
+
+async def _stream_local(local: RandomAccess, feed: ByteFeed, fetch: _Fetch) -> None:
+    """A whole file read by offset (a disk's, or bytes in memory) into ``feed``."""
+    async with local.open(0, None) as cursor, contextlib.aclosing(cursor.rest()) as chunks:
+        found = await stream_head(chunks, feed, fetch.max_index_bytes)
+    if found is not None:
+        local.head, layout = found
+        logger.info("the MP4 file's index follows its media: reading it first")
+        fetch.ranges = True
+        await stream_faststart(local, layout, feed, limit=fetch.max_index_bytes)
 
 
 def _check_size(received: int, settings: Settings) -> None:

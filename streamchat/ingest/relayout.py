@@ -32,6 +32,7 @@ __all__ = [
     "MAX_BOXES_AFTER_MEDIA",
     "Cursor",
     "LocalFile",
+    "MemoryFile",
     "RandomAccess",
     "stream_faststart",
     "stream_head",
@@ -175,6 +176,21 @@ class LocalFile(RandomAccess):
             if left is not None:
                 left -= len(chunk)
             yield chunk
+
+
+class MemoryFile(RandomAccess):
+    """Bytes already in memory (a ``data:`` URL's video), read by offset in chunks."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.size = len(data)
+        self._data = memoryview(data)
+
+    async def _remote(self, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
+        size = len(self._data)
+        stop = size if end is None else min(end, size)
+        for offset in range(start, stop, CHUNK_BYTES):
+            yield bytes(self._data[offset : min(offset + CHUNK_BYTES, stop)])
 
 
 async def stream_faststart(

@@ -4,17 +4,28 @@
 :class:`~streamchat.ingest.ByteFeed`) with a bounded reader, keeps frames at
 the session's rate, resizes them inside FFmpeg to the model's pixel budget,
 turns them upright as players would, and hands each to a callback; it never
-runs on the event loop. :func:`decode_image` does the same for one picture.
-The session is the one caller; this is its door.
+runs on the event loop. :func:`decode_image` does the same for one picture;
+:class:`FrameSpread` keeps a few frames spread over a whole video. The
+session and the video cache are its callers; this is their door.
 
 * ``decoder``: the PyAV side, with every size, time and CPU bound.
 * ``reader``: what FFmpeg reads: a live source made safe for a demuxer, and
   the MP4 walker that checks an index before FFmpeg allocates for it.
-* ``sampling``: which frames to keep, at what size, time and orientation (pure).
+* ``sampling``: which frames to keep, at what size, time and orientation, and
+  how to spread a few over a whole video (pure).
 """
 
 from __future__ import annotations
 
 from .decoder import DecoderOptions, decode_image, decode_stream, map_large_blocks
+from .sampling import FrameSpread, check_budget, spread
 
-__all__ = ["DecoderOptions", "decode_image", "decode_stream", "map_large_blocks"]
+__all__ = [
+    "DecoderOptions",
+    "FrameSpread",
+    "check_budget",
+    "decode_image",
+    "decode_stream",
+    "map_large_blocks",
+    "spread",
+]

@@ -17,7 +17,7 @@ instead; smaller backward jitter is clamped. Frames without a timestamp are
 placed one nominal frame interval after the previous one.
 
 Failures surface as :mod:`streamchat.errors` video errors with messages meant
-for the client; :func:`decode_image` does the same for single JPEG/PNG images.
+for the client; :func:`decode_image` does the same for single JPEG/PNG/WebP images.
 
 Orientation: a frame's display matrix (rotation and mirroring, as phones
 write portrait video) is applied before sizing, so the model gets the
@@ -83,6 +83,7 @@ from ..config import (
     DEFAULT_MAX_INDEX_SAMPLES,
     DEFAULT_MAX_SOURCE_FRAMES,
     DEFAULT_MAX_SOURCE_SECONDS,
+    Settings,
 )
 from ..errors import (
     StreamchatError,
@@ -101,6 +102,7 @@ from .sampling import (
     FrameSampler,
     Orientation,
     Timeline,
+    check_budget,
     orientation,
     target_size,
 )
@@ -237,6 +239,37 @@ class DecoderOptions:
     max_decode_errors: int = 30
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        fps: float,
+        min_pixels: int,
+        max_pixels: int,
+        factor: int | None = None,
+        container: str | None = None,
+        keyframes_only: bool = False,
+    ) -> DecoderOptions:
+        """What a source chose (rate, pixel budget, container), within the server's bounds.
+
+        The bounds (decode size, source time, frames and index, threads) come
+        from ``settings``; ``factor`` too unless given.
+        """
+        return cls(
+            fps=fps,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            factor=settings.factor if factor is None else factor,
+            container=container,
+            max_decode_pixels=settings.max_decode_pixels,
+            max_source_seconds=settings.max_source_seconds,
+            max_source_frames=settings.max_source_frames,
+            max_index_samples=settings.max_index_samples,
+            threads=settings.decoder_threads,
+            keyframes_only=keyframes_only,
+        )
+
     def __post_init__(self) -> None:
         if self.container is not None and self.container not in _CONTAINERS:
             raise ValueError(f"unknown container hint {self.container!r}")
@@ -255,14 +288,7 @@ class DecoderOptions:
                 "max_decode_pixels, analyzeduration, max_source_frames, max_index_samples, "
                 "threads and max_source_seconds must be positive, max_decode_errors not negative"
             )
-        # Validates the resize budget: raises ValueError for an impossible one.
-        target_size(
-            self.factor,
-            self.factor,
-            factor=self.factor,
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-        )
+        check_budget(factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
 
 @dataclass(kw_only=True)
@@ -684,6 +710,15 @@ def _ffmpeg_failure(
 # -- images --------------------------------------------------------------------------
 
 _IMAGE_FORMATS = {b"\x89PNG\r\n\x1a\n": "png_pipe", b"\xff\xd8\xff": "jpeg_pipe"}
+
+
+def _image_demuxer(data: bytes) -> str | None:
+    """The one demuxer an image may be read with, from its signature."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp_pipe"
+    return next((f for magic, f in _IMAGE_FORMATS.items() if data.startswith(magic)), None)
+
+
 MAX_IMAGE_SCANS = 256
 """The most JPEG scans (``SOS`` markers) an image may hold; :func:`decode_image` refuses more.
 
@@ -709,19 +744,23 @@ def decode_image(
     max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
     max_scans: int = MAX_IMAGE_SCANS,
 ) -> npt.NDArray[np.uint8]:
-    """A JPEG or PNG image as an owned ``(H, W, 3)`` uint8 RGB array sized by :func:`target_size`.
+    """A JPEG, PNG or WebP image as an owned ``(H, W, 3)`` uint8 RGB array, resized.
 
-    Raises ``VideoUnsupported`` for anything but JPEG/PNG, ``VideoTooLarge``
-    for more than ``max_decode_pixels`` (FFmpeg refuses such a picture before
-    allocating it) or a JPEG of more than ``max_scans`` scans (refused before
+    Sized by :func:`target_size`. An animated WebP is not read (FFmpeg's decoder
+    has no animation): ``VideoDecodeError``.
+
+    Raises ``VideoUnsupported`` for anything else, ``VideoTooLarge`` for more
+    than ``max_decode_pixels`` (FFmpeg refuses such a picture before
+    allocating it; a PNG or JPEG is refused from its header first) or a JPEG
+    of more than ``max_scans`` scans (refused before
     decoding: :data:`MAX_IMAGE_SCANS`), ``VideoDecodeError`` for corrupt data.
     A truncated JPEG may decode with its missing part grey, as browsers show
     it. EXIF orientation is not applied. One thread decodes, so an image
     costs at most one core; the codec context is freed before this returns.
     """
-    fmt = next((f for magic, f in _IMAGE_FORMATS.items() if data.startswith(magic)), None)
+    fmt = _image_demuxer(data)
     if fmt is None:
-        raise VideoUnsupported("the image is not a JPEG or PNG file")
+        raise VideoUnsupported("the image is not a JPEG, PNG or WebP file")
     declared = _declared_image_size(data)
     if declared is not None:  # FFmpeg would refuse (or allocate) only once it decodes
         _check_pixels(*declared, max_decode_pixels)

@@ -3,6 +3,8 @@
 * :func:`target_size`: Qwen2-VL's "smart resize" (sides multiples of the
   model's factor, area within the pixel budget, aspect kept).
 * :class:`FrameSampler`: frames at ``fps`` by presentation time.
+* :class:`FrameSpread`: at most ``count`` of those, spread over a stream of
+  unknown length, in bounded memory.
 * :class:`Timeline`: source timestamps -> seconds from the first frame,
   never going backwards.
 * :func:`orientation`: a container's display matrix -> how to turn the
@@ -17,21 +19,27 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from ..config import DEFAULT_FRAME_FACTOR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from ..window import Frame
 
 __all__ = [
     "DEFAULT_FACTOR",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_PIXELS",
     "UPRIGHT",
+    "check_budget",
     "FrameSampler",
+    "FrameSpread",
     "Orientation",
+    "Timed",
     "Timeline",
     "orientation",
+    "spread",
     "target_size",
 ]
 
@@ -78,6 +86,11 @@ def target_size(
         else:
             h = max(factor, max_pixels // w // factor * factor)
     return w, h
+
+
+def check_budget(*, factor: int, min_pixels: int, max_pixels: int) -> None:
+    """Raise ``ValueError`` unless :func:`target_size` can meet this resize rule."""
+    target_size(factor, factor, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 # Same arithmetic as the reference, so results agree to the last float rounding.
@@ -131,6 +144,82 @@ class FrameSampler:
         else:
             self._slot = slot
         return True
+
+
+class FrameSpread:
+    """At most ``count`` frames spread evenly over a stream whose length is known only at its end.
+
+    What vLLM's default video loader picks with the whole video in hand
+    (``linspace`` over it: the first frame, the last, evenly between), chosen
+    here as the frames go by, holding at most ``2 * count`` of them (and the
+    latest one): frames are kept on a grid of every ``stride``-th frame
+    offered; when ``2 * count`` are held, every other one is dropped and the
+    stride doubles. At the end the held frames (and the last one offered)
+    cover the whole stream at most one stride apart, and :meth:`result` picks
+    ``count`` of them nearest to evenly spaced times from the first to the
+    last. A frame lands at most half a stride from where ``linspace`` would
+    put it; with no more than ``count`` frames offered, all are kept.
+    """
+
+    def __init__(self, count: int) -> None:
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        self.count = count
+        self.stride = 1
+        self.offered = 0
+        self._held: list[Frame] = []
+        self._latest: Frame | None = None  # the last frame offered, when not held
+
+    def add(self, frame: Frame) -> None:
+        """Offer the next frame (of non-decreasing ``pts``)."""
+        on_grid = self.offered % self.stride == 0
+        if on_grid and len(self._held) == 2 * self.count:
+            del self._held[1::2]
+            self.stride *= 2
+            on_grid = self.offered % self.stride == 0
+        self.offered += 1
+        if on_grid:
+            self._held.append(frame)
+            self._latest = None
+        else:
+            self._latest = frame
+
+    def result(self) -> list[Frame]:
+        """The frames chosen, in order: ``min(count, frames offered)`` of them."""
+        frames = self._held + ([self._latest] if self._latest is not None else [])
+        return spread(frames, self.count)
+
+
+class Timed(Protocol):
+    """Anything at a time: a :class:`~streamchat.window.Frame`, or a frame not decoded yet."""
+
+    @property
+    def pts(self) -> float: ...
+
+
+_Timed = TypeVar("_Timed", bound=Timed)
+
+
+def spread(frames: Sequence[_Timed], count: int) -> list[_Timed]:
+    """``count`` of ``frames`` (all if fewer) nearest to ``count`` evenly spaced times.
+
+    ``frames`` are in order of time. The times run from the first frame's to
+    the last's, both included; each pick comes after the one before and
+    leaves enough frames for the rest, so no frame is picked twice.
+    """
+    if len(frames) <= count:
+        return list(frames)
+    first, last = frames[0].pts, frames[-1].pts
+    picked: list[_Timed] = []
+    at = 0
+    for j in range(count):
+        target = first + (last - first) * j / (count - 1) if count > 1 else first
+        latest = len(frames) - (count - j)  # leave one frame for each pick after this one
+        while at < latest and abs(frames[at + 1].pts - target) <= abs(frames[at].pts - target):
+            at += 1
+        picked.append(frames[at])
+        at += 1
+    return picked
 
 
 class Timeline:

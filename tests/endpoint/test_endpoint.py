@@ -50,7 +50,9 @@ def test_ready_reports_limits(client: TestClient) -> None:
         ready = peer.recv()  # JSON in, JSON out
         assert ready["limits"]["window_frames"] == 5
         assert ready["limits"]["max_message_bytes"] == SETTINGS.max_message_bytes
-        assert ready["protocol"] == 1 and len(ready["session"]) == 12
+        # 128 random bits: the id names the session as a video for the OpenAI-compatible door.
+        assert ready["protocol"] == 1 and len(ready["session"]) == 32
+        assert int(ready["session"], 16) >= 0
 
 
 def test_message_before_hello(client: TestClient) -> None:

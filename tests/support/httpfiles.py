@@ -2,10 +2,19 @@
 
 Serves the files below one directory on ``127.0.0.1`` (a free port), from
 threads, as a static web server does: HTTP/1.1 with keep-alive,
-``Content-Length``, a strong ``ETag``, ``Accept-Ranges: bytes``, and a single
+``Content-Length``, a strong ``ETag`` (from the file's ``mtime_ns`` and size),
+``Last-Modified``, ``Accept-Ranges: bytes``, and a single
 ``Range`` (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) answered ``206`` with
 ``Content-Range`` (``416`` when it starts past the end). Several ranges in one
 header, or a malformed one, are ignored (``200``), as RFC 9110 allows.
+Conditional requests are answered as RFC 9110 (13.2.2) says: ``304`` when
+``If-None-Match`` names the file's ``ETag`` (or ``*``), or, without
+``If-None-Match``, when the file was not modified after ``If-Modified-Since``
+(to the second).
+
+Validators, switchable as the bad-server modes below: ``etag`` and
+``last_modified`` (each sent, and its condition honoured, only when on), and
+``ignore_conditions`` (validators sent, conditions ignored: always the body).
 
 Bad servers, switchable at any time between requests (plain attributes):
 
@@ -23,7 +32,8 @@ Every response is logged as a :class:`Served`: what was asked (path, ``Range``
 header), what was answered (status, the file bytes ``[start, start + length)``
 the response carries) and how many of those bytes were handed to the kernel
 before the response ended or the client went away (``sent``). So a test can
-assert which bytes were fetched, and how often. Connections inherit a small
+assert which bytes were fetched, and how often (:meth:`FileServer.bodies`:
+the responses that carried a body). Connections inherit a small
 kernel send buffer (``send_buffer``, 64 KiB by default), so the bytes of a
 response its client abandons are counted close to what the client took: at
 most the send buffer and the client's receive window more.
@@ -43,7 +53,9 @@ response's handler signals when it ends.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import mimetypes
+import os
 import re
 import socket
 import threading
@@ -93,7 +105,9 @@ class FileServer:
 
     ``ignore_ranges``, ``truncate_to``, ``drop_after`` and ``max_range`` (see
     the module docstring) may be changed at any time; each request reads them
-    as it starts. ``send_buffer`` is the kernel send buffer of every connection.
+    as it starts, and so are ``etag``, ``last_modified`` and
+    ``ignore_conditions``. ``send_buffer`` is the kernel send buffer of every
+    connection.
     """
 
     def __init__(
@@ -104,6 +118,9 @@ class FileServer:
         truncate_to: int | None = None,
         drop_after: int | None = None,
         max_range: int | None = None,
+        etag: bool = True,
+        last_modified: bool = True,
+        ignore_conditions: bool = False,
         send_buffer: int = 64 * 1024,
     ) -> None:
         self.root = root.resolve()
@@ -111,6 +128,9 @@ class FileServer:
         self.truncate_to = truncate_to
         self.drop_after = drop_after
         self.max_range = max_range
+        self.etag = etag
+        self.last_modified = last_modified
+        self.ignore_conditions = ignore_conditions
         self._log: list[Served] = []
         self._active = 0
         self._changed = threading.Condition()
@@ -141,6 +161,18 @@ class FileServer:
     def clear_log(self) -> None:
         with self._changed:
             self._log.clear()
+
+    def bodies(self, name: str | None = None) -> int:
+        """Responses that carried file bytes (``200`` or ``206`` to a GET), for ``name`` or all."""
+        return sum(
+            1
+            for s in self.log
+            if s.status in (200, 206) and s.length and (name is None or s.path == "/" + name)
+        )
+
+    def statuses(self, name: str | None = None) -> list[int]:
+        """The status of each response, in order, for ``name`` only or for every file."""
+        return [s.status for s in self.log if name is None or s.path == "/" + name]
 
     def bytes_sent(self, name: str | None = None) -> int:
         """File bytes handed to the kernel, for ``name`` only or for every file."""
@@ -239,9 +271,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._empty(HTTPStatus.NOT_FOUND)
                 done.append(Served(url_path, asked, 404, 0, 0, 0))
                 return
-            size = path.stat().st_size
+            status = path.stat()
+            size = status.st_size
             if files.truncate_to is not None:
                 size = min(size, files.truncate_to)
+            validators = self._validators(status, size)
+            if self._not_modified(validators):
+                self._empty(HTTPStatus.NOT_MODIFIED, headers=validators)
+                done.append(Served(url_path, asked, 304, 0, 0, 0))
+                return
             try:
                 wanted = None if files.ignore_ranges else _parse_range(asked, size)
             except _Unsatisfiable:
@@ -255,7 +293,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "video/mp4")
             self.send_header("Content-Length", str(length))
-            self.send_header("ETag", f'"{path.stat().st_mtime_ns:x}-{size:x}"')
+            for header, value in validators.items():
+                self.send_header(header, value)
             if not files.ignore_ranges:
                 self.send_header("Accept-Ranges", "bytes")
             if wanted is not None:
@@ -283,11 +322,48 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # cut off: the connection cannot carry on
         return sent
 
-    def _empty(self, status: HTTPStatus, content_range: str | None = None) -> None:
+    def _validators(self, status: os.stat_result, size: int) -> dict[str, str]:
+        files = self.server.files
+        validators = {}
+        if files.etag:
+            validators["ETag"] = f'"{status.st_mtime_ns:x}-{size:x}"'
+        if files.last_modified:
+            validators["Last-Modified"] = email.utils.formatdate(status.st_mtime, usegmt=True)
+        return validators
+
+    def _not_modified(self, validators: dict[str, str]) -> bool:
+        """Whether the request's conditions say the client has the file (RFC 9110, 13.2.2)."""
+        if self.server.files.ignore_conditions:
+            return False
+        match = self.headers.get("If-None-Match")
+        if match is not None:
+            etag = validators.get("ETag")
+            tags = [tag.strip().removeprefix("W/") for tag in match.split(",")]
+            return etag is not None and ("*" in tags or etag in tags)
+        since = self.headers.get("If-Modified-Since")
+        modified = validators.get("Last-Modified")
+        if since is None or modified is None:
+            return False
+        try:
+            return email.utils.parsedate_to_datetime(modified) <= email.utils.parsedate_to_datetime(
+                since
+            )
+        except (TypeError, ValueError):  # not a date: the condition is ignored
+            return False
+
+    def _empty(
+        self,
+        status: HTTPStatus,
+        content_range: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
-        self.send_header("Content-Length", "0")
+        if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body, not even an empty one
+            self.send_header("Content-Length", "0")
         if content_range is not None:
             self.send_header("Content-Range", content_range)
+        for header, value in (headers or {}).items():
+            self.send_header(header, value)
         self.end_headers()
 
 

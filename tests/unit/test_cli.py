@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from streamchat.cli import build_parser, settings_from_args
-from streamchat.config import Settings
+from streamchat.config import DEFAULT_MAX_REQUEST_IMAGES, DEFAULT_MAX_REQUEST_VIDEOS, Settings
 from streamchat.engine.prompt import MAX_CLIPS
 from streamchat.engine.vllm import engine_args_from_cli
 
@@ -41,7 +41,11 @@ def test_engine_flags_are_vllms_own_with_our_defaults(tmp_path: Path) -> None:
     )
     assert (args.model, args.max_model_len, args.tensor_parallel_size) == (model, 1024, 2)
     assert args.enforce_eager is True
-    assert args.limit_mm_per_prompt == {"video": MAX_CLIPS, "image": 1}
+    # A live question's clips, or an OpenAI-style request's videos and images.
+    assert args.limit_mm_per_prompt == {
+        "video": max(MAX_CLIPS, DEFAULT_MAX_REQUEST_VIDEOS),
+        "image": DEFAULT_MAX_REQUEST_IMAGES,
+    }
 
 
 def test_unknown_engine_flag_is_a_usage_error(tmp_path: Path) -> None:

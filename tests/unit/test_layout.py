@@ -40,6 +40,7 @@ LAYERS: list[set[str]] = [
         "engine.tiny_model",
         "engine.vllm",
         "ingest",
+        "ingest.dataurl",
         "ingest.faststart",
         "ingest.feed",
         "ingest.fetch",
@@ -58,12 +59,12 @@ LAYERS: list[set[str]] = [
     {"protocol", "limits", "redact"},
     # 4. Transport: bounds below the WebSocket protocol.
     {"transport"},
-    # 5. A session runs the protocol's actions with the data path's parts.
-    {"session"},
+    # 5. A session runs the protocol's actions with the data path's parts; media named by URL.
+    {"session", "videocache", "videocache.cache", "videocache.decoding"},
     # 6. What every session shares; the ASGI server.
     {"server", "serving"},
-    # 7. One connection.
-    {"endpoint"},
+    # 7. The doors: one WebSocket connection; the OpenAI-compatible HTTP API.
+    {"endpoint", "openai", "openai.request", "openai.routes", "openai.wire"},
     # 8. The app, then the command line.
     {"app"},
     {"cli"},
@@ -82,7 +83,9 @@ PURE = {
     "limits",
     "media.sampling",
     "ingest.faststart",
+    "ingest.dataurl",
     "engine.prompt",
+    "openai.request",
 }
 """The I/O-free core: data in, data out, testable without an event loop."""
 
@@ -237,7 +240,7 @@ def test_no_import_cycles() -> None:
     assert _cycle(_graph()) is None
 
 
-DOORS = {"ingest", "media"}
+DOORS = {"ingest", "media", "videocache"}
 """Subpackages entered only through their ``__init__`` from outside (the engine's door is
 its seam, ``engine.base``, and the adapters the command line chooses)."""
 
