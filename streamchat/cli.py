@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("max_request_bytes", int, "largest OpenAI-compatible request body (HTTP 413)"),
         ("max_request_videos", int, "videos per OpenAI-compatible request"),
         ("max_request_images", int, "images per OpenAI-compatible request"),
+        ("requests_per_second", float, "OpenAI-compatible requests per second per client"),
+        ("request_burst", int, "OpenAI-compatible requests a client may send at once"),
         ("video_cache_bytes", int, "decoded videos kept for repeated requests"),
         ("max_media_decodes", int, "videos and images of requests decoded at once"),
         ("max_data_url_bytes", int, "largest data: URL, decoded"),

@@ -60,6 +60,8 @@ DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_REQUEST_VIDEOS = 4
 DEFAULT_MAX_REQUEST_IMAGES = 4
+DEFAULT_REQUESTS_PER_SECOND = 10.0
+DEFAULT_REQUEST_BURST = 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +154,11 @@ class Settings:
     ``limit_mm_per_prompt`` is set to match)."""
     max_request_images: int = DEFAULT_MAX_REQUEST_IMAGES
     """Images in one OpenAI-compatible request, over all its messages."""
+    requests_per_second: float = DEFAULT_REQUESTS_PER_SECOND
+    """OpenAI-compatible requests per second per client identity (API key, else address),
+    sustained; more get HTTP 429 ``rate_limited``."""
+    request_burst: int = DEFAULT_REQUEST_BURST
+    """Of those, how many a client may send at once."""
 
     max_sessions: int = DEFAULT_MAX_SESSIONS
     """Sessions open at once; more are refused at the handshake (HTTP 503)."""

@@ -37,13 +37,14 @@ Two budgets, and every client message is charged to exactly one of them:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .config import Settings
 from .errors import Flooding, RateLimited
 from .messages import ClientMessage, Image, VideoChunk, VideoEnd, message_id
 
-__all__ = ["MEDIA_MESSAGE_FLOOR", "RateLimiter", "TokenBucket", "media_floor"]
+__all__ = ["MEDIA_MESSAGE_FLOOR", "ClientRates", "RateLimiter", "TokenBucket", "media_floor"]
 
 MEDIA_MESSAGE_FLOOR = 16 * 1024
 """Bytes a pushed media message costs at least against the video byte rate (see above)."""
@@ -131,3 +132,34 @@ class RateLimiter:
         if not self.refusals.take(now):
             raise Flooding(f"{what}, after being told to slow down: closing", id=id)
         raise RateLimited(f"{what}: message dropped, slow down", id=id)
+
+
+class ClientRates:
+    """Requests per second per client identity, for a door without sessions (HTTP).
+
+    A WebSocket's messages are counted by its session's :class:`RateLimiter`;
+    an HTTP request has no session to hold a bucket, so the buckets are kept
+    here by identity (an API key's hash, else an address). Memory is bounded:
+    at most ``max_clients`` buckets, the least recently used forgotten first,
+    and a forgotten client only gets a fresh burst, as a new one would.
+    """
+
+    def __init__(self, rate: float, burst: int, *, max_clients: int = 4096) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, identity: str, now: float) -> bool:
+        """Count one request of ``identity``; False when it is over its rate (nothing spent)."""
+        bucket = self._buckets.get(identity)
+        if bucket is None:
+            bucket = self._buckets[identity] = TokenBucket(self.rate, self.burst)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(identity)
+        return bucket.take(now)

@@ -26,6 +26,7 @@ from .config import Settings
 from .engine.base import Engine
 from .engine.prompt import MAX_CLIPS
 from .errors import AccessError, CloseCode, ServerBusy
+from .limits import ClientRates
 from .videocache import VideoCache
 
 if TYPE_CHECKING:
@@ -84,10 +85,15 @@ class ServerState:
     """Decoded videos and images of the OpenAI-compatible door, kept for the next request."""
     _by_id: dict[str, Session] = field(default_factory=dict)
     _unreserved: asyncio.Event = field(default_factory=asyncio.Event)
+    request_rates: ClientRates = field(default=None)  # type: ignore[assignment]
+    """Requests per client of the OpenAI-compatible door (sessions count their own)."""
 
     def __post_init__(self) -> None:
         if self.videos is None:
             self.videos = VideoCache(self.settings, max_bytes=self.settings.video_cache_bytes)
+        if self.request_rates is None:
+            s = self.settings
+            self.request_rates = ClientRates(s.requests_per_second, s.request_burst)
 
     def find_session(self, session_id: str) -> Session | None:
         """The open session of that id, if any."""

@@ -88,6 +88,15 @@ async def chat_completions(request: Request) -> Response:
         identity = _identity(request, state)
         if state.closing:
             raise ServerShutdown("the server is shutting down")
+        if not state.request_rates.take(identity, asyncio.get_running_loop().time()):
+            s = state.settings
+            raise OpenAIError(
+                429,
+                f"more than {s.requests_per_second:g} requests a second (bursts of "
+                f"{s.request_burst}): slow down",
+                "rate_limited",
+                "rate_limit_error",
+            )
         state.reserve(identity)
         reserved = identity
         body = await _body(request, state.settings.max_request_bytes)

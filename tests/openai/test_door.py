@@ -223,3 +223,24 @@ async def test_bodies_that_are_not_requests(live: Live[FakeEngine]) -> None:
             "model",
             "invalid_request_error",
         )
+
+
+async def test_requests_over_a_clients_rate_are_refused_and_others_go_on() -> None:
+    """A key over its request rate gets 429 rate_limited; another key is served meanwhile."""
+    settings = dataclasses.replace(
+        SETTINGS,
+        api_keys=frozenset({KEY, "other-key-0123456789"}),
+        requests_per_second=0.001,
+        request_burst=2,
+    )
+    question = [{"role": "user", "content": "hello"}]
+    async with live_server(settings) as live:
+        async with _client(live, KEY) as client:
+            for _ in range(2):
+                await client.chat.completions.create(model="fake", messages=question)
+            with pytest.raises(openai.RateLimitError) as refused:
+                await client.chat.completions.create(model="fake", messages=question)
+        assert refused.value.status_code == 429 and refused.value.code == "rate_limited"
+        async with _client(live, "other-key-0123456789") as other:
+            reply = await other.chat.completions.create(model="fake", messages=question)
+        assert reply.choices[0].message.content

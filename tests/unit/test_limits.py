@@ -6,7 +6,13 @@ import pytest
 
 from streamchat.config import Settings
 from streamchat.errors import Flooding, RateLimited
-from streamchat.limits import MEDIA_MESSAGE_FLOOR, RateLimiter, TokenBucket, media_floor
+from streamchat.limits import (
+    MEDIA_MESSAGE_FLOOR,
+    ClientRates,
+    RateLimiter,
+    TokenBucket,
+    media_floor,
+)
 from streamchat.messages import Ask, Cancel, Hello, Image, VideoChunk, VideoEnd, VideoUrl
 
 
@@ -157,3 +163,23 @@ def test_tiny_media_messages_are_held_to_the_floor_rate() -> None:
     delays = _push(RateLimiter(settings), 1, 1e9, 10.0)
     most = (settings.feed_bytes + 10.0 * settings.video_bytes_per_second) / media_floor(settings)
     assert max(delays) > 0.0 and len(delays) <= most + 1
+
+
+def test_requests_are_limited_per_client() -> None:
+    """Each client identity has its own request bucket: one over its burst does not touch
+    another's, and is served again once its bucket refills."""
+    rates = ClientRates(rate=1.0, burst=2)
+    assert [rates.take("key:a", 0.0) for _ in range(3)] == [True, True, False]
+    assert rates.take("key:b", 0.0)
+    assert rates.take("key:a", 1.0) and not rates.take("key:a", 1.0)
+
+
+def test_request_buckets_are_bounded() -> None:
+    """However many clients ask, at most max_clients buckets are kept (the oldest forgotten),
+    and a client asking again keeps its own."""
+    rates = ClientRates(rate=1.0, burst=1, max_clients=3)
+    assert rates.take("busy", 0.0)
+    for n in range(1000):
+        assert rates.take(f"addr:{n}", 0.0)
+        assert not rates.take("busy", 0.0)  # still its own, spent bucket: used most recently
+    assert len(rates) == 3
