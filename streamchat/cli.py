@@ -182,7 +182,8 @@ def settings_from_args(
     return Settings(model=model, **values)
 
 
-def _engine_factory(args: argparse.Namespace, model: str, rest: Sequence[str]) -> Any:
+def _engine_factory(args: argparse.Namespace, settings: Settings, rest: Sequence[str]) -> Any:
+    model = settings.model
     if args.engine == "fake":
         from .engine.fake import FakeEngine
 
@@ -192,9 +193,14 @@ def _engine_factory(args: argparse.Namespace, model: str, rest: Sequence[str]) -
 
         return fake
 
-    from .engine.vllm import engine_args_from_cli, open_vllm_engine
+    from .engine.vllm import engine_args_from_cli, media_limits, open_vllm_engine
 
     engine_args = engine_args_from_cli([*rest, "--model", model])
+    engine_args.limit_mm_per_prompt = media_limits(
+        engine_args.limit_mm_per_prompt,
+        videos=settings.max_request_videos,
+        images=settings.max_request_images,
+    )
     return lambda: open_vllm_engine(engine_args)
 
 
@@ -220,7 +226,7 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .serving import GracefulServer, server_config
 
     map_large_blocks()  # freed FFmpeg tables go back to the kernel, not to arenas
-    app = create_app(settings, engine_factory=_engine_factory(args, model, rest))
+    app = create_app(settings, engine_factory=_engine_factory(args, settings, rest))
     config = server_config(app, settings, host=args.host, port=args.port, log_level=args.log_level)
     GracefulServer(config, app).run()
     return 0

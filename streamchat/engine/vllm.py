@@ -109,6 +109,22 @@ def engine_args_from_cli(argv: Sequence[str]) -> AsyncEngineArgs:
     return args
 
 
+def media_limits(limits: dict[str, Any] | None, *, videos: int, images: int) -> dict[str, Any]:
+    """vLLM's ``limit_mm_per_prompt`` raised to what the server lets a prompt hold.
+
+    A live question holds up to :data:`MAX_CLIPS` videos; an OpenAI-style
+    request ``videos`` videos and ``images`` images (``max_request_videos``,
+    ``max_request_images``). A limit given as a count is raised to that; one
+    given in vLLM's richer form is left as the operator wrote it.
+    """
+    raised = dict(limits or {})
+    for kind, wanted in (("video", max(MAX_CLIPS, videos)), ("image", images)):
+        have = raised.get(kind, 0)
+        if isinstance(have, int):
+            raised[kind] = max(have, wanted)
+    return raised
+
+
 def engine_defaults() -> dict[str, Any]:
     """Settings that work on CPU as well as GPU for a video chat model.
 

@@ -52,3 +52,14 @@ def test_unknown_engine_flag_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         engine_args_from_cli(["--model", str(tmp_path), "--no-such-flag"])
     assert info.value.code == 2
+
+
+def test_the_engine_takes_as_many_videos_and_images_as_a_request_may_hold() -> None:
+    """vLLM's per-prompt limits are raised to the request limits, never lowered, and a limit in
+    vLLM's richer form is left as the operator wrote it."""
+    from streamchat.engine.vllm import media_limits
+
+    assert media_limits({"video": 4, "image": 4}, videos=6, images=2) == {"video": 6, "image": 4}
+    assert media_limits(None, videos=1, images=3) == {"video": MAX_CLIPS, "image": 3}
+    rich = {"count": 2, "num_frames": 8}
+    assert media_limits({"video": rich}, videos=6, images=1) == {"video": rich, "image": 1}
