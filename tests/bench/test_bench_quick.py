@@ -133,18 +133,56 @@ def test_latency_quick(tmp_path: Path) -> None:
 
 @pytest.mark.engine
 def test_peer_quick(tmp_path: Path) -> None:
-    """Both servers answer about the same clip; ratios are computed per clip length."""
+    """All three sides answer about the same clip; ratios over vLLM are computed per length.
+
+    The door (``streamchat-openai``) and vLLM get the same requests: a first, the identical one
+    repeated, another question; their usage says how many prompt and video tokens each took.
+    """
     result = run_quick("peer", tmp_path, timeout=ENGINE_TIMEOUT)
     ((length, entry),) = result["by_length"].items()
-    for side in ("streamchat", "vllm"):
-        for key in ("ttft", "total", "ttft_second", "prompt_tokens"):
+    for side in ("streamchat", "streamchat-openai", "vllm"):
+        for key in ("ttft", "total", "ttft_second", "total_second", "prompt_tokens"):
+            assert_summary(entry[side][key])
+    for side in ("streamchat", "streamchat-openai", "vllm"):
+        assert_summary(entry[side]["video_tokens"])
+    for side in ("streamchat-openai", "vllm"):
+        for key in ("ttft_repeated", "total_repeated"):
             assert_summary(entry[side][key])
     assert_summary(entry["streamchat"]["decode_seconds"])
-    for ratio in entry["streamchat_over_vllm"].values():
-        assert_summary(ratio)
+    assert set(entry["streamchat_over_vllm"]) == {
+        "ttft",
+        "total",
+        "ttft_second",
+        "total_second",
+        "push_to_first_token_vs_ttft",
+    }
+    assert set(entry["openai_over_vllm"]) == {
+        "ttft",
+        "total",
+        "ttft_repeated",
+        "total_repeated",
+        "ttft_second",
+        "total_second",
+    }
+    for name in ("streamchat_over_vllm", "openai_over_vllm"):
+        for ratio in entry[name].values():
+            assert_summary(ratio)
     (run,) = result["runs"]
     assert run["streamchat"]["frames_in_window"] > 0
-    for side in ("streamchat", "vllm"):
+    assert [a["ask"] for a in run["streamchat"]["asks"]] == ["first", "second"]
+    for side in ("streamchat-openai", "vllm"):
+        asks = run[side]["asks"]
+        assert [a["ask"] for a in asks] == ["first", "repeated", "second"]
+        first, repeated, _ = asks
+        # The same request twice: the same prompt, the same video tokens.
+        assert repeated["prompt_tokens"] == first["prompt_tokens"]
+        assert 0 < first["video_tokens"] < first["prompt_tokens"]
+        assert repeated["video_tokens"] == first["video_tokens"]
+    # The request pins frames and size: every side gives the model the same video tokens.
+    sides = ("streamchat", "streamchat-openai", "vllm")
+    tokens = {side: run[side]["asks"][0]["video_tokens"] for side in sides}
+    assert len(set(tokens.values())) == 1, tokens
+    for side in sides:
         for ask in run[side]["asks"]:
             assert ask["completion_tokens"] > 0 or ask["finish_reason"] == "stop"
     flags = result["engine_flags"]
