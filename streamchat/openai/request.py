@@ -294,7 +294,8 @@ def _video_options(request: Any, settings: Settings) -> VideoOptions:
 
 
 DEFAULT_NUM_FRAMES = 32
-"""Frames of a video when the request does not say (vLLM's default ``num_frames``)."""
+"""Frames of a video when the request does not say (the ``num_frames`` default of vLLM's
+generic video loader; its Qwen2-VL loader samples 2 fps instead: see docs/openai.md)."""
 
 
 def _number(value: Any, param: str, above: float, most: float, *, whole: bool = False) -> float:
