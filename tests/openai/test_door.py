@@ -183,7 +183,7 @@ async def test_a_live_session_is_a_video_source_for_its_own_key_only() -> None:
         assert missing.value.code == "session_not_found"
 
 
-async def test_keys_are_the_websockets(live: Live[FakeEngine]) -> None:
+async def test_keys_are_the_websockets() -> None:
     """With keys on, no key or a wrong one is 401 (OpenAI's authentication error); the key
     works as a Bearer token."""
     settings = dataclasses.replace(SETTINGS, api_keys=frozenset({KEY}))
