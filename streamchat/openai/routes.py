@@ -113,6 +113,10 @@ async def chat_completions(request: Request) -> Response:
             ChatRequest(request_id=request_id, messages=messages, sampling=call.sampling),
         )
         if call.stream:
+            begun = await _unless_gone(request, reply.begin())
+            if begun is None:
+                await reply.close()
+                return Response(status_code=499)
             reserved = None  # the stream gives the place back when it ends
             return _EventStream(reply, release=lambda: state.release(identity))
         answer = await _unless_gone(request, reply.complete())
@@ -265,6 +269,20 @@ class _Reply:
         self.state = state
         self.request = request
         self.created = int(time.time())
+        self._stream: AsyncGenerator[Delta, None] | None = None
+        self._first: Delta | None = None
+
+    async def begin(self) -> bool:
+        """Start the answer and wait for its first delta, so that a prompt the engine refuses
+        (``context_too_long``) is an HTTP error, not an event after a 200, as with vLLM."""
+        self._stream = self._deltas()
+        self._first = await anext(self._stream)
+        return True
+
+    async def close(self) -> None:
+        """Close the answer (vLLM aborts it if it is still running); again is harmless."""
+        if self._stream is not None:
+            await self._stream.aclose()
 
     async def complete(self) -> bytes:
         """The whole answer as a ``chat.completion``."""
@@ -292,7 +310,7 @@ class _Reply:
         m = models()
         yield self._chunk(m.DeltaMessage(role="assistant", content=""))
         try:
-            async for delta in self._deltas():
+            async for delta in self._begun():
                 if delta.text:
                     yield self._chunk(m.DeltaMessage(content=delta.text))
                 if delta.finish_reason is not None:
@@ -302,6 +320,13 @@ class _Reply:
         except (OpenAIError, StreamchatError) as exc:
             yield _event(error_body(from_streamchat(exc)))
         yield b"data: [DONE]\n\n"
+
+    async def _begun(self) -> AsyncGenerator[Delta, None]:
+        """The deltas of the answer :meth:`begin` started, its first one included."""
+        assert self._stream is not None and self._first is not None
+        yield self._first
+        async for delta in self._stream:
+            yield delta
 
     def _chunk(self, delta: Any, *, finish: str | None = None) -> bytes:
         choice = models().ChatCompletionResponseStreamChoice(
@@ -358,6 +383,7 @@ class _EventStream(Response):
             if sending.done() and not sending.cancelled() and sending.exception() is not None:
                 raise sending.exception()  # type: ignore[misc]
         finally:
+            await self.reply.close()
             self.release()
 
     async def _send_all(self, send: Send) -> None:

@@ -160,16 +160,20 @@ async def test_closing_a_stream_early_leaves_no_engine_request(live: Live[VllmEn
     assert live.engine.running() == frozenset() and live.engine.engine_unfinished() == 0
 
 
-async def test_a_question_too_long_for_the_context(live: Live[VllmEngine]) -> None:
-    """A conversation over the model's context is 400 context_too_long, not an engine error."""
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_question_too_long_for_the_context(live: Live[VllmEngine], stream: bool) -> None:
+    """A conversation over the model's context is 400 context_too_long, not an engine error,
+    streamed or not (a stream is refused before its 200, as vLLM's server does)."""
     async with _client(live) as client:
         with pytest.raises(openai.BadRequestError) as refused:
             await client.chat.completions.create(
                 model=live.engine.model_name,
                 messages=[{"role": "user", "content": "word " * 20_000}],
                 max_tokens=4,
+                stream=stream,
             )
     assert refused.value.code == "context_too_long"
+    await live.state.wait_unreserved()
     assert live.engine.engine_unfinished() == 0
 
 
