@@ -13,6 +13,8 @@ session and the video cache are its callers; this is their door.
   the MP4 walker that checks an index before FFmpeg allocates for it.
 * ``sampling``: which frames to keep, at what size, time and orientation, and
   how to spread a few over a whole video (pure).
+* ``gops``: which groups of pictures hold the few frames spread over a video
+  whose length is declared, so that only those are decoded (pure).
 """
 
 from __future__ import annotations

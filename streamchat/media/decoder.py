@@ -6,7 +6,10 @@ a live, non-seekable byte stream (a :class:`~streamchat.ingest.feed.ByteFeed`, o
 object with ``read(n)``), demuxes the first video stream, keeps frames at
 ``fps`` by presentation time (:class:`FrameSampler`), and converts only the
 kept frames, already resized to the model's pixel budget (:func:`target_size`),
-in one swscale call each.
+in one swscale call each. A caller that wants only a few frames spread over a
+whole video (``DecoderOptions.spread``) of declared length (an MP4) gets them
+from the groups of pictures that hold them, the others never decoded
+(:mod:`.gops`).
 
 Timestamps: an emitted frame's ``pts`` is in seconds from the first decoded
 frame, so every source starts at 0 whatever its container's start time. It
@@ -93,6 +96,7 @@ from ..errors import (
     VideoUnsupported,
 )
 from ..window import Frame
+from .gops import GopPlan, Picks, spread_times
 from .reader import Mp4Declared, Mp4Walker, SafeReader, Source, mp4_declared, mp4_header
 from .sampling import (
     DEFAULT_FACTOR,
@@ -151,6 +155,9 @@ _INDEX_SAMPLES_PER_FRAME = 4
 # their cost.
 _INTERPOLATION = Interpolation.AREA | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
 _MAX_LEADING_SKIPS = 300  # non-key packets dropped while waiting for a first keyframe
+# A group of pictures held compressed while its decoding is decided: beyond
+# this it is decoded as it comes (a stream with few keyframes).
+_MAX_GROUP_BYTES = 16 * 1024 * 1024
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter
@@ -212,6 +219,12 @@ class DecoderOptions:
       the memory a session can cost the same everywhere.
     * ``keyframes_only``: drop non-key packets before the decoder: many times
       faster, about one frame per keyframe interval.
+    * ``spread``: the caller keeps at most this many frames spread over the
+      whole source (``None``: a live stream, every frame at ``fps``). When
+      the source declares its length (an MP4's index), only those frames are
+      decoded, at most ``fps`` a second, each the last at or before its even
+      share of the video (:mod:`.gops`); otherwise frames come at ``fps`` as
+      for a live stream.
     * ``probesize`` (bytes), ``analyzeduration`` (microseconds): how much FFmpeg
       reads before the first frame; small values cut start-up latency on a
       live stream. ``analyzeduration`` must be positive: FFmpeg reads 0 as
@@ -234,6 +247,7 @@ class DecoderOptions:
     max_index_samples: int = DEFAULT_MAX_INDEX_SAMPLES
     threads: int = DEFAULT_DECODER_THREADS
     keyframes_only: bool = False
+    spread: int | None = None
     probesize: int = 32_768
     analyzeduration: int = 100_000
     max_decode_errors: int = 30
@@ -250,6 +264,7 @@ class DecoderOptions:
         factor: int | None = None,
         container: str | None = None,
         keyframes_only: bool = False,
+        spread: int | None = None,
     ) -> DecoderOptions:
         """What a source chose (rate, pixel budget, container), within the server's bounds.
 
@@ -268,6 +283,7 @@ class DecoderOptions:
             max_index_samples=settings.max_index_samples,
             threads=settings.decoder_threads,
             keyframes_only=keyframes_only,
+            spread=spread,
         )
 
     def __post_init__(self) -> None:
@@ -283,10 +299,12 @@ class DecoderOptions:
             or self.threads < 1
             or not self.max_source_seconds > 0
             or self.max_decode_errors < 0
+            or (self.spread is not None and self.spread < 1)
         ):
             raise ValueError(
                 "max_decode_pixels, analyzeduration, max_source_frames, max_index_samples, "
-                "threads and max_source_seconds must be positive, max_decode_errors not negative"
+                "threads, max_source_seconds and spread must be positive, max_decode_errors "
+                "not negative"
             )
         check_budget(factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
@@ -518,50 +536,220 @@ def _decode_container(
         "video opened: %s %s %dx%d", report.container, report.codec, stream.width, stream.height
     )
     rate = stream.average_rate or stream.guessed_rate
-    frame_interval = 1.0 / float(rate) if rate else 1.0 / 30
+    frames = _Frames(stream, options, report, 1.0 / float(rate) if rate else 1.0 / 30)
+    times = _spread_times(container, stream, options)
+    if times is None:
+        _decode_sampled(container, frames, options, emit, stop)
+    else:
+        logger.info("decoding only the groups of pictures of %d frames", len(times))
+        _decode_planned(container, frames, times, emit, stop)
+
+
+def _decode_sampled(
+    container: InputContainer,
+    frames: _Frames,
+    options: DecoderOptions,
+    emit: Callable[[Frame], None],
+    stop: threading.Event,
+) -> None:
+    """Every frame decoded (key frames only, if so chosen), kept at ``options.fps``."""
     sampler = FrameSampler(options.fps)
-    timeline = Timeline()
-    sizes = _SizeCache(options)
     gate = _PacketGate(options.keyframes_only)
-    errors_in_row = 0
-    for packet in container.demux(stream):
+    for packet in container.demux(frames.stream):
         if stop.is_set():
             return
         if packet.size:
-            report.packets += 1
+            frames.report.packets += 1
         if not gate.admit(packet):
             continue
-        try:
-            frames = stream.decode(packet)
-        except av.error.FFmpegError as exc:
-            _check_refusal(exc, stream, options.max_decode_pixels)
-            report.errors_skipped += 1
-            errors_in_row += 1
-            logger.debug("skipped an undecodable packet: %s", exc)
-            if errors_in_row > options.max_decode_errors:
-                raise VideoDecodeError(
-                    f"the video is corrupt: {errors_in_row} packets in a row failed to decode"
-                ) from exc
-            continue
-        errors_in_row = 0
-        for frame in frames:
-            if report.frames_decoded >= options.max_source_frames:
-                raise VideoTooLong(
-                    f"the video has more than {options.max_source_frames} frames, "
-                    "the limit per source"
-                )
-            report.frames_decoded += 1
-            report.width, report.height = frame.width, frame.height
-            pts = timeline.place(frame.time, frame_interval)
-            if pts > options.max_source_seconds:
-                raise VideoTooLong(
-                    f"the video is longer than {options.max_source_seconds:g} s, "
-                    "the limit per source"
-                )
+        for frame in frames.decode(packet):
+            pts = frames.place(frame)
             if sampler.take(pts):
-                turn, size = sizes.shape(frame)
-                emit(Frame(pts=pts, image=_to_image(frame, size, turn)))
-                report.frames_emitted += 1
+                emit(frames.convert(frame, pts))
+
+
+def _decode_planned(
+    container: InputContainer,
+    frames: _Frames,
+    times: list[float],
+    emit: Callable[[Frame], None],
+    stop: threading.Event,
+) -> None:
+    """Only the groups of pictures that hold the frames at ``times`` decoded (:mod:`.gops`).
+
+    A group is held (compressed, at most ``_MAX_GROUP_BYTES``: a larger one
+    is decoded as it comes) until the next keyframe shows where it ends.
+    Before a group that follows a gap, the decoder is drained and flushed,
+    so each decoded run starts clean at its keyframe. Only picked frames are
+    converted.
+    """
+    # Only rounding: a frame stored in milliseconds (a 1000 Hz MP4 time scale at
+    # 30 fps) is off by up to a 67th of an interval.
+    tolerance = frames.interval / 50
+    plan = GopPlan(times, tolerance)
+    picks = Picks(times, tolerance)
+    stream = frames.stream
+    base = float(stream.time_base) if stream.time_base else 0.0
+    gate = _PacketGate(False)
+    group: list[Packet[VideoStream]] = []
+    group_times: list[float | None] = []
+    group_bytes = 0
+    streaming = False  # the current group is being decoded as it comes
+    gap = False  # the decoder missed packets since it was last fed
+    previous: tuple[VideoFrame, float] | None = None
+    kept = False  # ``previous`` was emitted
+
+    def shown(frame: VideoFrame) -> None:
+        nonlocal previous, kept
+        pts = frames.place(frame)
+        time = frames.time(frame)
+        for_previous, for_this = picks.offer(pts + times[0] if time is None else time)
+        if for_previous and previous is not None and not kept:
+            emit(frames.convert(*previous))
+        previous, kept = (frame, pts), False
+        if for_this:
+            emit(frames.convert(frame, pts))
+            kept = True
+
+    def feed(packets: list[Packet[VideoStream]] | None) -> None:
+        for frame in frames.decode(packets):
+            shown(frame)
+
+    def close_group(next_key: float | None) -> None:
+        nonlocal gap, streaming, group_bytes
+        count = plan.take(group_times, next_key)
+        if streaming:
+            streaming = False
+        elif count == 0:
+            gap = gap or bool(group)
+        else:
+            if gap:
+                feed(None)  # drain what the decoder holds, then start clean
+                stream.codec_context.flush_buffers()
+            feed(group[:count])
+            gap = count < len(group)
+        group.clear()
+        group_times.clear()
+        group_bytes = 0
+
+    for packet in container.demux(stream):
+        if stop.is_set():
+            return
+        if not packet.size:
+            break  # the end: what is held is decided below
+        frames.report.packets += 1
+        if not gate.admit(packet):
+            continue
+        time = None if packet.pts is None else packet.pts * base
+        if packet.is_keyframe and group_times:
+            close_group(time)
+        group_times.append(time)
+        if streaming:
+            feed([packet])
+            continue
+        group.append(packet)
+        group_bytes += packet.size
+        if group_bytes > _MAX_GROUP_BYTES:
+            logger.debug("a group of pictures over %d bytes: decoded as it comes", group_bytes)
+            if gap:
+                feed(None)
+                stream.codec_context.flush_buffers()
+                gap = False
+            feed(group)
+            group.clear()
+            streaming = True
+    close_group(None)
+    feed(None)
+    if picks.finish() and previous is not None and not kept:
+        emit(frames.convert(*previous))
+
+
+class _Frames:
+    """One stream's decoding: packets to frames with their errors and bounds, frames placed
+    on the session's timeline and converted."""
+
+    def __init__(
+        self, stream: VideoStream, options: DecoderOptions, report: DecodeReport, interval: float
+    ) -> None:
+        self.stream = stream
+        self.report = report
+        self.interval = interval
+        self._options = options
+        self._timeline = Timeline()
+        self._sizes = _SizeCache(options)
+        self._errors_in_row = 0
+
+    def decode(
+        self, packets: Packet[VideoStream] | list[Packet[VideoStream]] | None
+    ) -> list[VideoFrame]:
+        """The frames ``packets`` complete (``None`` drains the decoder); bad packets skipped."""
+        out: list[VideoFrame] = []
+        batch = packets if isinstance(packets, list) else [packets]
+        for packet in batch:
+            try:
+                out += self.stream.decode(packet)
+            except av.error.FFmpegError as exc:
+                _check_refusal(exc, self.stream, self._options.max_decode_pixels)
+                self.report.errors_skipped += 1
+                self._errors_in_row += 1
+                logger.debug("skipped an undecodable packet: %s", exc)
+                if self._errors_in_row > self._options.max_decode_errors:
+                    raise VideoDecodeError(
+                        f"the video is corrupt: {self._errors_in_row} packets in a row "
+                        "failed to decode"
+                    ) from exc
+                continue
+            self._errors_in_row = 0
+        return out
+
+    def time(self, frame: VideoFrame) -> float | None:
+        """The frame's source time: its timestamp in the stream's time base.
+
+        Not ``frame.time``: frames drained from the decoder at the end carry no
+        time base in PyAV, and their ``time`` is NaN.
+        """
+        base = self.stream.time_base
+        return None if frame.pts is None or base is None else float(frame.pts * base)
+
+    def place(self, frame: VideoFrame) -> float:
+        """The frame's time in seconds from the first, once counted against the bounds."""
+        report, options = self.report, self._options
+        if report.frames_decoded >= options.max_source_frames:
+            raise VideoTooLong(
+                f"the video has more than {options.max_source_frames} frames, the limit per source"
+            )
+        report.frames_decoded += 1
+        report.width, report.height = frame.width, frame.height
+        pts = self._timeline.place(self.time(frame), self.interval)
+        if pts > options.max_source_seconds:
+            raise VideoTooLong(
+                f"the video is longer than {options.max_source_seconds:g} s, the limit per source"
+            )
+        return pts
+
+    def convert(self, frame: VideoFrame, pts: float) -> Frame:
+        """The frame as the model gets it: upright, resized, owning its memory."""
+        turn, size = self._sizes.shape(frame)
+        self.report.frames_emitted += 1
+        return Frame(pts=pts, image=_to_image(frame, size, turn))
+
+
+def _spread_times(
+    container: InputContainer, stream: VideoStream, options: DecoderOptions
+) -> list[float] | None:
+    """The source times of the frames to keep, when only a spread is wanted and its length
+    is declared: an MP4's index gives its first frame, duration and frame count."""
+    if options.spread is None or not {"mov", "mp4"} & set(container.format.name.split(",")):
+        return None
+    if not (
+        stream.time_base and stream.start_time is not None and stream.duration and stream.frames
+    ):
+        return None
+    base = float(stream.time_base)
+    first = stream.start_time * base
+    duration = stream.duration * base
+    last = first + duration - duration / stream.frames
+    return spread_times(first, last, options.spread, options.fps)
 
 
 class _PacketGate:

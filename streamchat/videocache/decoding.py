@@ -190,6 +190,7 @@ def video_frames(
         min_pixels=sampling.min_pixels,
         max_pixels=sampling.max_pixels,
         factor=sampling.factor,
+        spread=sampling.max_frames,
     )
     chosen = FrameSpread(sampling.max_frames)
     decode_stream(feed, options, chosen.add, stop)

@@ -51,6 +51,7 @@ __all__ = [
     "INDEX_AT_END",
     "FfmpegMissing",
     "Media",
+    "SHORT_GOPS",
     "SOURCE_FPS",
     "marker_corner",
     "probe_frame_times",
@@ -65,6 +66,7 @@ __all__ = [
     "write_mp4_hevc",
     "write_mpegts",
     "write_portrait",
+    "write_short_gops",
     "write_vfr_gap",
     "write_webm",
 ]
@@ -548,6 +550,40 @@ def write_webm(directory: Path) -> Media:
         audio=True,
     )  # fmt: skip
     return _media("webm", path, format="webm", frames=count, audio=True)
+
+
+SHORT_GOPS = {
+    "h264-b-frames": (
+        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-bf", "2",
+        "-x264-params", "keyint=10:min-keyint=10:scenecut=0:b-adapt=0",
+    ),
+    "h264-open-gop": (
+        "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-bf", "3",
+        "-x264-params", "open-gop=1:b-adapt=0:keyint=12:min-keyint=12:scenecut=0",
+    ),
+    "hevc": (
+        "-c:v", "libx265", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-tag:v", "hvc1",
+        "-x265-params", "log-level=error:keyint=10:min-keyint=10:scenecut=0:open-gop=0",
+    ),
+}  # fmt: skip
+"""Encoder options of :func:`write_short_gops`: a keyframe every 10 or 12 frames."""
+
+
+def write_short_gops(directory: Path, variant: str, *, seconds: float = 8.0) -> Media:
+    """An MP4 with its index first and a keyframe every 10-12 frames (:data:`SHORT_GOPS`).
+
+    What a request for a few frames of a long video meets, scaled down: many
+    groups of pictures between the frames it wants. ``h264-open-gop`` puts
+    B-frames shown before each later keyframe that refer to the group before.
+    """
+    path = directory / f"gops-{variant}.mp4"
+    count = _encode(path, *SHORT_GOPS[variant], "-movflags", "+faststart", seconds=seconds)
+    boxes = top_level_boxes(path)
+    if "moov" not in boxes or boxes.index("moov") > boxes.index("mdat"):
+        raise CorpusError(f"{path.name}: the index should come first, boxes are {boxes}")
+    if (variant == "h264-open-gop") != _has_open_gop(path):
+        raise CorpusError(f"{path.name}: open GOP should be {variant == 'h264-open-gop'}")
+    return _media(f"gops-{variant}", path, format="mp4", frames=count)
 
 
 CORPUS: dict[str, Callable[[Path], Media]] = {
