@@ -96,6 +96,17 @@ def test_memory_quick(tmp_path: Path) -> None:
     assert len(run["samples"]) >= 2
 
 
+def test_spread_quick(tmp_path: Path) -> None:
+    """Each way of decoding a spread keeps the frames asked for and times itself against vLLM's."""
+    result = run_quick("spread", tmp_path)
+    (row,) = result["clips"]
+    assert set(row["seconds"]) == {"streamchat", "streamchat-all", "vllm"}
+    for mode in ("streamchat", "streamchat-all"):
+        assert row["frames_kept"][mode] == row["frames_kept"]["vllm"] == result["frames"]
+        assert_summary(row["over_vllm"][mode])
+    assert 0 < row["frames_decoded"]["streamchat"] <= row["frames_decoded"]["streamchat-all"]
+
+
 def test_concurrency_quick(tmp_path: Path) -> None:
     """The search measures each step's lag, CPU and RSS and reports the largest N held."""
     result = run_quick("concurrency", tmp_path)
