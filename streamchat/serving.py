@@ -68,9 +68,15 @@ class GracefulServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if sockets and self.started:
-            # uvicorn says it is running only on sockets it bound itself; on ours too,
-            # once the app has started: operators and tests wait for this line.
-            self._log_started_message(sockets)
+            # uvicorn says it is running only on sockets it bound itself; on ours too, in its
+            # words, once the app has started: operators and tests wait for this line.
+            host, port = sockets[0].getsockname()[:2]
+            logging.getLogger("uvicorn.error").info(
+                "Uvicorn running on %s://%s:%d (Press CTRL+C to quit)",
+                "https" if self.config.ssl else "http",
+                f"[{host}]" if ":" in host else host,
+                port,
+            )
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None or self._draining is not None or self.should_exit:
