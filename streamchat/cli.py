@@ -224,6 +224,7 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
     # Bound before anything slow (vLLM's import, the model, the engine: 20-60 s), so that a
     # port in use is said at once; clients that connect meanwhile wait in the kernel's queue.
+    # The socket stays open until the process ends.
     try:
         sock = listening_socket(args.host, args.port)
     except OSError as exc:
@@ -234,34 +235,33 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
             exc.strerror or exc,
         )
         return 1
-    with sock:
-        model = args.model or DEFAULT_MODEL
-        if args.tiny_model:
-            from .engine.tiny_model import build_tiny_model
+    model = args.model or DEFAULT_MODEL
+    if args.tiny_model:
+        from .engine.tiny_model import build_tiny_model
 
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            logger.info("building the tiny model (once, offline)")
-            model = str(build_tiny_model(DEFAULT_TINY_DIR))
-        settings = settings_from_args(args, model)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        logger.info("tiny model: building it offline unless it is built already")
+        model = str(build_tiny_model(DEFAULT_TINY_DIR))
+    settings = settings_from_args(args, model)
 
-        from .app import create_app
-        from .media import map_large_blocks
+    from .app import create_app
+    from .media import map_large_blocks
 
-        map_large_blocks()  # freed FFmpeg tables go back to the kernel, not to arenas
-        logger.info(
-            "listening on %s port %d; loading model %s (%s engine): sessions are served once "
-            "it has loaded",
-            args.host,
-            sock.getsockname()[1],
-            model,
-            args.engine,
-        )
-        app = create_app(settings, engine_factory=_engine_factory(args, settings, rest))
-        options: dict[str, Any] = {"log_config": None} if args.log_format == "json" else {}
-        config = server_config(
-            app, settings, host=args.host, port=args.port, log_level=args.log_level, **options
-        )
-        GracefulServer(config, app).run(sockets=[sock])
+    map_large_blocks()  # freed FFmpeg tables go back to the kernel, not to arenas
+    logger.info(
+        "listening on %s port %d; loading model %s (%s engine): sessions are served once "
+        "it has loaded",
+        args.host,
+        sock.getsockname()[1],
+        model,
+        args.engine,
+    )
+    app = create_app(settings, engine_factory=_engine_factory(args, settings, rest))
+    options: dict[str, Any] = {"log_config": None} if args.log_format == "json" else {}
+    config = server_config(
+        app, settings, host=args.host, port=args.port, log_level=args.log_level, **options
+    )
+    GracefulServer(config, app).run(sockets=[sock])
     return 0
 
 
