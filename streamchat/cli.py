@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__
 from .config import DEFAULT_MODEL, Settings
 from .ingest import parse_allowed_domain
+from .logformat import FORMATS, configure
 
 __all__ = ["build_parser", "main", "settings_from_args"]
 
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="'json': one JSON object a line (streamchat's, uvicorn's and vLLM's lines)",
+    )
     group = serve.add_argument_group("session limits")
     defaults = Settings()
     for name, kind, help_text in (
@@ -213,32 +220,55 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
     if args.engine == "fake" and rest:
         print(f"streamchat: unknown flags {' '.join(rest)}", file=sys.stderr)
         return 2
+    from .serving import GracefulServer, listening_socket, server_config
+
+    # Bound before anything slow (vLLM's import, the model, the engine: 20-60 s), so that a
+    # port in use is said at once; clients that connect meanwhile wait in the kernel's queue.
+    # The socket stays open until the process ends.
+    try:
+        sock = listening_socket(args.host, args.port)
+    except OSError as exc:
+        logger.error(
+            "cannot listen on %s port %d: %s (another server there? choose one with --port)",
+            args.host,
+            args.port,
+            exc.strerror or exc,
+        )
+        return 1
     model = args.model or DEFAULT_MODEL
     if args.tiny_model:
         from .engine.tiny_model import build_tiny_model
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        logger.info("tiny model: building it offline unless it is built already")
         model = str(build_tiny_model(DEFAULT_TINY_DIR))
     settings = settings_from_args(args, model)
 
     from .app import create_app
     from .media import map_large_blocks
-    from .serving import GracefulServer, server_config
 
     map_large_blocks()  # freed FFmpeg tables go back to the kernel, not to arenas
+    logger.info(
+        "listening on %s port %d; loading model %s (%s engine): sessions are served once "
+        "it has loaded",
+        args.host,
+        sock.getsockname()[1],
+        model,
+        args.engine,
+    )
     app = create_app(settings, engine_factory=_engine_factory(args, settings, rest))
-    config = server_config(app, settings, host=args.host, port=args.port, log_level=args.log_level)
-    GracefulServer(config, app).run()
+    options: dict[str, Any] = {"log_config": None} if args.log_format == "json" else {}
+    config = server_config(
+        app, settings, host=args.host, port=args.port, log_level=args.log_level, **options
+    )
+    GracefulServer(config, app).run(sockets=[sock])
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
     if args.command == "build-tiny-model":
         from .engine.tiny_model import build_tiny_model
 

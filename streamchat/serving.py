@@ -67,6 +67,16 @@ class GracefulServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if sockets and self.started:
+            # uvicorn says it is running only on sockets it bound itself; on ours too, in its
+            # words, once the app has started: operators and tests wait for this line.
+            host, port = sockets[0].getsockname()[:2]
+            logging.getLogger("uvicorn.error").info(
+                "Uvicorn running on %s://%s:%d (Press CTRL+C to quit)",
+                "https" if self.config.ssl else "http",
+                f"[{host}]" if ":" in host else host,
+                port,
+            )
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None or self._draining is not None or self.should_exit:
@@ -91,7 +101,8 @@ class GracefulServer(uvicorn.Server):
 
 
 def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (0: any free port) and listening.
+    """A TCP socket bound to ``host:port`` (0: any free port; IPv6 if ``host`` has a ``:``)
+    and listening.
 
     Clients may connect as soon as it returns: the kernel queues them until
     the server accepts, so nobody waits for a "started" flag. Its protocol is
@@ -100,7 +111,8 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     inherit it); with 0, an answer's deltas after the first wait ~40 ms for
     the client's delayed ACK.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)

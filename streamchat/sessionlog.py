@@ -21,7 +21,7 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any
 
-__all__ = ["TAGGED_LOGGERS", "SessionLog"]
+__all__ = ["TAGGED_LOGGERS", "SessionLog", "session_prefix"]
 
 TAGGED_LOGGERS = ("streamchat.decoder", "streamchat.fetch", "streamchat.engine")
 """The loggers of the layers a session's work runs in, which know nothing of sessions."""
@@ -32,7 +32,8 @@ _RUNNING: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 """The id of the session whose task or thread this is (see :meth:`SessionLog.tag_task`)."""
 
 
-def _prefix(session_id: str) -> str:
+def session_prefix(session_id: str) -> str:
+    """What a session's line begins with in its message (a structured format leaves it out)."""
     return f"session {session_id}: "
 
 
@@ -47,7 +48,7 @@ class SessionLog(logging.LoggerAdapter[logging.Logger]):
         self, msg: object, kwargs: MutableMapping[str, Any]
     ) -> tuple[str, MutableMapping[str, Any]]:
         kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
-        return f"{_prefix(self.session_id)}{msg}", kwargs
+        return f"{session_prefix(self.session_id)}{msg}", kwargs
 
     def tag_task(self) -> None:
         """Tag what the layers below log from the calling task from now on (and from the
@@ -62,7 +63,7 @@ class _TagSessionLines(logging.Filter):
         session_id = _RUNNING.get()
         if session_id is not None and not hasattr(record, "session"):
             record.session = session_id
-            record.msg = f"{_prefix(session_id)}{record.msg}"
+            record.msg = f"{session_prefix(session_id)}{record.msg}"
         return True
 
 

@@ -3,14 +3,16 @@
 For what an in-process server cannot show: the server's own memory (read from
 ``/proc``, not mixed with the test's), its command line, its signals and its
 exit. Readiness is read from the server's log (uvicorn's "Uvicorn running
-on"), never waited for by time; so are the sessions it has closed. The whole
-log is kept for assertions.
+on"), never waited for by time; so are the sessions it has closed, in text or
+in JSON (``--log-format json``). The whole log, stderr and stdout as one,
+line by line, is kept for assertions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -20,11 +22,20 @@ from pathlib import Path
 
 from tests.support.ports import free_port
 
-__all__ = ["ServerProcess", "server_process"]
+__all__ = ["ServerProcess", "closes_session", "server_process"]
 
 READY_TIMEOUT = 240.0
 SESSION_CLOSED = re.compile(r"\bsession \S+: closed$")
 """The line a session's end is logged with (INFO), once it has fully stopped (decoders ended)."""
+
+
+def closes_session(line: str) -> bool:
+    """Whether ``line`` is :data:`SESSION_CLOSED`, or its JSON form (the session a field)."""
+    if line.startswith("{"):
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            return bool(record.get("session")) and record.get("message") == "closed"
+    return bool(SESSION_CLOSED.search(line))
 
 
 class ServerProcess:
@@ -41,12 +52,12 @@ class ServerProcess:
         self._drain = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
+        assert self.process.stdout is not None
+        async for raw in self.process.stdout:  # stderr too
             line = raw.decode(errors="replace").rstrip()
             async with self._logged:
                 self.log.append(line)
-                self.sessions_closed += bool(SESSION_CLOSED.search(line))
+                self.sessions_closed += closes_session(line)
                 self._logged.notify_all()
             if "Uvicorn running on" in line:
                 self._ready.set()
@@ -98,8 +109,8 @@ async def server_process(
         str(port),
         *args,
         cwd=cwd,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
     running = ServerProcess(process, port)
@@ -110,4 +121,4 @@ async def server_process(
         if process.returncode is None:
             process.kill()
             await process.wait()
-        await running._drain  # the log reader ends with the process's stderr
+        await running._drain  # the log reader ends with the process's output

@@ -56,8 +56,9 @@ LAYERS: list[set[str]] = [
     },
     # 2. The wire: every message, and its codec.
     {"messages"},
-    # 3. What uses the messages: the session's state machine, its rates; what logs leave out.
-    {"protocol", "limits", "redact"},
+    # 3. What uses the messages: the session's state machine, its rates; what logs leave out,
+    # and the logs' format.
+    {"protocol", "limits", "redact", "logformat"},
     # 4. Transport: bounds below the WebSocket protocol.
     {"transport"},
     # 5. A session runs the protocol's actions with the data path's parts; media named by URL.
