@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from websockets.exceptions import InvalidStatus
 
@@ -26,6 +25,7 @@ from streamchat.engine.fake import FakeEngine
 from streamchat_client import ServerError, connect
 from tests.support.live import live_server, serve_files
 from tests.support.media import encode_image, encode_video
+from tests.support.metrics import scrape
 from tests.support.wsclient import open_ws, recv, send
 
 SETTINGS = Settings(
@@ -60,33 +60,6 @@ FAMILIES = {
     "streamchat_engine_requests_running": "gauge",
     "streamchat_engine_requests_waiting": "gauge",
 }
-
-
-class Scrape:
-    """One scrape, parsed: the types of its families and the values of its samples."""
-
-    def __init__(self, text: str) -> None:
-        self.types: dict[str, str] = {}
-        self.samples: list[tuple[str, dict[str, str], float]] = []
-        for family in text_string_to_metric_families(text):
-            self.types[family.name] = family.type
-            self.samples += [(s.name, s.labels, s.value) for s in family.samples]
-
-    def value(self, name: str, **labels: str) -> float:
-        """The sum of the samples called ``name`` whose labels include ``labels`` (0: none)."""
-        return sum(
-            value
-            for sample, have, value in self.samples
-            if sample == name and labels.items() <= have.items()
-        )
-
-
-async def scrape(base: str, headers: dict[str, str] | None = None) -> Scrape:
-    async with httpx.AsyncClient(base_url=base) as http:
-        response = await http.get("/metrics", headers=headers)
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return Scrape(response.text)
 
 
 async def test_a_session_that_pushes_video_and_asks_moves_every_family() -> None:
