@@ -84,6 +84,7 @@ async def test_a_session_that_pushes_video_and_asks_moves_every_family() -> None
             live.engine.gate.set()
             await answer.result()
             after = await scrape(live.base)
+            assert session.session_id not in after.text  # no label names a session
 
         await live.state.wait_sessions(0)
         closed = await scrape(live.base)
@@ -150,6 +151,7 @@ async def test_metrics_auth_takes_the_api_keys_as_a_bearer_token() -> None:
     assert bare.headers["www-authenticate"] == "Bearer"
     assert bare.json()["code"] == "unauthorized"
     assert seen.value("streamchat_sessions_refused_total", reason="unauthorized") == 1
+    assert KEY not in seen.text and "nope" not in seen.text
 
 
 async def test_metrics_are_open_by_default_even_with_keys() -> None:
@@ -198,7 +200,7 @@ async def test_a_scrape_is_rendered_off_the_event_loop(monkeypatch: pytest.Monke
 
 async def test_url_sources_count_their_bytes_and_their_failures(tmp_path: Path) -> None:
     """A fetched URL counts its bytes as 'url'; a URL that answers an error and one the policy
-    refuses count as fetch failures by code, and as errors told."""
+    refuses count as fetch failures by code, and as errors told; no URL is a label."""
     (tmp_path / "clip.webm").write_bytes(WEBM)
     private = dataclasses.replace(SETTINGS, fetch_allow_private=True)
     async with serve_files(tmp_path) as files:
@@ -222,6 +224,7 @@ async def test_url_sources_count_their_bytes_and_their_failures(tmp_path: Path) 
     assert fetched.value("streamchat_fetch_failures_total", code="url_fetch_failed") == 1
     assert fetched.value("streamchat_errors_total", code="url_fetch_failed") == 1
     assert refused.value("streamchat_fetch_failures_total", code="url_not_allowed") == 1
+    assert "clip.webm" not in fetched.text and files not in fetched.text  # no URL as a label
 
 
 def _data(kind: str, data: bytes) -> str:
@@ -244,8 +247,11 @@ async def test_the_openai_door_counts_its_asks_tokens_and_errors() -> None:
             }
         ],
     }
-    async with live_server(SETTINGS) as live, httpx.AsyncClient(base_url=live.base) as http:
-        reply = await http.post("/v1/chat/completions", json=body, timeout=60)
+    async with (
+        live_server(SETTINGS) as live,
+        httpx.AsyncClient(base_url=live.base, timeout=60) as http,
+    ):
+        reply = await http.post("/v1/chat/completions", json=body)
         broken = await http.post("/v1/chat/completions", content=b"{messages: [")
         seen = await scrape(live.base)
 

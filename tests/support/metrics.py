@@ -12,6 +12,7 @@ class Scrape:
     """One scrape, parsed: the types of its families and the values of its samples."""
 
     def __init__(self, text: str) -> None:
+        self.text = text
         self.types: dict[str, str] = {}
         self.samples: list[tuple[str, dict[str, str], float]] = []
         for family in text_string_to_metric_families(text):
@@ -29,7 +30,7 @@ class Scrape:
 
 async def scrape(base: str, headers: dict[str, str] | None = None) -> Scrape:
     """``GET base/metrics``, which must answer 200 in Prometheus' text format 0.0.4."""
-    async with httpx.AsyncClient(base_url=base) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
         response = await http.get("/metrics", headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
