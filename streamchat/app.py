@@ -23,11 +23,11 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from . import __version__, openai
-from .access import KeyStore, admit
+from .access import KeyStore
 from .config import Settings
 from .endpoint import RefusedHandshakeFilter, session_endpoint
 from .engine.base import Engine
-from .errors import AccessError
+from .errors import AccessError, Unauthorized
 from .metrics import CONTENT_TYPE
 from .server import ServerState, fit_context
 
@@ -81,18 +81,13 @@ async def _metrics(request: Request) -> Response:
     if state.settings.metrics_auth:
         client = request.client.host if request.client else None
         try:
-            grant = admit(
-                request.headers,
-                (),
-                client,
-                keys=state.keys,
-                allowed_origins=state.settings.allowed_origins,
-            )
-            if grant.needs_token:
-                raise AccessError("this server's metrics need an API key: Bearer <key>")
+            if state.admit(request.headers, client).needs_token:
+                raise Unauthorized("this server's metrics need an API key: Bearer <key>")
         except AccessError as exc:
-            body = {"code": "unauthorized", "message": exc.message}
-            return JSONResponse(body, 401, {"WWW-Authenticate": "Bearer"})
+            body = {"code": exc.code, "message": exc.message}
+            if isinstance(exc, Unauthorized):
+                return JSONResponse(body, 401, {"WWW-Authenticate": "Bearer"})
+            return JSONResponse(body, 403)
     state.metrics.engine_load(state.engine)
     text = await asyncio.to_thread(state.metrics.exposition)
     return Response(text, media_type=CONTENT_TYPE)

@@ -16,11 +16,11 @@ import dataclasses
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .access import KeyStore, RefusalLog
+from .access import Grant, KeyStore, RefusalLog, admit
 from .budget import VisionCosts, plan
 from .config import Settings
 from .engine.base import Engine
@@ -100,6 +100,18 @@ class ServerState:
         if self.request_rates is None:
             s = self.settings
             self.request_rates = ClientRates(s.requests_per_second, s.request_burst)
+
+    def admit(
+        self, headers: Mapping[str, str], client: str | None, subprotocols: Iterable[str] = ()
+    ) -> Grant:
+        """A request's origin and key checked against this server's (:func:`~.access.admit`)."""
+        return admit(
+            headers,
+            subprotocols,
+            client,
+            keys=self.keys,
+            allowed_origins=self.settings.allowed_origins,
+        )
 
     def find_session(self, session_id: str) -> Session | None:
         """The open session of that id, if any."""

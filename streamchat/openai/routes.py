@@ -37,7 +37,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from ..access import admit
 from ..engine.base import ChatRequest, Delta, EngineError, Image, Message, Usage, Video
 from ..errors import AccessError, EngineFailure, NoFrames, ServerShutdown, StreamchatError
 from ..server import ServerState
@@ -137,13 +136,7 @@ def _identity(request: Request, state: ServerState) -> str:
     """Who is asking (its key, else its address), after the origin and key checks."""
     client = request.client.host if request.client else None
     try:
-        grant = admit(
-            request.headers,
-            (),
-            client,
-            keys=state.keys,
-            allowed_origins=state.settings.allowed_origins,
-        )
+        grant = state.admit(request.headers, client)
     except AccessError as exc:
         raise from_streamchat(exc) from None
     if grant.needs_token:

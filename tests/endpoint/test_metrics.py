@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 from websockets.exceptions import InvalidStatus
 
 from streamchat.app import create_app
+from streamchat.cli import build_parser, settings_from_args
 from streamchat.config import Settings
 from streamchat.engine.fake import FakeEngine
 from streamchat_client import ServerError, connect
@@ -268,3 +269,12 @@ async def test_the_openai_door_counts_its_asks_tokens_and_errors() -> None:
     assert seen.value("streamchat_frames_decoded_total", door="openai") == 1
     assert seen.value("streamchat_errors_total", door="openai", code="invalid_json") == 1
     assert seen.value("streamchat_asks_total", door="websocket") == 0
+
+
+def test_the_metrics_auth_flag_maps_onto_the_settings() -> None:
+    """`streamchat serve --metrics-auth` turns metrics_auth on; without it, it stays off."""
+    parser = build_parser()
+    on, _ = parser.parse_known_args(["serve", "--metrics-auth"])
+    off, _ = parser.parse_known_args(["serve"])
+    assert settings_from_args(on, "m", environ={}).metrics_auth is True
+    assert settings_from_args(off, "m", environ={}).metrics_auth is False
