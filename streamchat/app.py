@@ -8,6 +8,7 @@ its worker processes, when the server stops.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -17,7 +18,7 @@ from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
@@ -26,11 +27,14 @@ from .access import KeyStore
 from .config import Settings
 from .endpoint import RefusedHandshakeFilter, session_endpoint
 from .engine.base import Engine
+from .errors import AccessError, Unauthorized
+from .metrics import CONTENT_TYPE
 from .server import ServerState, fit_context
 
-__all__ = ["SESSION_PATH", "create_app"]
+__all__ = ["METRICS_PATH", "SESSION_PATH", "create_app"]
 
 SESSION_PATH = "/v1/session"
+METRICS_PATH = "/metrics"
 
 logger = logging.getLogger("streamchat.app")
 
@@ -67,6 +71,28 @@ async def _health(request: Request) -> JSONResponse:
     )
 
 
+async def _metrics(request: Request) -> Response:
+    """Every metric family in Prometheus' text format (``docs/metrics.md``).
+
+    With ``metrics_auth`` it takes the API keys the sessions take, as a Bearer
+    token (401 otherwise). Rendered in a worker thread: a scrape never holds the loop.
+    """
+    state: ServerState = request.app.state.streamchat
+    if state.settings.metrics_auth:
+        client = request.client.host if request.client else None
+        try:
+            if state.admit(request.headers, client).needs_token:
+                raise Unauthorized("this server's metrics need an API key: Bearer <key>")
+        except AccessError as exc:
+            body = {"code": exc.code, "message": exc.message}
+            if isinstance(exc, Unauthorized):
+                return JSONResponse(body, 401, {"WWW-Authenticate": "Bearer"})
+            return JSONResponse(body, 403)
+    state.metrics.engine_load(state.engine)
+    text = await asyncio.to_thread(state.metrics.exposition)
+    return Response(text, media_type=CONTENT_TYPE)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -89,6 +115,8 @@ def create_app(
                 resolved = dataclasses.replace(settings, frame_factor=served.frame_factor)
             resolved = fit_context(resolved, served.vision_costs)
             state = ServerState(resolved, served, KeyStore.from_settings(resolved))
+            if resolved.metrics_auth and not state.keys.enabled:
+                raise ValueError("metrics_auth puts /metrics behind the API keys: give some")
             await openai.warm()
             app.state.streamchat = state
             if not state.keys.enabled:
@@ -113,6 +141,7 @@ def create_app(
         routes=[
             _index_route(),
             Route("/health", _health),
+            Route(METRICS_PATH, _metrics),
             WebSocketRoute(SESSION_PATH, session_endpoint),
             *openai.routes(),
             Mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static"),

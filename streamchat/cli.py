@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ORIGIN",
         help="browser origin allowed to open sessions, or '*' (repeatable; default: same origin)",
     )
+    access.add_argument(
+        "--metrics-auth",
+        action="store_true",
+        help="GET /metrics needs an API key as a Bearer token (default: open)",
+    )
 
     tiny = commands.add_parser("build-tiny-model", help="build the tiny random test model")
     tiny.add_argument("path", type=Path, nargs="?", default=DEFAULT_TINY_DIR)

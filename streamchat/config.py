@@ -193,6 +193,8 @@ class Settings:
     """One key per line; re-read when it changes, so keys are revoked without a restart."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to open sessions; empty: same origin only; ``*``: any."""
+    metrics_auth: bool = False
+    """``GET /metrics`` needs one of the API keys as a Bearer token (else it is open)."""
 
     @property
     def factor(self) -> int:

@@ -50,7 +50,15 @@ from .errors import (
     close_reason,
 )
 from .limits import RateLimiter
-from .messages import ClientMessage, Hello, decode_client, encode_server, message_id, peek_id
+from .messages import (
+    ClientMessage,
+    Error,
+    Hello,
+    decode_client,
+    encode_server,
+    message_id,
+    peek_id,
+)
 from .server import ServerState, Waiting
 from .session import Close, Session
 
@@ -89,13 +97,16 @@ async def session_endpoint(websocket: WebSocket) -> None:
             identity = grant.identity
     except AccessError as exc:
         state.refused(exc, client or "unknown")
+        state.metrics.error("websocket", exc.code)
         await _deny(websocket, exc)
         return
     deadline = asyncio.get_running_loop().time() + state.settings.hello_timeout
     connection: _Connection | None = None
     try:
         await websocket.accept(subprotocol=grant.subprotocol)
-        session = Session(state.settings, state.engine, session_id=secrets.token_hex(16))
+        session = Session(
+            state.settings, state.engine, session_id=secrets.token_hex(16), metrics=state.metrics
+        )
         session.log.tag_task()
         await state.add(session)
         session.identity = identity
@@ -221,6 +232,8 @@ class _Connection:
                     if isinstance(item, Close):
                         await websocket.close(item.code, item.reason)
                         return
+                    if isinstance(item, Error):  # the one place every error passes on its way out
+                        self.state.metrics.error("websocket", item.code)
                     payload = encode_server(item, binary=self.binary)
                     if isinstance(payload, bytes):
                         await websocket.send_bytes(payload)
@@ -372,6 +385,7 @@ class _Connection:
         which ends the connection.
         """
         self.session.log.info("%s before authenticating", exc.code)
+        self.state.metrics.refused("websocket", exc.code)
         if not self.failed:  # else a fatal error and the close are on their way already
             self.failed = True
             outbox = self.session.outbox
@@ -388,4 +402,6 @@ class _Connection:
         """Send the fatal error, then close; messages read meanwhile are ignored."""
         self.failed = True
         self.session.log.info("closing: %s", exc.code)
+        if self.waiting is not None and isinstance(exc, AccessError):  # refused at its hello
+            self.state.metrics.refused("websocket", exc.code)
         await self.session.fail(exc)

@@ -16,17 +16,18 @@ import dataclasses
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .access import KeyStore, RefusalLog
+from .access import Grant, KeyStore, RefusalLog, admit
 from .budget import VisionCosts, plan
 from .config import Settings
 from .engine.base import Engine
 from .engine.prompt import MAX_CLIPS
 from .errors import AccessError, CloseCode, ServerBusy
 from .limits import ClientRates
+from .metrics import Metrics
 from .videocache import VideoCache
 
 if TYPE_CHECKING:
@@ -87,13 +88,30 @@ class ServerState:
     _unreserved: asyncio.Event = field(default_factory=asyncio.Event)
     request_rates: ClientRates = field(default=None)  # type: ignore[assignment]
     """Requests per client of the OpenAI-compatible door (sessions count their own)."""
+    metrics: Metrics = field(default_factory=Metrics)
+    """This app's metric families (``GET /metrics``)."""
 
     def __post_init__(self) -> None:
+        self.metrics.watch_engine(self.engine)
         if self.videos is None:
-            self.videos = VideoCache(self.settings, max_bytes=self.settings.video_cache_bytes)
+            self.videos = VideoCache(
+                self.settings, max_bytes=self.settings.video_cache_bytes, metrics=self.metrics
+            )
         if self.request_rates is None:
             s = self.settings
             self.request_rates = ClientRates(s.requests_per_second, s.request_burst)
+
+    def admit(
+        self, headers: Mapping[str, str], client: str | None, subprotocols: Iterable[str] = ()
+    ) -> Grant:
+        """A request's origin and key checked against this server's (:func:`~.access.admit`)."""
+        return admit(
+            headers,
+            subprotocols,
+            client,
+            keys=self.keys,
+            allowed_origins=self.settings.allowed_origins,
+        )
 
     def find_session(self, session_id: str) -> Session | None:
         """The open session of that id, if any."""
@@ -195,7 +213,8 @@ class ServerState:
             place.on_evict()
 
     def refused(self, exc: AccessError, address: str) -> None:
-        """Log a refused handshake (see :class:`~streamchat.access.RefusalLog`)."""
+        """Log and count a refused handshake (see :class:`~streamchat.access.RefusalLog`)."""
+        self.metrics.refused("websocket", exc.code)
         loop = asyncio.get_running_loop()
         if self.refusals.refused(exc, address, loop.time()):
             self._refusals_due = loop.call_later(self.refusals.interval, self._refusals_tick)
@@ -240,11 +259,14 @@ class ServerState:
         async with self._changed:
             self.sessions.add(session)
             self._by_id[session.id] = session
+            self.metrics.session_opened()
             self._changed.notify_all()
 
     async def discard(self, session: Session) -> None:
         """Forget a session once it has fully stopped (answers aborted, decoders ended)."""
         async with self._changed:
+            if session in self.sessions:
+                self.metrics.session_closed()
             self.sessions.discard(session)
             self._by_id.pop(session.id, None)
             self._changed.notify_all()

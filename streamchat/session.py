@@ -41,7 +41,8 @@ from .engine.base import Engine, EngineError, GenerationRequest, Usage
 from .errors import EngineFailure, StreamchatError, UrlFetchFailed, close_reason
 from .ingest import ByteFeed, FeedClosed, Lookups, fetch_into, shared_lookups
 from .media import DecoderOptions, decode_image, decode_stream
-from .messages import ClientMessage, ServerMessage, VideoStatus
+from .messages import AnswerDone, ClientMessage, ServerMessage, VideoStatus
+from .metrics import Metrics
 from .protocol import (
     Action,
     CancelAnswer,
@@ -107,6 +108,7 @@ class Session:
 
     ``lookups``: the server's DNS lookups, where this session's run one at a
     time; by default the running loop's (:func:`~streamchat.ingest.netguard.shared_lookups`).
+    ``metrics``: the server's, where the session counts what it does.
     """
 
     def __init__(
@@ -116,8 +118,10 @@ class Session:
         *,
         session_id: str,
         lookups: Lookups | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.engine = engine
         self.id = session_id
         self.identity: str | None = None
@@ -267,6 +271,8 @@ class Session:
             source.feed.put_nowait(data)
         except StreamchatError as exc:
             await self._run([self.protocol.error(exc)])
+            return
+        self.metrics.bytes_received("push", len(data))
 
     async def _fetch(self, source: _RunningSource, url: str) -> None:
         """Fetch ``url`` into the source's feed; a failure ends the decoder with it.
@@ -278,7 +284,13 @@ class Session:
         into the log at will.
         """
         try:
-            await fetch_into(url, source.feed, self.settings, resolver=self._lookups.resolver(self))
+            await fetch_into(
+                url,
+                source.feed,
+                self.settings,
+                resolver=self._lookups.resolver(self),
+                metrics=self.metrics,
+            )
         except StreamchatError as exc:
             source.feed.abort(exc)
         except FeedClosed:
@@ -291,10 +303,11 @@ class Session:
         """Run the decoder thread for ``source`` and report how it ended."""
 
         def on_frame(frame: Frame) -> None:
-            now = self._loop.time()
-            self._send_soon(
-                self.protocol.frame_decoded(source.number, frame, now=now, level=source.level())
-            )
+            now, level, window = self._loop.time(), source.level(), self.protocol.window
+            current, evicted = self.protocol.source, window.evicted
+            kept = current is not None and current.number == source.number
+            self._send_soon(self.protocol.frame_decoded(source.number, frame, now=now, level=level))
+            self.metrics.frame(kept=kept, evicted=window.evicted - evicted, lag=level.lag)
             if self.protocol.status_pending and self._status_timer is None:
                 self._status_timer = self._loop.call_later(
                     self.settings.status_interval, self._flush_status
@@ -341,6 +354,7 @@ class Session:
         for a bounded time (its size and scan limits).
         """
         s, o = self.settings, self.protocol.options
+        self.metrics.bytes_received("image", len(data))
         try:
             async with self._images:
                 image = await self._in_thread(
@@ -356,7 +370,9 @@ class Session:
         except StreamchatError as exc:
             await self._run([self.protocol.error(exc)])
             return
+        evicted = self.protocol.window.evicted
         await self._run(self.protocol.image_decoded(Frame(pts, image)))
+        self.metrics.frame(kept=True, evicted=self.protocol.window.evicted - evicted)
 
     async def _in_thread(self, name: str, work: Callable[[], _T]) -> _T:
         """``work()`` in a new thread of this session's; :meth:`aclose` waits for its end.
@@ -428,11 +444,14 @@ class Session:
             self._answers.pop(id, None)
         # Bounded: once out of ``_answers`` nothing can cancel this task, and a client
         # that reads nothing would hold it (and a drain waiting for it) for ever.
+        finished = self.protocol.answer_finished(id, "".join(parts), reason, usage, ttft)
+        for action in finished:
+            if isinstance(action, Send) and isinstance(action.message, AnswerDone):
+                told, elapsed = action.message.finish_reason, self._loop.time() - start
+                self.metrics.answered("websocket", told, usage, ttft=ttft, seconds=elapsed)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.send_timeout):
-                await self._run(
-                    self.protocol.answer_finished(id, "".join(parts), reason, usage, ttft)
-                )
+                await self._run(finished)
 
     # -- shutdown -----------------------------------------------------------
 

@@ -22,13 +22,15 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import REGISTRY
+from prometheus_client.metrics_core import Metric
 
 from ..budget import VisionCosts
 from ..config import DEFAULT_MAX_REQUEST_IMAGES, DEFAULT_MAX_REQUEST_VIDEOS
@@ -51,12 +53,14 @@ from blake3 import blake3  # noqa: E402  # vLLM's own hash (a dependency of vLLM
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase  # noqa: E402
 
 __all__ = [
     "DEFAULT_KV_CACHE_BYTES",
     "DEFAULT_MAX_MODEL_LEN",
     "DEFAULT_MAX_NUM_SEQS",
     "FrameDigests",
+    "SchedulerLoad",
     "VllmEngine",
     "engine_args_from_cli",
     "engine_defaults",
@@ -160,8 +164,13 @@ async def open_vllm_engine(engine_args: AsyncEngineArgs) -> AsyncIterator[VllmEn
     """
     logger.info("starting vLLM engine for %s", engine_args.model)
     started = time.perf_counter()
+    load = SchedulerLoad()
     try:
-        engine = VllmEngine(AsyncLLMEngine.from_engine_args(engine_args))
+        # vLLM's own Prometheus families (into the global registry, in this process) and the
+        # scheduler's counts: what vLLM's server exports, for streamchat's /metrics.
+        loggers: list[Any] = [PrometheusStatLogger, load.logger]
+        llm = AsyncLLMEngine.from_engine_args(engine_args, stat_loggers=loggers)
+        engine = VllmEngine(llm, load=load)
     except Exception as exc:
         raise EngineError(f"vLLM failed to start: {exc}") from exc
     logger.info("vLLM engine ready in %.1f s", time.perf_counter() - started)
@@ -180,8 +189,11 @@ class VllmEngine:
     request's frames (see :class:`FrameDigests`; for comparisons).
     """
 
-    def __init__(self, llm: Any, *, content_ids: bool = True) -> None:
+    def __init__(
+        self, llm: Any, *, content_ids: bool = True, load: SchedulerLoad | None = None
+    ) -> None:
         self._llm = llm
+        self._load = load
         self._running: set[str] = set()
         self._closed = False
         model_config = llm.model_config
@@ -226,6 +238,27 @@ class VllmEngine:
     def healthy(self) -> bool:
         """vLLM's engine core is alive (``errored`` turns true when it died)."""
         return self._llm is not None and not self._llm.errored
+
+    def load(self) -> tuple[int, int]:
+        """Requests vLLM's scheduler is running and has waiting, as of its last step.
+
+        Its last step may be long past once everything is answered: with nothing
+        streaming, both are 0. Without the scheduler's counts (an adapter built
+        without :class:`SchedulerLoad`), the answers streaming, none waiting.
+        """
+        if not self._running:
+            return 0, 0
+        if self._load is None:
+            return len(self._running), 0
+        return self._load.running, self._load.waiting
+
+    def families(self) -> Iterator[Metric]:
+        """vLLM's own ``vllm:*`` families, from the registry its stat logger writes into."""
+        if self._load is None:
+            return
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
 
     def engine_unfinished(self) -> int:
         """Requests vLLM's front end still tracks (0 when nothing is in flight).
@@ -455,6 +488,42 @@ class VllmEngine:
         if self._digests is not None:
             parts["multi_modal_uuids"] = {kind: ids[kind] for kind in data}
         return parts
+
+
+class SchedulerLoad:
+    """The scheduler's counts after its last step, as vLLM tells its stat loggers.
+
+    :meth:`logger` is the stat logger factory to hand vLLM (``stat_loggers``); it
+    records into this object, in the event loop's thread (vLLM's output handler).
+    """
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+
+    def logger(self, vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:
+        return _LoadLogger(self)
+
+
+class _LoadLogger(StatLoggerBase):
+    def __init__(self, load: SchedulerLoad) -> None:
+        self._load = load
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is not None:
+            self._load.running = scheduler_stats.num_running_reqs
+            self._load.waiting = (
+                scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            )
+
+    def log_engine_initialized(self) -> None:
+        pass
 
 
 class FrameDigests:

@@ -79,7 +79,8 @@ import httpcore
 import httpx
 
 from ..config import DEFAULT_MAX_HEADER_BYTES, Settings
-from ..errors import UrlFetchFailed, UrlNotAllowed
+from ..errors import StreamchatError, UrlFetchFailed, UrlNotAllowed
+from ..metrics import Metrics, SourceKind
 from .feed import ByteFeed
 from .netguard import IPAddress, Resolver, resolve_allowed, system_resolver
 from .pinning import PinnedTransport
@@ -175,6 +176,7 @@ async def fetch_into(
     max_index_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     validators: Validators | None = None,
     on_body: Callable[[Fetched], None] | None = None,
+    metrics: Metrics | None = None,
 ) -> Fetched:
     """Stream ``url`` into ``feed`` and close it; raise a typed error on failure.
 
@@ -188,19 +190,27 @@ async def fetch_into(
     ``validators`` (of an earlier fetch of the same URL) make the request
     conditional: a ``304`` returns ``not_modified`` with nothing fed.
     ``on_body`` is called, once, before the first byte goes to ``feed``.
+    ``metrics`` counts the bytes read (as ``url`` or ``file``) and a failure by its code.
     """
-    fetch = _Fetch(settings, max_index_bytes)
     scheme = url_scheme(url)
-    if scheme in ("http", "https"):
-        target = check_http_url(url, allowed_domains=settings.fetch_allowed_domains)
-        fetched = await _fetch_http(
-            target, feed, fetch, resolver or system_resolver, network, validators, on_body
-        )
-    elif scheme == "file":
-        path = allowed_file(url, settings.allowed_file_dir)
-        fetched = await _read_file(path, feed, fetch, on_body)
-    else:
-        raise UrlNotAllowed(f"URL scheme {scheme or '(none)'!r} is not allowed: use http or https")
+    fetch = _Fetch(settings, max_index_bytes, metrics, "file" if scheme == "file" else "url")
+    try:
+        if scheme in ("http", "https"):
+            target = check_http_url(url, allowed_domains=settings.fetch_allowed_domains)
+            fetched = await _fetch_http(
+                target, feed, fetch, resolver or system_resolver, network, validators, on_body
+            )
+        elif scheme == "file":
+            path = allowed_file(url, settings.allowed_file_dir)
+            fetched = await _read_file(path, feed, fetch, on_body)
+        else:
+            raise UrlNotAllowed(
+                f"URL scheme {scheme or '(none)'!r} is not allowed: use http or https"
+            )
+    except StreamchatError as exc:
+        if metrics is not None:
+            metrics.fetch_failed(exc.code)
+        raise
     feed.close()
     return fetched
 
@@ -258,9 +268,17 @@ class _Budget:
 class _Fetch:
     """One URL's limits, and what it has spent of them over all its requests."""
 
-    def __init__(self, settings: Settings, max_index_bytes: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        max_index_bytes: int,
+        metrics: Metrics | None = None,
+        kind: SourceKind = "url",
+    ) -> None:
         self.settings = settings
         self.max_index_bytes = max_index_bytes
+        self.metrics = metrics
+        self.kind: SourceKind = kind
         self.budget = _Budget(settings.fetch_timeout)
         self.received = 0
         self.ranges = False
@@ -269,6 +287,8 @@ class _Fetch:
     def count(self, size: int) -> None:
         """Count ``size`` more bytes downloaded; refuse beyond ``fetch_max_bytes``."""
         self.received += size
+        if self.metrics is not None:
+            self.metrics.bytes_received(self.kind, size)
         if self.ranges and self.received > self.settings.fetch_max_bytes:
             raise UrlFetchFailed(
                 f"more than {self.settings.fetch_max_bytes} bytes downloaded for the video"

@@ -37,7 +37,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from ..access import admit
 from ..engine.base import ChatRequest, Delta, EngineError, Image, Message, Usage, Video
 from ..errors import AccessError, EngineFailure, NoFrames, ServerShutdown, StreamchatError
 from ..server import ServerState
@@ -49,6 +48,9 @@ __all__ = ["CHAT_PATH", "MODELS_PATH", "routes"]
 
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
+
+_REFUSALS = frozenset({"unauthorized", "origin_not_allowed", "server_busy", "server_shutdown"})
+"""Codes of requests refused at the door, before any work (counted as refused too)."""
 
 logger = logging.getLogger("streamchat.openai")
 
@@ -69,7 +71,7 @@ async def list_models(request: Request) -> Response:
     try:
         _identity(request, state)
     except OpenAIError as exc:
-        return _error(exc)
+        return _error(state, exc)
     m = await asyncio.to_thread(models)
     costs = state.engine.vision_costs
     card = m.ModelCard(
@@ -124,7 +126,7 @@ async def chat_completions(request: Request) -> Response:
             return Response(status_code=499)
         return Response(answer, media_type="application/json")
     except (OpenAIError, StreamchatError) as exc:
-        return _error(from_streamchat(exc))
+        return _error(state, from_streamchat(exc))
     finally:
         if reserved is not None:
             state.release(reserved)
@@ -134,13 +136,7 @@ def _identity(request: Request, state: ServerState) -> str:
     """Who is asking (its key, else its address), after the origin and key checks."""
     client = request.client.host if request.client else None
     try:
-        grant = admit(
-            request.headers,
-            (),
-            client,
-            keys=state.keys,
-            allowed_origins=state.settings.allowed_origins,
-        )
+        grant = state.admit(request.headers, client)
     except AccessError as exc:
         raise from_streamchat(exc) from None
     if grant.needs_token:
@@ -318,7 +314,9 @@ class _Reply:
                     if self.call.include_usage and delta.usage is not None:
                         yield _event(dump(self._stream_response([], usage=_usage(delta.usage))))
         except (OpenAIError, StreamchatError) as exc:
-            yield _event(error_body(from_streamchat(exc)))
+            error = from_streamchat(exc)
+            self.state.metrics.error("openai", error.code)
+            yield _event(error_body(error))
         yield b"data: [DONE]\n\n"
 
     async def _begun(self) -> AsyncGenerator[Delta, None]:
@@ -344,16 +342,31 @@ class _Reply:
         )
 
     async def _deltas(self) -> AsyncGenerator[Delta, None]:
-        """The engine's deltas; its failures as typed errors. Closing this aborts the request."""
+        """The engine's deltas; its failures as typed errors. Closing this aborts the request.
+
+        Counted as the WebSocket's answers are: how it ended (``cancelled`` when it was
+        closed early, ``error`` when it failed), time to the first token, tokens.
+        """
         stream = self.state.engine.generate(self.request)
+        loop = asyncio.get_running_loop()
+        start, ttft, finish, usage = loop.time(), None, "error", None
         try:
             async for delta in stream:
+                if delta.text and ttft is None:
+                    ttft = loop.time() - start
+                if delta.finish_reason is not None:
+                    finish, usage = delta.finish_reason, delta.usage
                 yield delta
         except EngineError as exc:
             logger.warning("request %s failed in the engine: %s", self.request.request_id, exc)
             raise EngineFailure("the model failed while answering") from exc
+        except (GeneratorExit, asyncio.CancelledError):
+            finish = "cancelled" if usage is None else finish  # closed before its end
+            raise
         finally:
             await stream.aclose()
+            seconds = loop.time() - start
+            self.state.metrics.answered("openai", finish, usage, ttft=ttft, seconds=seconds)
 
 
 class _EventStream(Response):
@@ -416,5 +429,8 @@ def _usage(usage: Usage) -> Any:
     )
 
 
-def _error(error: OpenAIError) -> Response:
+def _error(state: ServerState, error: OpenAIError) -> Response:
+    state.metrics.error("openai", error.code)
+    if error.code in _REFUSALS:
+        state.metrics.refused("openai", error.code)
     return Response(error_body(error), status_code=error.status, media_type="application/json")

@@ -31,6 +31,7 @@ from ..ingest import (
     stat_file,
     url_scheme,
 )
+from ..metrics import Metrics
 from ..window import Frame
 from .decoding import (
     DecodedVideo,
@@ -105,7 +106,8 @@ class VideoCache:
 
     ``max_bytes`` bounds the frames kept (``settings.video_cache_bytes`` if
     None); ``resolver`` and ``network`` are handed to the fetcher (tests play
-    a network with them). :meth:`aclose` stops what is in flight.
+    a network with them); ``metrics`` counts bytes received, fetch failures and
+    frames decoded. :meth:`aclose` stops what is in flight.
     """
 
     def __init__(
@@ -115,8 +117,10 @@ class VideoCache:
         max_bytes: int | None = None,
         resolver: Resolver | None = None,
         network: httpcore.AsyncNetworkBackend | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.max_bytes = settings.video_cache_bytes if max_bytes is None else max_bytes
         self.stats = CacheStats()
         self._resolver = resolver
@@ -152,6 +156,7 @@ class VideoCache:
                 max_bytes=self.settings.max_data_url_bytes,
                 max_frames=self.settings.max_data_url_frames,
             )
+            self.metrics.bytes_received("data", sum(len(p) for p in data.payloads))
             if kind == "video":
                 data.check_video()
             else:
@@ -191,6 +196,7 @@ class VideoCache:
             pipe.start(None)
             _, decoded = await pipe.run(bytes_into(data.payloads[0], pipe.feed, settings))
             value = cast(DecodedVideo, decoded)
+        self._decoded(value)
         self._store(key, _Entry(value, data.digest))
         return value
 
@@ -211,6 +217,7 @@ class VideoCache:
             self.stats.hits += 1
             self._store(key, entry)  # again: it may have been evicted meanwhile
             return entry.value
+        self._decoded(value)
         if fetched.file is not None or fetched.validators:
             self._store(key, _Entry(value, fetched.file or fetched))
         else:
@@ -253,12 +260,16 @@ class VideoCache:
             network=self._network,
             validators=validators,
             on_body=on_body,
+            metrics=self.metrics,
         )
         fetched, value = await pipe.run(fetch)
         assert fetched is not None  # a fetch always says what it fetched
         if value is None:
             self.stats.not_modified += 1
         return fetched, value
+
+    def _decoded(self, value: _Media) -> None:
+        self.metrics.decoded("openai", len(value.frames) if isinstance(value, DecodedVideo) else 1)
 
     # -- entries and flights -----------------------------------------------------
 

@@ -26,8 +26,8 @@ import streamchat
 ROOT = Path(streamchat.__file__).parent
 
 LAYERS: list[set[str]] = [
-    # 0. Vocabulary: what everything may use; imports nothing of ours.
-    {"streamchat", "config", "errors", "window", "budget", "sessionlog"},
+    # 0. Vocabulary: what everything may use (metrics too: counted where it happens).
+    {"streamchat", "config", "errors", "window", "budget", "sessionlog", "metrics"},
     # 1. The data path's subpackages (each with its door in __init__), keys, the wire's bounds.
     {
         "wireshape",
