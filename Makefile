@@ -65,9 +65,11 @@ IMAGE ?= streamchat:cpu
 DOCKER_BASE ?= python:3.11-slim-bookworm
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 PIP_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
+WHEELS_ONLY ?=
 
-# The image's dependencies as wheels from this machine's pip (its cache, its indexes), so the
-# image's pip reuses them: docker/wheels/ is the build's --find-links.
+# The image's dependencies as wheels from this machine's pip (its cache, its indexes), for a
+# build that needs no index: `make docker-wheels docker-build WHEELS_ONLY=1`. (pip prefers an
+# index's copy of a wheel to docker/wheels/'s: without WHEELS_ONLY only what PyPI lacks is used.)
 docker-wheels: $(BIN)/python
 	$(BIN)/python docker/requirements.py cpu > docker/wheels/requirements.txt
 	$(BIN)/pip download --quiet --dest docker/wheels -r docker/wheels/requirements.txt
@@ -76,6 +78,7 @@ docker-wheels: $(BIN)/python
 docker-build:
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE) \
 	  --build-arg BASE_IMAGE=$(DOCKER_BASE) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) \
+	  --build-arg WHEELS_ONLY=$(WHEELS_ONLY) \
 	  $(if $(wildcard $(PIP_CERT_FILE)),--secret id=pip_cert$(,)src=$(PIP_CERT_FILE)) .
 
 docker-lint: $(BIN)/python
