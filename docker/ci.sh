@@ -21,7 +21,7 @@ STATE=$(mktemp -d /tmp/streamchat-docker-ci.XXXXXX)
 timed() {
     local started=$SECONDS
     "$@"
-    echo "docker/ci.sh: $1 took $((SECONDS - started)) s"
+    echo "docker/ci.sh: $* took $((SECONDS - started)) s"
 }
 
 packages() {
