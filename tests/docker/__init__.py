@@ -1,0 +1,1 @@
+"""The container images, run as an operator runs them."""
