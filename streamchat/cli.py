@@ -1,5 +1,11 @@
 """``streamchat serve``: flags -> Settings (+ vLLM engine args) -> uvicorn.
 
+Each of streamchat's own ``serve`` flags can also come from the environment
+as ``STREAMCHAT_<FLAG>`` (``--max-sessions`` is ``STREAMCHAT_MAX_SESSIONS``;
+``true``/``false`` for switches, commas between the values of repeatable
+flags), as a container image or a compose file sets them; a flag on the
+command line wins (a repeatable one adds to the environment's values).
+
 streamchat's own flags cover the session window and limits. Every other flag
 is handed to vLLM's own engine-argument parser, so ``--model``,
 ``--max-model-len``, ``--tensor-parallel-size`` and the rest mean exactly
@@ -28,13 +34,16 @@ __all__ = ["build_parser", "main", "settings_from_args"]
 logger = logging.getLogger("streamchat.cli")
 
 API_KEYS_ENV = "STREAMCHAT_API_KEYS"
+ENV_PREFIX = "STREAMCHAT_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 DEFAULT_TINY_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / (
     "streamchat/tiny-qwen2-vl"
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``environ``, ``serve``'s defaults taken from its ``STREAMCHAT_*``."""
     parser = argparse.ArgumentParser(prog="streamchat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"streamchat {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -168,9 +177,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="GET /metrics needs an API key as a Bearer token (default: open)",
     )
 
+    if environ is not None:
+        _defaults_from(environ, serve)
+
     tiny = commands.add_parser("build-tiny-model", help="build the tiny random test model")
     tiny.add_argument("path", type=Path, nargs="?", default=DEFAULT_TINY_DIR)
     return parser
+
+
+def _defaults_from(environ: Mapping[str, str], serve: argparse.ArgumentParser) -> None:
+    """``serve``'s flags given as ``STREAMCHAT_<FLAG>``, parsed and checked as the flag would be.
+
+    A bad value stops the command at once, naming the variable. A ``STREAMCHAT_*``
+    variable that names no flag (a typo would otherwise be ignored in silence) is
+    kept in ``unknown_environment`` for :func:`_serve` to warn about.
+    """
+    known = {API_KEYS_ENV}
+    for action in serve._actions:
+        flags = [flag for flag in action.option_strings if flag.startswith("--")]
+        if not flags or action.dest in ("help", "help_engine"):
+            continue
+        name = ENV_PREFIX + flags[0][2:].upper().replace("-", "_")
+        known.add(name)
+        if name in environ:
+            try:
+                value = _parse_value(action, environ[name])
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+                serve.error(f"${name}: {exc}")
+            serve.set_defaults(**{action.dest: value})
+    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+    serve.set_defaults(unknown_environment=tuple(unknown))
+
+
+def _parse_value(action: argparse.Action, raw: str) -> Any:
+    if isinstance(action, argparse._StoreTrueAction):
+        if raw.strip().lower() not in _TRUE | _FALSE:
+            raise ValueError(f"{raw!r} is not true or false")
+        return raw.strip().lower() in _TRUE
+    repeated = isinstance(action, argparse._AppendAction)
+    raws = [part.strip() for part in raw.split(",") if part.strip()] if repeated else [raw]
+    values = [action.type(part) if callable(action.type) else part for part in raws]
+    if action.choices is not None:
+        for value in values:
+            if value not in action.choices:
+                raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+    return values if repeated else values[0]
 
 
 def _allowed_domain(entry: str) -> str:
@@ -271,9 +322,11 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(os.environ)
     args, rest = parser.parse_known_args(argv)
     configure(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
+    for name in getattr(args, "unknown_environment", ()):
+        logger.warning("$%s names no streamchat serve flag: ignored", name)
     if args.command == "build-tiny-model":
         from .engine.tiny_model import build_tiny_model
 

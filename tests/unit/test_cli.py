@@ -63,3 +63,54 @@ def test_the_engine_takes_as_many_videos_and_images_as_a_request_may_hold() -> N
     assert media_limits(None, videos=1, images=3) == {"video": MAX_CLIPS, "image": 3}
     rich = {"count": 2, "num_frames": 8}
     assert media_limits({"video": rich}, videos=6, images=1) == {"video": rich, "image": 1}
+
+
+def test_every_serve_flag_can_come_from_the_environment() -> None:
+    """``STREAMCHAT_<FLAG>`` sets a flag's default, parsed as the flag; the command line wins."""
+    environ = {
+        "STREAMCHAT_MAX_SESSIONS": "12",
+        "STREAMCHAT_FPS": "1.5",
+        "STREAMCHAT_FETCH_ALLOW_PRIVATE": "true",
+        "STREAMCHAT_ALLOW_ORIGIN": "https://a.example, https://b.example",
+        "STREAMCHAT_ALLOWED_FILE_DIR": "/srv/media",
+        "STREAMCHAT_LOG_FORMAT": "json",
+        "STREAMCHAT_WINDOW_FRAMES": "16",
+    }
+    args, _ = build_parser(environ).parse_known_args(["serve", "--window-frames", "8"])
+    settings = settings_from_args(args, "some/model", environ={})
+    assert settings.max_sessions == 12 and settings.fps == 1.5
+    assert settings.fetch_allow_private is True
+    assert settings.allowed_origins == ("https://a.example", "https://b.example")
+    assert settings.allowed_file_dir == Path("/srv/media")
+    assert settings.window_frames == 8  # the command line's
+    assert args.log_format == "json"
+    assert args.unknown_environment == ()
+    off, _ = build_parser({"STREAMCHAT_FETCH_ALLOW_PRIVATE": "off"}).parse_known_args(["serve"])
+    assert off.fetch_allow_private is False
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("STREAMCHAT_MAX_SESSIONS", "many"),
+        ("STREAMCHAT_FETCH_ALLOW_PRIVATE", "maybe"),
+        ("STREAMCHAT_LOG_FORMAT", "xml"),
+        ("STREAMCHAT_FETCH_ALLOWED_DOMAIN", "http://not-a-host/"),
+    ],
+)
+def test_a_bad_value_in_the_environment_stops_the_command_naming_it(
+    name: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value the flag would refuse is refused from the environment too, naming the variable."""
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser({name: value})
+    assert exit_info.value.code == 2
+    assert f"${name}" in capsys.readouterr().err
+
+
+def test_a_streamchat_variable_that_names_no_flag_is_reported() -> None:
+    """A typo is not ignored in silence: the serve command warns about it."""
+    environ = {"STREAMCHAT_MAX_SESION": "3", "STREAMCHAT_API_KEYS": "k", "OTHER": "x"}
+    args, _ = build_parser(environ).parse_known_args(["serve"])
+    assert args.unknown_environment == ("STREAMCHAT_MAX_SESION",)
+    assert build_parser().parse_known_args(["serve"])[0].max_sessions == Settings().max_sessions
