@@ -48,8 +48,9 @@ different clip), asked in turn (:data:`ASKS`):
 Times at the client: time to first token (request sent to the first streamed
 chunk that carries text *or* ends the answer, so an answer that ends at once is
 still timed) and total (to the end of the answer); each answer's prompt,
-video and cached tokens (HTTP sides: ``usage.prompt_tokens_details``, which
-vLLM's server gives with ``--enable-prompt-tokens-details``), generated tokens
+video and cached tokens (the WebSocket: ``answer.done``'s usage; HTTP sides:
+``usage.prompt_tokens_details``, which vLLM's server gives with
+``--enable-prompt-tokens-details``), generated tokens
 and finish reason are kept, and a server's error (sent inside an HTTP 200
 stream once the answer started) stops the run. Neither side is told to ignore
 the end of turn: streamchat's protocol has no such option, and the tiny model
@@ -172,7 +173,7 @@ class _Ask:
     frames: int | None = None
     video_tokens: int | None = None
     cached_tokens: int | None = None
-    """Prompt tokens vLLM's prefix cache held (vllm only: the door does not count them)."""
+    """Prompt tokens the engine's prefix cache held (None: the side did not tell)."""
 
 
 class _Streamchat:
@@ -212,6 +213,7 @@ class _Streamchat:
                         chars,
                         usage.frames,
                         usage.video_tokens,
+                        usage.cached_tokens,
                     )
                 )
         return {

@@ -302,6 +302,10 @@ class Usage:
     """Frames the answer saw."""
     time_to_first_token: float | None
     """Seconds from the ``ask`` to the first delta, measured by the server; None if none came."""
+    cached_tokens: int
+    """Of ``prompt_tokens``, those served from the engine's prefix cache, not computed again: an
+    ask whose prompt starts as an earlier one's did (same frames, same history) costs the rest.
+    Last, as fields added after protocol 1 are: older clients ignore it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

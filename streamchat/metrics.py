@@ -72,6 +72,8 @@ class _Counted(Protocol):
     @property
     def prompt_tokens(self) -> int: ...
     @property
+    def cached_tokens(self) -> int: ...
+    @property
     def completion_tokens(self) -> int: ...
     @property
     def video_tokens(self) -> int: ...
@@ -149,6 +151,9 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = self._tokens("prompt", "Prompt tokens (video tokens included).")
+        self.cached_prompt_tokens = self._tokens(
+            "cached_prompt", "Prompt tokens served from the engine's prefix cache, not computed."
+        )
         self.video_tokens = self._tokens("video", "Prompt tokens that stand for video frames.")
         self.completion_tokens = self._tokens("completion", "Tokens generated in answers.")
         self.frames_decoded = Counter(
@@ -208,7 +213,12 @@ class Metrics:
         for door in DOORS:  # present from the start, so rates and quantiles have a zero
             for family in (self.ttft, self.answer_time, self.frames_decoded):
                 family.labels(door)
-            for family in (self.prompt_tokens, self.video_tokens, self.completion_tokens):
+            for family in (
+                self.prompt_tokens,
+                self.cached_prompt_tokens,
+                self.video_tokens,
+                self.completion_tokens,
+            ):
                 family.labels(door)
         self.frames_dropped.labels("evicted")
         self.frames_dropped.labels("stale")
@@ -252,6 +262,7 @@ class Metrics:
             self.ttft.labels(door).observe(ttft)
         if usage is not None:
             self.prompt_tokens.labels(door).inc(usage.prompt_tokens)
+            self.cached_prompt_tokens.labels(door).inc(usage.cached_tokens)
             self.video_tokens.labels(door).inc(usage.video_tokens)
             self.completion_tokens.labels(door).inc(usage.completion_tokens)
 

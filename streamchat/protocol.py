@@ -576,6 +576,7 @@ class SessionProtocol:
             video_tokens=counted.video_tokens,
             frames=counted.frames,
             time_to_first_token=ttft,
+            cached_tokens=counted.cached_tokens,
         )
         return [Send(AnswerDone(id=id, finish_reason=finish_reason, usage=told))]
 

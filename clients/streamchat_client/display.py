@@ -293,6 +293,7 @@ async def print_answer(answer: Answer, display: Display) -> None:
         display.info(
             f"[{done.finish_reason}: {usage.completion_tokens} tokens, {usage.frames} frames, "
             f"{usage.prompt_tokens} prompt tokens"
+            + (f" ({usage.cached_tokens} cached)" if usage.cached_tokens else "")
             + (f", first token after {ttft:.2f} s]" if ttft is not None else "]")
         )
     if done.finish_reason not in ("stop", "length", "cancelled"):

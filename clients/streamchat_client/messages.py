@@ -234,6 +234,9 @@ class Usage:
     """Frames the answer saw."""
     time_to_first_token: float | None
     """Seconds from the ``ask`` to the first delta, measured by the server."""
+    cached_tokens: int | None = None
+    """Of ``prompt_tokens``, those the server's engine took from its prefix cache;
+    None from a server that does not tell."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -373,6 +376,7 @@ def parse_done(raw: Mapping[str, Any]) -> Done:
         video_tokens=u.integer("video_tokens"),
         frames=u.integer("frames"),
         time_to_first_token=u.opt_number("time_to_first_token"),
+        cached_tokens=u.opt_integer("cached_tokens"),
     )
     return Done(id=f.text("id"), finish_reason=f.text("finish_reason"), usage=usage)
 

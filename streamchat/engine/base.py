@@ -129,6 +129,11 @@ class Usage:
     completion_tokens: int
     video_tokens: int
     frames: int
+    cached_tokens: int = 0
+    """Of ``prompt_tokens``, those the engine did not compute because its prefix
+    cache held them (vLLM's ``RequestOutput.num_cached_tokens``): what a client
+    and the benchmarks read to see a repeated window's reuse. At most
+    ``prompt_tokens``; 0 for an engine without such a cache."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,18 +6,28 @@ hold answers mid-stream with :attr:`FakeEngine.gate` to exercise ``cancel``
 and disconnects deterministically, and read :attr:`FakeEngine.requests` to see
 what the session asked for. Like the vLLM adapter, closing a stream early
 removes it from :meth:`running`.
+
+Its prefix cache is a deterministic stand-in for vLLM's, so the doors'
+``cached_tokens`` can be tested without vLLM: a prompt identical to one of the
+last :data:`CACHED_PROMPTS` it was asked (same frames' times, turns and
+question) reports all its prompt tokens but the last as cached (vLLM, too,
+always computes a prompt's last token); any other prompt reports 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncGenerator
 
 from ..budget import VisionCosts
 from .base import Delta, EngineError, GenerationRequest, Request, Usage, Video
 from .prompt import conversation, media_frames
 
-__all__ = ["FakeEngine"]
+__all__ = ["CACHED_PROMPTS", "FakeEngine"]
+
+CACHED_PROMPTS = 64
+"""Prompts the fake's prefix cache remembers, the least recently asked going first."""
 
 
 class FakeEngine:
@@ -43,6 +53,7 @@ class FakeEngine:
         self.closed = False
         self.dead = False
         """Set by a test: the engine failed for good, every answer fails at once."""
+        self._cache: OrderedDict[str, None] = OrderedDict()
 
     @property
     def model_name(self) -> str:
@@ -61,15 +72,7 @@ class FakeEngine:
     @staticmethod
     def script(request: Request) -> list[str]:
         """The words the fake answers ``request`` with."""
-        messages, _ = conversation(request)
-        frames = [f for m in messages for p in m.content if isinstance(p, Video) for f in p.frames]
-        span = f"{frames[0].pts:.1f}-{frames[-1].pts:.1f}s" if frames else "none"
-        turns = sum(m.role == "assistant" for m in messages)
-        text = (
-            f"I see {media_frames(messages)} frames ({span}) after {turns} turns; "
-            f"you asked: {_question(request)}"
-        )
-        words = text.split(" ")
+        words = _describe(request).split(" ")
         return [w if i == 0 else " " + w for i, w in enumerate(words)][
             : request.sampling.max_tokens
         ]
@@ -78,6 +81,7 @@ class FakeEngine:
         if self.closed or self.dead:
             raise EngineError("engine is closed" if self.closed else "engine is dead")
         self.requests.append(request)
+        cached = self._prefill(request)
         self._running.add(request.request_id)
         async with self.started:
             self.started.notify_all()
@@ -92,11 +96,13 @@ class FakeEngine:
                 yield Delta(text=word)
             full = len(words) == request.sampling.max_tokens
             shown = media_frames(conversation(request)[0])
+            prompt_tokens = 10 + len(_question(request).split())
             usage = Usage(
-                prompt_tokens=10 + len(_question(request).split()),
+                prompt_tokens=prompt_tokens,
                 completion_tokens=len(words),
                 video_tokens=4 * shown,
                 frames=shown,
+                cached_tokens=prompt_tokens - 1 if cached else 0,
             )
             finished = True
             yield Delta(text="", finish_reason="length" if full else "stop", usage=usage)
@@ -106,6 +112,20 @@ class FakeEngine:
                 self.aborted.append(request.request_id)
             async with self.started:
                 self.started.notify_all()
+
+    def _prefill(self, request: Request) -> bool:
+        """Whether ``request``'s prompt was in the cache; it is in it from now on.
+
+        As in vLLM, the prompt is cached when its prefill runs, so an answer
+        cancelled after its first word still leaves it for the next ask.
+        """
+        prompt = _describe(request)
+        hit = prompt in self._cache
+        self._cache[prompt] = None
+        self._cache.move_to_end(prompt)
+        while len(self._cache) > CACHED_PROMPTS:
+            self._cache.popitem(last=False)
+        return hit
 
     async def abort(self, request_id: str) -> None:
         self._running.discard(request_id)
@@ -122,6 +142,18 @@ class FakeEngine:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+def _describe(request: Request) -> str:
+    """The fake's whole answer to ``request``: what it saw and was asked (its prompt's key too)."""
+    messages, _ = conversation(request)
+    frames = [f for m in messages for p in m.content if isinstance(p, Video) for f in p.frames]
+    span = f"{frames[0].pts:.1f}-{frames[-1].pts:.1f}s" if frames else "none"
+    turns = sum(m.role == "assistant" for m in messages)
+    return (
+        f"I see {media_frames(messages)} frames ({span}) after {turns} turns; "
+        f"you asked: {_question(request)}"
+    )
 
 
 def _question(request: Request) -> str:

@@ -608,6 +608,7 @@ class _Answer:
         self.video_token_id = video_token_id
         self.frames = frames
         self.prompt_ids: Sequence[int] = ()
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.finished = False
 
@@ -615,6 +616,10 @@ class _Answer:
         """The delta for ``output``; ``None`` for an output with no new text."""
         if output.prompt_token_ids is not None:
             self.prompt_ids = output.prompt_token_ids
+        # Known once the prefill is scheduled, then repeated on every output;
+        # None from an engine that does not report it.
+        if output.num_cached_tokens is not None:
+            self.cached_tokens = output.num_cached_tokens
         completion = output.outputs[0]
         self.completion_tokens += len(completion.token_ids)
         if not output.finished:
@@ -626,6 +631,7 @@ class _Answer:
             completion_tokens=self.completion_tokens,
             video_tokens=sum(1 for t in self.prompt_ids if t == self.video_token_id),
             frames=self.frames,
+            cached_tokens=min(self.cached_tokens, len(self.prompt_ids)),
         )
         logger.debug("request %s finished: %s, %s", self.request.request_id, reason, usage)
         return Delta(text=completion.text, finish_reason=reason, usage=usage)

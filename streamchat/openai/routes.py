@@ -419,8 +419,12 @@ def _finish(delta: Delta) -> str:
 
 
 def _usage(usage: Usage) -> Any:
+    """OpenAI's usage, ``prompt_tokens_details`` as vLLM's server fills it (prefix-cached and
+    video tokens), so a client reads streamchat's reuse where it reads OpenAI's or vLLM's."""
     m = models()
-    details = m.PromptTokenUsageInfo(multimodal_tokens={"video": usage.video_tokens})
+    details = m.PromptTokenUsageInfo(
+        cached_tokens=usage.cached_tokens, multimodal_tokens={"video": usage.video_tokens}
+    )
     return m.UsageInfo(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,

@@ -1,4 +1,5 @@
-"""The fields newer servers add to ``ready`` and ``video.status``, and where the CLI shows them.
+"""The fields newer servers add to ``ready``, ``video.status`` and ``answer.done``, and where the
+CLI shows them.
 
 Every new field is optional with a default, so the client still works with a
 server that does not send it; a field that is sent must have its type.
@@ -16,7 +17,7 @@ from streamchat.config import Settings
 from streamchat_client import ProtocolViolation, PushStats, connect
 from streamchat_client.display import Display
 from streamchat_client.inbox import Inbox
-from streamchat_client.messages import parse_ready, parse_status
+from streamchat_client.messages import parse_done, parse_ready, parse_status
 from tests.client.scripted import LIMITS
 from tests.support.live import Live
 
@@ -57,6 +58,16 @@ def test_new_fields_are_optional_and_typed() -> None:
 
 USAGE = {"prompt_tokens": 1, "completion_tokens": 1, "video_tokens": 0, "frames": 0,
          "time_to_first_token": None}  # fmt: skip
+
+
+def test_cached_tokens_are_optional_and_typed() -> None:
+    """answer.done's usage.cached_tokens is None from an older server, the count from a newer
+    one; a mistyped one is a protocol violation naming the field."""
+    done: dict[str, Any] = {"type": "answer.done", "id": "q", "finish_reason": "stop"}
+    assert parse_done({**done, "usage": USAGE}).usage.cached_tokens is None
+    assert parse_done({**done, "usage": {**USAGE, "cached_tokens": 0}}).usage.cached_tokens == 0
+    with pytest.raises(ProtocolViolation, match="cached_tokens"):
+        parse_done({**done, "usage": {**USAGE, "cached_tokens": 1.5}})
 
 
 @pytest.mark.parametrize(

@@ -148,9 +148,9 @@ def test_a_field_added_or_retyped_on_one_side_only_is_reported() -> None:
     assert disagreements(client.Limits, more_limits, "limits") == [
         "limits.max_sources: the server sends it, the client does not read it"
     ]
-    more_usage = _with_field(client.Usage, "cached_tokens", int)
+    more_usage = _with_field(client.Usage, "reasoning_tokens", int)
     assert disagreements(more_usage, server.Usage, "usage") == [
-        "usage.cached_tokens: the client reads it, the server never sends it"
+        "usage.reasoning_tokens: the client reads it, the server never sends it"
     ]
     ready = _with_field(server.Ready, "limits", more_limits)
     assert disagreements(client.Ready, ready, "ready") == [
@@ -216,6 +216,7 @@ SAMPLES: list[ServerMessage] = [
             video_tokens=160,
             frames=4,
             time_to_first_token=0.081,
+            cached_tokens=128,
         ),  # fmt: skip
     ),
     server.AnswerDone(
@@ -227,6 +228,7 @@ SAMPLES: list[ServerMessage] = [
             video_tokens=0,
             frames=0,
             time_to_first_token=None,
+            cached_tokens=0,
         ),  # fmt: skip
     ),
     server.Error(code="no_frames", message="no video frames yet", id="q3", fatal=False),

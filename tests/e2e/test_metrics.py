@@ -40,6 +40,7 @@ async def test_one_question_is_counted_by_streamchat_and_by_vllm(
     assert grew("streamchat_time_to_first_token_seconds_count", **ws) == 1
     assert grew("streamchat_time_to_first_token_seconds_sum", **ws) > 0
     assert grew("streamchat_prompt_tokens_total", **ws) == usage.prompt_tokens > 0
+    assert grew("streamchat_cached_prompt_tokens_total", **ws) == usage.cached_tokens
     assert grew("streamchat_video_tokens_total", **ws) == usage.video_tokens > 0
     assert grew("streamchat_completion_tokens_total", **ws) == usage.completion_tokens > 0
     assert after.types["streamchat_engine_requests_running"] == "gauge"

@@ -49,6 +49,7 @@ FAMILIES = {
     "streamchat_time_to_first_token_seconds": "histogram",
     "streamchat_answer_seconds": "histogram",
     "streamchat_prompt_tokens": "counter",
+    "streamchat_cached_prompt_tokens": "counter",
     "streamchat_video_tokens": "counter",
     "streamchat_completion_tokens": "counter",
     "streamchat_frames_decoded": "counter",
@@ -112,6 +113,8 @@ async def test_a_session_that_pushes_video_and_asks_moves_every_family() -> None
     for kind in ("prompt", "video", "completion"):
         counted = after.value(f"streamchat_{kind}_tokens_total", door="websocket")
         assert counted == getattr(usage, f"{kind}_tokens") > 0, kind
+    assert usage.cached_tokens == 0  # a first prompt: nothing in the (fake's) cache
+    assert after.value("streamchat_cached_prompt_tokens_total", door="websocket") == 0
 
 
 async def test_refused_sessions_and_errors_are_counted_by_code() -> None:
@@ -234,7 +237,8 @@ def _data(kind: str, data: bytes) -> str:
 
 async def test_the_openai_door_counts_its_asks_tokens_and_errors() -> None:
     """A chat completion about a data: image counts as an openai ask with TTFT, tokens, bytes
-    received as 'data' and a frame decoded; a body that is no JSON counts as an error."""
+    received as 'data' and a frame decoded; a body that is no JSON counts as an error; the
+    same request again counts the prompt tokens the (fake's) cache served."""
     image = encode_image("png", width=64, height=48)
     body: dict[str, Any] = {
         "model": "fake",
@@ -255,6 +259,8 @@ async def test_the_openai_door_counts_its_asks_tokens_and_errors() -> None:
         reply = await http.post("/v1/chat/completions", json=body)
         broken = await http.post("/v1/chat/completions", content=b"{messages: [")
         seen = await scrape(live.base)
+        again = await http.post("/v1/chat/completions", json=body)
+        repeated = await scrape(live.base)
 
     assert reply.status_code == 200, reply.text
     assert broken.status_code == 400
@@ -269,6 +275,10 @@ async def test_the_openai_door_counts_its_asks_tokens_and_errors() -> None:
     assert seen.value("streamchat_frames_decoded_total", door="openai") == 1
     assert seen.value("streamchat_errors_total", door="openai", code="invalid_json") == 1
     assert seen.value("streamchat_asks_total", door="websocket") == 0
+    cached = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0 and cached > 0
+    assert seen.value("streamchat_cached_prompt_tokens_total", door="openai") == 0
+    assert repeated.value("streamchat_cached_prompt_tokens_total", door="openai") == cached
 
 
 def test_the_metrics_auth_flag_maps_onto_the_settings() -> None:

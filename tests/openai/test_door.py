@@ -118,6 +118,36 @@ async def test_a_streamed_answer_with_usage(live: Live[FakeEngine]) -> None:
     )
 
 
+async def test_a_repeated_request_tells_its_cached_prompt_tokens(live: Live[FakeEngine]) -> None:
+    """usage.prompt_tokens_details.cached_tokens is the engine's count, whole and streamed: 0 for
+    a new prompt, then what the fake's prefix cache serves of the same one (all but its last)."""
+    body: dict[str, Any] = {
+        "model": "fake",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    _image_part(_data("image/png", encode_image("png"))),
+                    {"type": "text", "text": "What is it?"},
+                ],
+            }
+        ],
+    }
+    async with _client(live) as client:
+        first = await client.chat.completions.create(**body)
+        again = await client.chat.completions.create(**body)
+        stream = await client.chat.completions.create(
+            **body, stream=True, stream_options={"include_usage": True}
+        )
+        streamed = [chunk async for chunk in stream][-1].usage
+    cached = []
+    for usage in (first.usage, again.usage, streamed):
+        assert usage is not None and usage.prompt_tokens_details is not None
+        cached.append((usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens))
+    prompt = cached[0][1]
+    assert cached == [(0, prompt), (prompt - 1, prompt), (prompt - 1, prompt)]
+
+
 async def test_the_model_list_names_the_served_model(live: Live[FakeEngine]) -> None:
     """GET /v1/models lists the one model this server serves."""
     async with _client(live) as client:
