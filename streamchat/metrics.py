@@ -34,12 +34,13 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = [
     "CONTENT_TYPE",
     "DOORS",
+    "CacheCounts",
     "LATENCY_BUCKETS",
     "LAG_BUCKETS",
     "Door",
@@ -104,6 +105,53 @@ class _EngineFamilies(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._engine.families()
+
+
+class CacheCounts(Protocol):
+    """What the decoded-video cache counted (:class:`streamchat.videocache.CacheStats`)."""
+
+    body_fetches: int
+    not_modified: int
+    decodes: int
+    hits: int
+    shared: int
+    evictions: int
+    bytes: int
+    entries: int
+
+
+_CACHE_COUNTERS = (
+    ("hits", "Requests for media by URL answered from the decoded-video cache."),
+    ("shared", "Requests for media by URL that joined an identical one in flight."),
+    ("decodes", "Decoders the cache ran (a video, an image, a data:video/jpeg sequence)."),
+    ("body_fetches", "Bodies the cache read: an http(s) 200's, a file's."),
+    ("not_modified", "304 answers to the cache's conditional requests."),
+    ("evictions", "Entries the cache dropped, least recently used first, to stay in its bytes."),
+)
+
+
+class _CacheFamilies(Collector):
+    """The decoded-video cache's own counts, read at each scrape (they are the cache's)."""
+
+    def __init__(self, counts: CacheCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._counts
+        for name, help_text in _CACHE_COUNTERS:
+            family = CounterMetricFamily(f"streamchat_video_cache_{name}", help_text)
+            family.add_metric([], getattr(counts, name))
+            yield family
+        held = GaugeMetricFamily(
+            "streamchat_video_cache_bytes", "Pixel bytes the decoded-video cache holds now."
+        )
+        held.add_metric([], counts.bytes)
+        yield held
+        entries = GaugeMetricFamily(
+            "streamchat_video_cache_entries", "Videos and images the decoded-video cache holds now."
+        )
+        entries.add_metric([], counts.entries)
+        yield entries
 
 
 class Metrics:
@@ -230,6 +278,10 @@ class Metrics:
         """Pass the engine's own families through, if it exports any (:class:`EngineStats`)."""
         if isinstance(engine, EngineStats):
             self.registry.register(_EngineFamilies(engine))
+
+    def watch_video_cache(self, counts: CacheCounts) -> None:
+        """Export the decoded-video cache's counts (``streamchat_video_cache_*``)."""
+        self.registry.register(_CacheFamilies(counts))
 
     # -- the calls where things happen (all on the event loop) ----------------------------
 

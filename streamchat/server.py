@@ -97,6 +97,7 @@ class ServerState:
             self.videos = VideoCache(
                 self.settings, max_bytes=self.settings.video_cache_bytes, metrics=self.metrics
             )
+        self.metrics.watch_video_cache(self.videos.stats)
         if self.request_rates is None:
             s = self.settings
             self.request_rates = ClientRates(s.requests_per_second, s.request_burst)

@@ -238,7 +238,8 @@ def _data(kind: str, data: bytes) -> str:
 async def test_the_openai_door_counts_its_asks_tokens_and_errors() -> None:
     """A chat completion about a data: image counts as an openai ask with TTFT, tokens, bytes
     received as 'data' and a frame decoded; a body that is no JSON counts as an error; the
-    same request again counts the prompt tokens the (fake's) cache served."""
+    same request again counts the prompt tokens the (fake's) cache served, and the
+    decoded-video cache's hit."""
     image = encode_image("png", width=64, height=48)
     body: dict[str, Any] = {
         "model": "fake",
@@ -279,6 +280,13 @@ async def test_the_openai_door_counts_its_asks_tokens_and_errors() -> None:
     assert usage["prompt_tokens_details"]["cached_tokens"] == 0 and cached > 0
     assert seen.value("streamchat_cached_prompt_tokens_total", door="openai") == 0
     assert repeated.value("streamchat_cached_prompt_tokens_total", door="openai") == cached
+    # The decoded-video cache: one decode, then a hit; the image's pixels held.
+    assert seen.value("streamchat_video_cache_decodes_total") == 1
+    assert seen.value("streamchat_video_cache_hits_total") == 0
+    assert repeated.value("streamchat_video_cache_decodes_total") == 1
+    assert repeated.value("streamchat_video_cache_hits_total") == 1
+    assert repeated.value("streamchat_video_cache_entries") == 1
+    assert repeated.value("streamchat_video_cache_bytes") > 0
 
 
 def test_the_metrics_auth_flag_maps_onto_the_settings() -> None:
