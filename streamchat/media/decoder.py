@@ -615,9 +615,9 @@ def _decode_planned(
         for frame in frames.decode(packets):
             shown(frame)
 
-    def close_group(next_key: float | None) -> None:
+    def close_group(next_key: float | None, *, end: bool = False) -> None:
         nonlocal gap, streaming, group_bytes
-        count = plan.take(group_times, next_key)
+        count = plan.finish(group_times) if end else plan.take(group_times, next_key)
         if streaming:
             streaming = False
         elif count == 0:
@@ -658,7 +658,7 @@ def _decode_planned(
             feed(group)
             group.clear()
             streaming = True
-    close_group(None)
+    close_group(None, end=True)
     feed(None)
     if picks.finish() and previous is not None and not kept:
         emit(frames.convert(*previous))

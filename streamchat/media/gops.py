@@ -52,8 +52,8 @@ class GopPlan:
 
     Call :meth:`take` with each complete group's packet times (decode order,
     ``None`` where a packet has none) and the time of the keyframe that ends
-    it (``None`` at the end of the video). ``tolerance`` absorbs rounding
-    between a wanted time and a frame's timestamp.
+    it, and :meth:`finish` with the last group's at the end of the video.
+    ``tolerance`` absorbs rounding between a wanted time and a frame's timestamp.
     """
 
     def __init__(self, times: Sequence[float], tolerance: float) -> None:
@@ -67,12 +67,27 @@ class GopPlan:
         return self._next >= len(self._times)
 
     def take(self, packet_times: Sequence[float | None], next_key: float | None) -> int:
-        """How many leading packets of this group to decode: 0 skips it whole."""
+        """How many leading packets of this group to decode: 0 skips it whole.
+
+        ``next_key`` is the time of the keyframe that ends the group; ``None`` when it has
+        none: the group is decoded whole, no wanted time counted as served.
+        """
+        if not packet_times:
+            return 0
+        if next_key is None or any(time is None for time in packet_times):
+            return len(packet_times)  # no way to tell: decode it
+        return self._cut(packet_times, next_key - self._tolerance)
+
+    def finish(self, packet_times: Sequence[float | None]) -> int:
+        """The last group, at the end of the video: it serves every wanted time left."""
         if not packet_times:
             return 0
         if any(time is None for time in packet_times):
-            return len(packet_times)  # no way to tell: decode it
-        end = math.inf if next_key is None else next_key - self._tolerance
+            self._next = len(self._times)
+            return len(packet_times)
+        return self._cut(packet_times, math.inf)
+
+    def _cut(self, packet_times: Sequence[float | None], end: float) -> int:
         latest: float | None = None
         while self._next < len(self._times) and self._times[self._next] < end:
             latest = self._times[self._next]
