@@ -104,6 +104,19 @@ def base_parser(description: str, *, repeat: int | None) -> argparse.ArgumentPar
     return parser
 
 
+def lengths_parser(description: str, lengths: Sequence[float]) -> argparse.ArgumentParser:
+    """:func:`base_parser` (3 repetitions) with ``--lengths``: the clip lengths in seconds."""
+    parser = base_parser(description, repeat=3)
+    parser.add_argument(
+        "--lengths",
+        nargs="+",
+        type=float,
+        default=list(lengths),
+        help="clip lengths in seconds (default: %(default)s)",
+    )
+    return parser
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """A plain-text table, columns padded to fit: readable in a terminal and a CI log."""
     widths = [len(h) for h in headers]

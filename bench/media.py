@@ -147,6 +147,17 @@ def encode_clip(
     return clip
 
 
+CLIP_LENGTHS = (10.0, 60.0, 120.0, 300.0)
+"""Lengths in seconds of the clips asked about whole (``bench.peer``, ``bench.spread``)."""
+
+
+def peer_clip(out: Path, seconds: float, seed: int = 1) -> Clip:
+    """H.264 640x360 at 30 fps in an MP4 with its index first: the clip asked about whole."""
+    return as_mp4(
+        encode_clip(out, "h264", width=640, height=360, fps=30, seconds=seconds, seed=seed)
+    )
+
+
 def as_mp4(clip: Clip) -> Clip:
     """``clip`` (H.264) remuxed, not re-encoded, into an MP4 with its index first.
 

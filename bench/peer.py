@@ -85,8 +85,8 @@ import httpx
 from streamchat.engine.tiny_model import build_tiny_model
 from streamchat_client import connect
 
-from .common import base_parser, print_table, summarise, write_result
-from .media import Clip, as_mp4, encode_clip
+from .common import lengths_parser, print_table, summarise, write_result
+from .media import CLIP_LENGTHS, Clip, peer_clip
 from .servers import start_server, start_streamchat
 
 __all__ = ["main"]
@@ -98,12 +98,8 @@ MAX_PIXELS = 448 * 448
 """Pixels per frame at most: streamchat's default budget (588x336 for 16:9)."""
 QUESTIONS = ("What is moving in the video?", "What colour is the square?")
 MAX_TOKENS = 16
-_WIDTH, _HEIGHT, _FPS = 640, 360, 30
 _ENGINE_START = 240.0  # seconds; 15-60 s on a quiet machine, more under load
 
-
-LENGTHS = (10.0, 60.0, 120.0, 300.0)
-"""Clip lengths in seconds of the default run."""
 
 MAX_MODEL_LEN = 8192
 """Tokens of context on every side. 32 frames of 588x336 are 4,032 video tokens
@@ -383,15 +379,9 @@ async def _vllm_server(out: Path, model: Path, media: Path) -> AsyncIterator[_Ch
         yield _ChatCompletions("vllm", f"http://127.0.0.1:{port}", str(model))
 
 
-def _clip(out: Path, seconds: float, seed: int) -> Clip:
-    return as_mp4(
-        encode_clip(out, "h264", width=_WIDTH, height=_HEIGHT, fps=_FPS, seconds=seconds, seed=seed)
-    )
-
-
 def _clips(out: Path, lengths: list[float], repeat: int) -> dict[float, list[Clip]]:
     """A different clip (texture) per length and repetition: no cache has seen it."""
-    return {length: [_clip(out, length, 2000 + r) for r in range(repeat)] for length in lengths}
+    return {length: [peer_clip(out, length, 2000 + r) for r in range(repeat)] for length in lengths}
 
 
 def _figures(result: dict[str, Any]) -> dict[str, float]:
@@ -568,13 +558,13 @@ async def _side(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    lengths = [2.0] if args.quick else [float(s) for s in args.lengths]
+    lengths = [2.0] if args.quick else list(args.lengths)
     repeat = 1 if args.quick else args.repeat
     print(f"encoding clips: {', '.join(f'{s:g} s' for s in lengths)} x {repeat} ...", flush=True)
     clips = _clips(args.out, lengths, repeat)
     # The warm-up ask has the measured asks' shape (32 frames; 16 in quick mode's 2 s):
     # a first request of a new shape pays one-off costs.
-    warm = _clip(args.out, min(lengths), seed=1)
+    warm = peer_clip(args.out, min(lengths))
     model = build_tiny_model(
         args.out / f"tiny-qwen2-vl-{MAX_MODEL_LEN}", max_position_embeddings=MAX_MODEL_LEN
     )
@@ -609,13 +599,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.split("\n\n")[0], repeat=3)
-    parser.add_argument(
-        "--lengths",
-        nargs="+",
-        default=[f"{s:g}" for s in LENGTHS],
-        help="clip lengths in seconds (default: %(default)s)",
-    )
+    parser = lengths_parser(__doc__.split("\n\n")[0], CLIP_LENGTHS)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)

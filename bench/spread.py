@@ -31,14 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import base_parser, print_table, summarise, write_result
-from bench.media import Clip, as_mp4, encode_clip
+from bench.common import lengths_parser, print_table, summarise, write_result
+from bench.media import CLIP_LENGTHS, Clip, peer_clip
 
 logger = logging.getLogger("bench.spread")
 
-LENGTHS = (10.0, 60.0, 120.0, 300.0)
 FRAMES = 32
-_WIDTH, _HEIGHT, _FPS = 640, 360, 30
 _MAX_PIXELS = 448 * 448
 MODES = ("streamchat", "streamchat-all", "vllm")
 
@@ -95,14 +93,9 @@ _RUNS: dict[str, Callable[[Clip], tuple[float, int, int]]] = {
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    lengths = [2.0] if args.quick else [float(x) for x in args.lengths]
+    lengths = [2.0] if args.quick else list(args.lengths)
     repeat = 1 if args.quick else args.repeat
-    clips = {
-        length: as_mp4(
-            encode_clip(args.out, "h264", width=_WIDTH, height=_HEIGHT, fps=_FPS, seconds=length)
-        )
-        for length in lengths
-    }
+    clips = {length: peer_clip(args.out, length) for length in lengths}
     for mode in MODES:  # imports and first-use costs, not timed
         _RUNS[mode](clips[lengths[0]])
     rows: list[dict[str, Any]] = []
@@ -155,13 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.split("\n\n")[0], repeat=3)
-    parser.add_argument(
-        "--lengths",
-        nargs="+",
-        default=[f"{s:g}" for s in LENGTHS],
-        help="clip lengths in seconds (default: %(default)s)",
-    )
+    parser = lengths_parser(__doc__.split("\n\n")[0], CLIP_LENGTHS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     write_result(Path(args.out), "spread", run(args))

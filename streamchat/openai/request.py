@@ -237,25 +237,24 @@ def _sampling(request: Any, settings: Settings) -> SamplingOptions:
     )
 
 
+def _only(given: Any, supported: tuple[str, ...], param: str) -> None:
+    """Refuse the first key of ``given`` (sorted) that is not ``supported``, naming it."""
+    for key in sorted(set(given) - set(supported)):
+        raise OpenAIError(
+            400,
+            f"{param}: {key!r} is not supported ({', '.join(supported)})",
+            "unsupported_parameter",
+            param=f"{param}.{key}",
+        )
+
+
 def _video_options(request: Any, settings: Settings) -> VideoOptions:
     most = settings.max_ask_frames or settings.max_window_frames
     fps, frames = settings.max_fps, min(DEFAULT_NUM_FRAMES, most)
     io = request.media_io_kwargs or {}
-    for modality in sorted(set(io) - {"video"}):
-        raise OpenAIError(
-            400,
-            f"media_io_kwargs: {modality!r} is not supported (only 'video')",
-            "unsupported_parameter",
-            param=f"media_io_kwargs.{modality}",
-        )
+    _only(io, ("video",), "media_io_kwargs")
     video = io.get("video") or {}
-    for key in sorted(set(video) - {"fps", "num_frames"}):
-        raise OpenAIError(
-            400,
-            f"media_io_kwargs.video: {key!r} is not supported (fps, num_frames)",
-            "unsupported_parameter",
-            param=f"media_io_kwargs.video.{key}",
-        )
+    _only(video, ("fps", "num_frames"), "media_io_kwargs.video")
     if "fps" in video:
         fps = _number(video["fps"], "media_io_kwargs.video.fps", 0.0, settings.max_fps)
     if "num_frames" in video:
@@ -264,13 +263,7 @@ def _video_options(request: Any, settings: Settings) -> VideoOptions:
             count = most
         frames = int(_number(count, "media_io_kwargs.video.num_frames", 0.0, most, whole=True))
     pixels = request.mm_processor_kwargs or {}
-    for key in sorted(set(pixels) - {"min_pixels", "max_pixels"}):
-        raise OpenAIError(
-            400,
-            f"mm_processor_kwargs: {key!r} is not supported (min_pixels, max_pixels)",
-            "unsupported_parameter",
-            param=f"mm_processor_kwargs.{key}",
-        )
+    _only(pixels, ("min_pixels", "max_pixels"), "mm_processor_kwargs")
     smallest = settings.factor * settings.factor
     max_pixels = int(
         _number(
