@@ -105,7 +105,7 @@ async def chat_completions(request: Request) -> Response:
         call = await asyncio.to_thread(
             parse_chat, body, state.settings, model=state.engine.model_name
         )
-        messages = await _unless_gone(request, _media(call, state, identity))
+        messages = await _unless_gone(request.receive, _media(call, state, identity))
         if messages is None:  # the client left while its media were fetched
             return Response(status_code=499)
         request_id = f"chatcmpl-{secrets.token_hex(12)}"
@@ -115,13 +115,13 @@ async def chat_completions(request: Request) -> Response:
             ChatRequest(request_id=request_id, messages=messages, sampling=call.sampling),
         )
         if call.stream:
-            begun = await _unless_gone(request, reply.begin())
+            begun = await _unless_gone(request.receive, reply.begin())
             if begun is None:
                 await reply.close()
                 return Response(status_code=499)
             reserved = None  # the stream gives the place back when it ends
             return _EventStream(reply, release=lambda: state.release(identity))
-        answer = await _unless_gone(request, reply.complete())
+        answer = await _unless_gone(request.receive, reply.complete())
         if answer is None:
             return Response(status_code=499)
         return Response(answer, media_type="application/json")
@@ -166,16 +166,18 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _unless_gone(request: Request, work: Awaitable[T]) -> T | None:
-    """``work``'s result, or None (``work`` cancelled) if the client disconnects first."""
+async def _unless_gone(receive: Receive, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None if the client disconnects first: ``work`` is then
+    cancelled and awaited, so nothing it started outlives the request."""
     task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request.receive))
+    gone = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     if task.cancelled():
         return None
     return task.result()
@@ -384,17 +386,7 @@ class _EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            sending = asyncio.ensure_future(self._send_all(send))
-            gone = asyncio.ensure_future(_disconnected(receive))
-            try:
-                await asyncio.wait({sending, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                gone.cancel()
-                if not sending.done():
-                    sending.cancel()
-                    await asyncio.gather(sending, return_exceptions=True)
-            if sending.done() and not sending.cancelled() and sending.exception() is not None:
-                raise sending.exception()  # type: ignore[misc]
+            await _unless_gone(receive, self._send_all(send))
         finally:
             await self.reply.close()
             self.release()

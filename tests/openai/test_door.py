@@ -7,6 +7,7 @@ PyAV, the bundled WebSocket client for live sessions.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import pytest
 from streamchat.config import Settings
 from streamchat.engine.base import ChatRequest, Image, Video
 from streamchat.engine.fake import FakeEngine
+from streamchat.openai.routes import _unless_gone
 from streamchat_client import connect
 from tests.support.live import Live, live_server
 from tests.support.media import encode_image, encode_video, frame_index
@@ -274,3 +276,32 @@ async def test_requests_over_a_clients_rate_are_refused_and_others_go_on() -> No
         async with _client(live, "other-key-0123456789") as other:
             reply = await other.chat.completions.create(model="fake", messages=question)
         assert reply.choices[0].message.content
+
+
+async def test_work_raced_by_a_disconnect_is_cancelled_and_awaited() -> None:
+    """A client gone before the work ends: None, and the work has finished its cancellation."""
+    started, cleaned = asyncio.Event(), asyncio.Event()
+
+    async def work() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()
+        return "never"
+
+    async def receive() -> dict[str, Any]:
+        await started.wait()
+        return {"type": "http.disconnect"}
+
+    assert await _unless_gone(receive, work()) is None
+    assert cleaned.is_set()  # cancelled and awaited before returning
+
+    async def quiet() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    async def done() -> str:
+        return "answer"
+
+    assert await _unless_gone(quiet, done()) == "answer"
