@@ -17,6 +17,7 @@ from ..window import Frame
 __all__ = [
     "ChatRequest",
     "ChatTurn",
+    "ContextKind",
     "Delta",
     "Engine",
     "EngineError",
@@ -26,11 +27,15 @@ __all__ = [
     "Part",
     "Request",
     "SamplingOptions",
+    "TimelineContext",
     "Usage",
     "Video",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+ContextKind = Literal["window", "timeline"]
+"""How a live session's asks reach the engine: the window as one new prompt per ask, or
+appended to the session's timeline (see :class:`TimelineContext`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +59,21 @@ class ChatTurn:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TimelineContext:
+    """Ask on the session's timeline (:mod:`streamchat.engine.timeline`), not one new video.
+
+    The engine keeps the session's context between asks, so each ask costs
+    what is new since the last one; :meth:`Engine.end_session` drops it.
+    """
+
+    session: str
+    max_frames: int
+    """Frames the timeline may hold (the window and its slack) before it is rebased."""
+    keep_turns: int
+    """Turns a rebase keeps (the newest), as the window context replays at most."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationRequest:
     """Everything the engine needs for one answer.
 
@@ -69,6 +89,10 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     fps: float = 2.0
     """The rate the frames were sampled at (Qwen2.5-VL/Qwen3-VL need it)."""
+    timeline: TimelineContext | None = None
+    """Set: ``frames`` are the whole window and the engine appends what is new to the
+    session's timeline (``history`` is then the engine's own record); None: the
+    frames and history go as one new prompt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +102,10 @@ class Video:
     frames: Sequence[Frame]
     fps: float
     """The rate the frames were sampled at (what a single frame's clip is told)."""
+    measured: bool = True
+    """Tell the model the rate measured from the frames' times (a window's clip, whose
+    frames may have been thinned) rather than ``fps`` (a timeline's segment: a few
+    frames' jitter must not change what the model is told, nor the segment's id)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +195,11 @@ class Engine(Protocol):
         """What video costs in the model's context, if known (the app plans the window by it)."""
         ...
 
+    @property
+    def default_context(self) -> ContextKind:
+        """The context a session gets unless it chooses: what is truest to the model."""
+        ...
+
     def generate(self, request: Request) -> AsyncGenerator[Delta, None]:
         """Stream the answer to ``request`` as deltas.
 
@@ -178,6 +211,10 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None:
         """Abort a request if it is still running; unknown ids are ignored."""
+        ...
+
+    def end_session(self, session: str) -> None:
+        """Forget ``session``'s timeline (if any) and stop work done ahead for it."""
         ...
 
     def running(self) -> frozenset[str]:

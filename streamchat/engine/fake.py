@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator
 
 from ..budget import VisionCosts
-from .base import Delta, EngineError, GenerationRequest, Request, Usage, Video
+from .base import ContextKind, Delta, EngineError, GenerationRequest, Request, Usage, Video
 from .prompt import conversation, media_frames
 
 __all__ = ["CACHED_PROMPTS", "FakeEngine"]
@@ -54,6 +54,10 @@ class FakeEngine:
         self.dead = False
         """Set by a test: the engine failed for good, every answer fails at once."""
         self._cache: OrderedDict[str, None] = OrderedDict()
+        self.context: ContextKind = "window"
+        """What :attr:`default_context` tells (a test may set it)."""
+        self.ended_sessions: list[str] = []
+        """Sessions told ended (:meth:`end_session`), in order."""
 
     @property
     def model_name(self) -> str:
@@ -62,6 +66,10 @@ class FakeEngine:
     @property
     def frame_factor(self) -> int | None:
         return None
+
+    @property
+    def default_context(self) -> ContextKind:
+        return self.context
 
     def running(self) -> frozenset[str]:
         return frozenset(self._running)
@@ -129,6 +137,9 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self._running.discard(request_id)
+
+    def end_session(self, session: str) -> None:
+        self.ended_sessions.append(session)
 
     async def wait_running(self, count: int) -> None:
         """Return once at least ``count`` requests are streaming."""

@@ -198,19 +198,24 @@ def build_messages(
     return hf_messages(conversation(request)[0], system=system)
 
 
-def video_metadata(clip: Clip, fps: float, *, family: str) -> dict[str, Any] | None:
+def video_metadata(
+    clip: Clip, fps: float, *, family: str, measured: bool = True
+) -> dict[str, Any] | None:
     """The metadata ``family``'s processor gets with the video of ``clip`` (None: none).
 
     We sample frames ourselves, so the processor must not sample again
     (``do_sample_frames`` is false). ``clip`` is as given to the model
     (:func:`clip_frames`). Qwen2.5-VL derives its temporal interval from
     ``fps * len(frames_indices) / total_num_frames``: the clip's measured
-    rate. Qwen3-VL's timestamps are ``frames_indices / fps``: stream times
-    in :data:`CLOCK` ticks.
+    rate (``fps`` itself when not ``measured``: a timeline segment of a few
+    frames is told the session's nominal rate, as the official processing
+    tells a whole video its sampling rate; a measured 2.06 fps would shift its
+    positions). Qwen3-VL's timestamps are ``frames_indices / fps``: stream
+    times in :data:`CLOCK` ticks.
     """
     if not clip or family not in ("qwen2_5_vl", "qwen3_vl"):
         return None
-    rate = clip_rate(_distinct(clip), fps)
+    rate = clip_rate(_distinct(clip), fps) if measured else fps
     duration = clip[-1].pts - clip[0].pts + 1.0 / rate
     if family == "qwen2_5_vl":
         return {

@@ -15,6 +15,7 @@ the import works on CPU-only installs (and in vLLM's spawned processes).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
@@ -37,7 +38,19 @@ from ..config import DEFAULT_MAX_REQUEST_IMAGES, DEFAULT_MAX_REQUEST_VIDEOS
 from ..errors import ContextTooLong
 from ..window import Frame
 from . import cpu_compat
-from .base import Delta, EngineError, FinishReason, Image, Message, Request, Usage, Video
+from .base import (
+    ContextKind,
+    Delta,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    Image,
+    Message,
+    Request,
+    TimelineContext,
+    Usage,
+    Video,
+)
 from .prompt import (
     MAX_CLIPS,
     clip_frames,
@@ -46,6 +59,7 @@ from .prompt import (
     media_frames,
     video_metadata,
 )
+from .timeline import MAX_SEGMENTS, Draft, Timeline
 
 cpu_compat.install()
 
@@ -116,13 +130,14 @@ def engine_args_from_cli(argv: Sequence[str]) -> AsyncEngineArgs:
 def media_limits(limits: dict[str, Any] | None, *, videos: int, images: int) -> dict[str, Any]:
     """vLLM's ``limit_mm_per_prompt`` raised to what the server lets a prompt hold.
 
-    A live question holds up to :data:`MAX_CLIPS` videos; an OpenAI-style
+    A live question holds up to :data:`MAX_CLIPS` videos (a timeline's
+    :data:`~streamchat.engine.timeline.MAX_SEGMENTS`); an OpenAI-style
     request ``videos`` videos and ``images`` images (``max_request_videos``,
     ``max_request_images``). A limit given as a count is raised to that; one
     given in vLLM's richer form is left as the operator wrote it.
     """
     raised = dict(limits or {})
-    for kind, wanted in (("video", max(MAX_CLIPS, videos)), ("image", images)):
+    for kind, wanted in (("video", max(MAX_CLIPS, MAX_SEGMENTS, videos)), ("image", images)):
         have = raised.get(kind, 0)
         if isinstance(have, int):
             raised[kind] = max(have, wanted)
@@ -144,9 +159,9 @@ def engine_defaults() -> dict[str, Any]:
         "max_num_seqs": DEFAULT_MAX_NUM_SEQS,
         "kv_cache_memory_bytes": DEFAULT_KV_CACHE_BYTES,
         "enforce_eager": True,
-        # A live question's clips; an OpenAI-style conversation's videos and images.
+        # A live question's clips or timeline segments; an OpenAI-style conversation's media.
         "limit_mm_per_prompt": {
-            "video": max(MAX_CLIPS, DEFAULT_MAX_REQUEST_VIDEOS),
+            "video": max(MAX_CLIPS, MAX_SEGMENTS, DEFAULT_MAX_REQUEST_VIDEOS),
             "image": DEFAULT_MAX_REQUEST_IMAGES,
         },
         "seed": 0,
@@ -208,6 +223,7 @@ class VllmEngine:
         self._chat_template: str | None = getattr(processor, "chat_template", None)
         self._costs = _vision_costs(model_config, self._family, self._tokenizer, processor)
         self._digests = FrameDigests() if content_ids else None
+        self._sessions: dict[str, _SessionContext] = {}
 
     @property
     def frame_factor(self) -> int | None:
@@ -220,6 +236,13 @@ class VllmEngine:
     @property
     def vision_costs(self) -> VisionCosts | None:
         return self._costs
+
+    @property
+    def default_context(self) -> ContextKind:
+        """The timeline for Qwen3-VL, whose timestamps keep a segment's time exactly as one
+        video does; one video per ask for Qwen2-VL and Qwen2.5-VL, whose temporal
+        positions restart at each segment (docs/timeline.md compares them)."""
+        return "timeline" if self._family == "qwen3_vl" else "window"
 
     @property
     def llm(self) -> Any:
@@ -269,27 +292,46 @@ class VllmEngine:
         return 0 if self._closed else int(self._llm.get_num_unfinished_requests())
 
     async def generate(self, request: Request) -> AsyncGenerator[Delta, None]:
-        """Stream the answer; the last delta carries the finish reason and usage."""
+        """Stream the answer; the last delta carries the finish reason and usage.
+
+        An answer the engine failed before its first token is asked once more
+        with a fresh render: vLLM's front end may believe the engine holds a
+        video it does not (a render never submitted, after a cancel between the
+        two), and the engine then fails the request; forgetting the prompt's
+        videos first makes the second render send them.
+        """
         llm = self._live()
         if request.request_id in self._running:
             raise ValueError(f"request {request.request_id!r} is already running")
         self._running.add(request.request_id)
         outputs: AsyncGenerator[Any, None] | None = None
         try:
-            engine_input, request, messages = await self._render(request)
-            outputs = llm.generate(engine_input, _sampling_params(request), request.request_id)
-            answer = _Answer(request, self._video_token_id, media_frames(messages))
-            try:
-                async for output in outputs:
-                    if (delta := answer.delta(output)) is not None:
-                        yield delta
-            except EngineError:
-                raise
-            except Exception as exc:
-                logger.exception("request %s failed in vLLM", request.request_id)
-                raise EngineError(f"the engine failed: {exc}") from exc
-            if not answer.finished:
-                raise EngineError("the engine ended the answer without a final output")
+            for retried in (False, True):
+                prepared = await self._prepare(request)
+                outputs = llm.generate(
+                    prepared.engine_input, _sampling_params(prepared.request), request.request_id
+                )
+                answer = _Answer(prepared.request, self._video_token_id, prepared.frames)
+                try:
+                    async for output in outputs:
+                        if (delta := answer.delta(output)) is not None:
+                            yield delta
+                except _FailedUnstarted:
+                    if retried:
+                        raise
+                    logger.info("request %s failed unstarted: again", request.request_id)
+                    self._forget(prepared.engine_input)
+                    await outputs.aclose()
+                    continue
+                except EngineError:
+                    raise
+                except Exception as exc:
+                    logger.exception("request %s failed in vLLM", request.request_id)
+                    raise EngineError(f"the engine failed: {exc}") from exc
+                if not answer.finished:
+                    raise EngineError("the engine ended the answer without a final output")
+                self._answered(prepared, answer)
+                return
         finally:
             if outputs is not None:
                 # vLLM's generator aborts its request if it is not finished.
@@ -301,11 +343,24 @@ class VllmEngine:
             logger.debug("aborting request %s", request_id)
             await self._llm.abort(request_id)
 
+    def end_session(self, session: str) -> None:
+        """Drop ``session``'s timeline; a warm-up running for it is cancelled (and aborted)."""
+        context = self._sessions.pop(session, None)
+        if context is not None and context.warming is not None:
+            context.warming.cancel()
+
+    def warming(self, session: str) -> asyncio.Task[None] | None:
+        """The warm-up of ``session``'s rebased timeline, if one was started (for tests)."""
+        context = self._sessions.get(session)
+        return context.warming if context is not None else None
+
     async def aclose(self) -> None:
         """Abort what is in flight and shut vLLM down (its processes exit)."""
         if self._closed:
             return
         self._closed = True
+        for session in list(self._sessions):
+            self.end_session(session)
         if self._running:
             await self._llm.abort(list(self._running))
         logger.info("shutting down vLLM engine")
@@ -321,6 +376,128 @@ class VllmEngine:
         if self._closed:
             raise EngineError("the engine is shut down")
         return self._llm
+
+    async def _prepare(self, request: Request) -> _Prepared:
+        """What to submit for ``request``: on its session's timeline, or as one prompt."""
+        if isinstance(request, GenerationRequest) and request.timeline is not None:
+            prepared = await self._on_timeline(request, request.timeline)
+            if prepared is not None:
+                return prepared
+            request = dataclasses.replace(request, timeline=None)
+        engine_input, fitted, messages = await self._render(request)
+        length = len(engine_input["prompt_token_ids"])
+        return _Prepared(engine_input, fitted, media_frames(messages), length)
+
+    async def _on_timeline(
+        self, request: GenerationRequest, context: TimelineContext
+    ) -> _Prepared | None:
+        """``request`` appended to its session's timeline, rebased first if it must be.
+
+        The timeline is rebased (to the window) when it would hold more
+        frames or videos than it may, or when its prompt and the answer would
+        not fit the context; a rebased one that still does not fit is left to
+        the one-prompt path (None), which trims history or refuses.
+        """
+        session = self._sessions.get(context.session)
+        if session is None:
+            session = self._sessions[context.session] = _SessionContext(Timeline(fps=request.fps))
+        if session.warming is not None:
+            await asyncio.wait([session.warming])  # its prefix is ours: do not compute it twice
+        timeline, wanted, limit = session.timeline, request.sampling.max_tokens, self._max_model_len
+        draft = timeline.draft(request.frames, request.question)
+        for rebased in (False, True):
+            over = timeline.frames > context.max_frames or len(draft.segments) > MAX_SEGMENTS
+            if rebased or over:
+                self._rebase(session, request, context)
+                draft = timeline.draft(request.frames, request.question)
+            messages = self._timeline_messages(draft)
+            rendered = await self._rendered(messages, self._media(messages))
+            if rendered.fits(wanted, limit) and len(draft.segments) <= MAX_SEGMENTS:
+                assert rendered.length is not None
+                return _Prepared(
+                    rendered.engine_input,
+                    request,
+                    media_frames(messages),
+                    rendered.length,
+                    draft=draft,
+                    context=context,
+                )
+            self._forget(rendered.engine_input)
+            if rebased:
+                break
+        logger.info("request %s: the timeline does not fit the context", request.request_id)
+        return None
+
+    def _timeline_messages(self, draft: Draft) -> list[Message]:
+        """The draft's messages; Qwen3-VL's videos carry their times, the others' are labelled."""
+        return draft.messages(labels=self._family != "qwen3_vl")
+
+    def _rebase(
+        self, session: _SessionContext, request: GenerationRequest, context: TimelineContext
+    ) -> None:
+        start = request.frames[0].pts if request.frames else float("inf")
+        logger.info(
+            "request %s: timeline of %d frames rebased to t=%.1fs",
+            request.request_id,
+            session.timeline.frames,
+            start,
+        )
+        session.timeline.rebase(start, turns=context.keep_turns)
+        session.prompt_tokens = 0
+
+    def _answered(self, prepared: _Prepared, answer: _Answer) -> None:
+        """A finished answer joins its session's timeline; rebase ahead if the next ask would.
+
+        The next ask is expected to add what this one added (frames and
+        tokens). If that would take the timeline over its frames, videos or the
+        context, it is rebased now and the rebased prompt computed in the
+        background (one token), so the next ask finds it in the prefix cache.
+        """
+        draft, context, request = prepared.draft, prepared.context, prepared.request
+        if draft is None or context is None or not isinstance(request, GenerationRequest):
+            return
+        if answer.reason not in ("stop", "length"):
+            return
+        session = self._sessions.get(context.session)
+        if session is None or session.warming is not None:
+            return
+        timeline = session.timeline
+        timeline.commit(draft, answer.text)
+        # What the next ask adds is guessed from what this one added, unless this one
+        # started the timeline (then the whole window was new).
+        grown = prepared.length - session.prompt_tokens if session.prompt_tokens else 0
+        session.prompt_tokens = prepared.length + answer.completion_tokens
+        new_frames = sum(len(s.frames) for s in draft.new) if draft.entries else 0
+        next_tokens = session.prompt_tokens + max(grown, 0) + request.sampling.max_tokens
+        if (
+            timeline.frames + new_frames > context.max_frames
+            or len(timeline.segments) + len(draft.new) > MAX_SEGMENTS
+            or next_tokens > self._max_model_len
+        ):
+            self._rebase(session, request, context)
+            session.warming = asyncio.create_task(self._warm(session, f"{request.request_id}-warm"))
+
+    async def _warm(self, session: _SessionContext, request_id: str) -> None:
+        """Compute the rebased timeline's prompt (one token of answer), for the prefix cache."""
+        outputs: AsyncGenerator[Any, None] | None = None
+        try:
+            messages = self._timeline_messages(session.timeline.draft((), ""))
+            rendered = await self._rendered(messages, self._media(messages))
+            if not rendered.fits(1, self._max_model_len):
+                self._forget(rendered.engine_input)
+                return
+            params = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
+            outputs = self._live().generate(rendered.engine_input, params, request_id)
+            async for _ in outputs:
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a warm-up only saves time: the next ask computes it
+            logger.info("warming the rebased timeline failed: %s", exc)
+        finally:
+            if outputs is not None:
+                await outputs.aclose()
+            session.warming = None
 
     async def _render(self, request: Request) -> tuple[Any, Request, list[Message]]:
         """vLLM's engine input for ``request``; the request and its messages as fitted.
@@ -356,7 +533,7 @@ class VllmEngine:
             rendered = await self._rendered(messages, media)
             if rendered.fits(wanted, limit) or (not droppable and rendered.fits(1, limit)):
                 break
-            self._forget(rendered)
+            self._forget(rendered.engine_input)
             if not droppable:
                 raise self._too_long(messages, rendered.counted)
             if rendered.length is not None:
@@ -420,8 +597,8 @@ class VllmEngine:
         length = len(engine_input["prompt_token_ids"])
         return _Rendered(engine_input, length, length)
 
-    def _forget(self, rendered: _Rendered) -> None:
-        """Tell vLLM's multimodal cache that ``rendered`` was never submitted.
+    def _forget(self, engine_input: Any) -> None:
+        """Tell vLLM's multimodal cache that ``engine_input`` was never submitted (or failed).
 
         Rendering a video records it in the front end's cache as sent to the
         engine core, so the next prompt with it is sent without its data: had
@@ -430,9 +607,9 @@ class VllmEngine:
         the engine reports such a miss.
         """
         cache = self._live().renderer.mm_processor_cache
-        if cache is None or rendered.engine_input is None:
+        if cache is None or engine_input is None:
             return
-        for hashes in rendered.engine_input.get("mm_hashes", {}).values():
+        for hashes in engine_input.get("mm_hashes", {}).values():
             for mm_hash in hashes:
                 cache.invalidate(mm_hash)
 
@@ -468,7 +645,9 @@ class VllmEngine:
             if isinstance(part, Video):
                 frames = clip_frames(part.frames)
                 video: Any = _stack_frames(frames)
-                metadata = video_metadata(frames, part.fps, family=self._family)
+                metadata = video_metadata(
+                    frames, part.fps, family=self._family, measured=part.measured
+                )
                 if metadata is not None:
                     video = (video, metadata)
                 videos.append(video)
@@ -585,6 +764,34 @@ class FrameDigests:
             del self._entries[key]
 
 
+@dataclass
+class _SessionContext:
+    """A session's timeline and what the engine learnt about its prompts."""
+
+    timeline: Timeline
+    prompt_tokens: int = 0
+    """The last answered prompt with its answer (0: unknown, after a rebase)."""
+    warming: asyncio.Task[None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A request ready to submit: vLLM's input, the request as fitted, what it shows."""
+
+    engine_input: Any
+    request: Request
+    frames: int
+    length: int
+    """Prompt tokens, video tokens included."""
+    draft: Draft | None = None
+    """The timeline draft the prompt renders (None: one prompt, no timeline)."""
+    context: TimelineContext | None = None
+
+
+class _FailedUnstarted(EngineError):
+    """The engine failed a request before its first token (see :meth:`VllmEngine.generate`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Rendered:
     """A prompt as vLLM's renderer made it, or its refusal of a text over the context."""
@@ -611,6 +818,13 @@ class _Answer:
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.finished = False
+        self.reason: FinishReason | None = None
+        self._text: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """The answer's text so far."""
+        return "".join(self._text)
 
     def delta(self, output: Any) -> Delta | None:
         """The delta for ``output``; ``None`` for an output with no new text."""
@@ -622,10 +836,14 @@ class _Answer:
             self.cached_tokens = output.num_cached_tokens
         completion = output.outputs[0]
         self.completion_tokens += len(completion.token_ids)
+        if completion.text:
+            self._text.append(completion.text)
         if not output.finished:
             return Delta(text=completion.text) if completion.text else None
+        if completion.finish_reason == "error" and not self.completion_tokens:
+            raise _FailedUnstarted("the engine failed the request before its first token")
         self.finished = True
-        reason = _finish_reason(completion.finish_reason)
+        reason = self.reason = _finish_reason(completion.finish_reason)
         usage = Usage(
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=self.completion_tokens,

@@ -9,6 +9,7 @@ import pytest
 from streamchat.cli import build_parser, settings_from_args
 from streamchat.config import DEFAULT_MAX_REQUEST_IMAGES, DEFAULT_MAX_REQUEST_VIDEOS, Settings
 from streamchat.engine.prompt import MAX_CLIPS
+from streamchat.engine.timeline import MAX_SEGMENTS
 from streamchat.engine.vllm import engine_args_from_cli
 
 
@@ -41,9 +42,9 @@ def test_engine_flags_are_vllms_own_with_our_defaults(tmp_path: Path) -> None:
     )
     assert (args.model, args.max_model_len, args.tensor_parallel_size) == (model, 1024, 2)
     assert args.enforce_eager is True
-    # A live question's clips, or an OpenAI-style request's videos and images.
+    # A live question's clips or timeline segments, or an OpenAI-style request's media.
     assert args.limit_mm_per_prompt == {
-        "video": max(MAX_CLIPS, DEFAULT_MAX_REQUEST_VIDEOS),
+        "video": max(MAX_CLIPS, MAX_SEGMENTS, DEFAULT_MAX_REQUEST_VIDEOS),
         "image": DEFAULT_MAX_REQUEST_IMAGES,
     }
 
@@ -59,8 +60,12 @@ def test_the_engine_takes_as_many_videos_and_images_as_a_request_may_hold() -> N
     vLLM's richer form is left as the operator wrote it."""
     from streamchat.engine.vllm import media_limits
 
-    assert media_limits({"video": 4, "image": 4}, videos=6, images=2) == {"video": 6, "image": 4}
-    assert media_limits(None, videos=1, images=3) == {"video": MAX_CLIPS, "image": 3}
+    most = MAX_SEGMENTS + 6
+    assert media_limits({"video": 4, "image": 4}, videos=most, images=2) == {
+        "video": most,
+        "image": 4,
+    }
+    assert media_limits(None, videos=1, images=3) == {"video": MAX_SEGMENTS, "image": 3}
     rich = {"count": 2, "num_frames": 8}
     assert media_limits({"video": rich}, videos=6, images=1) == {"video": rich, "image": 1}
 

@@ -37,6 +37,7 @@ LAYERS: list[set[str]] = [
         "engine.cpu_compat",
         "engine.fake",
         "engine.prompt",
+        "engine.timeline",
         "engine.tiny_model",
         "engine.vllm",
         "ingest",
@@ -88,6 +89,7 @@ PURE = {
     "ingest.faststart",
     "ingest.dataurl",
     "engine.prompt",
+    "engine.timeline",
     "openai.request",
 }
 """The I/O-free core: data in, data out, testable without an event loop."""
