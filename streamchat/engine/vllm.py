@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import REGISTRY
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..budget import VisionCosts
 from ..config import DEFAULT_MAX_REQUEST_IMAGES, DEFAULT_MAX_REQUEST_VIDEOS
@@ -224,6 +224,7 @@ class VllmEngine:
         self._costs = _vision_costs(model_config, self._family, self._tokenizer, processor)
         self._digests = FrameDigests() if content_ids else None
         self._sessions: dict[str, _SessionContext] = {}
+        self._rebases = {"ahead": 0, "on_ask": 0}
 
     @property
     def frame_factor(self) -> int | None:
@@ -276,7 +277,22 @@ class VllmEngine:
         return self._load.running, self._load.waiting
 
     def families(self) -> Iterator[Metric]:
-        """vLLM's own ``vllm:*`` families, from the registry its stat logger writes into."""
+        """The timelines' families, and vLLM's own ``vllm:*`` ones, from the registry its stat
+        logger writes into (only with :class:`SchedulerLoad`: vLLM then exports them)."""
+        sessions = GaugeMetricFamily(
+            "streamchat_timeline_sessions", "Sessions whose timeline the engine holds"
+        )
+        sessions.add_metric([], len(self._sessions))
+        yield sessions
+        rebases = CounterMetricFamily(
+            "streamchat_timeline_rebases",
+            "Timelines rebased to their window: ahead of the next ask (and warmed up), or on "
+            "an ask's path (that ask computes its whole prompt)",
+            labels=["when"],
+        )
+        for when, count in self._rebases.items():
+            rebases.add_metric([when], count)
+        yield rebases
         if self._load is None:
             return
         for family in REGISTRY.collect():
@@ -408,7 +424,7 @@ class VllmEngine:
         for rebased in (False, True):
             over = timeline.frames > context.max_frames or len(draft.segments) > MAX_SEGMENTS
             if rebased or over:
-                self._rebase(session, request, context)
+                self._rebase(session, request, context, when="on_ask")
                 draft = timeline.draft(request.frames, request.question)
             messages = self._timeline_messages(draft)
             rendered = await self._rendered(messages, self._media(messages))
@@ -433,15 +449,22 @@ class VllmEngine:
         return draft.messages(labels=self._family != "qwen3_vl")
 
     def _rebase(
-        self, session: _SessionContext, request: GenerationRequest, context: TimelineContext
+        self,
+        session: _SessionContext,
+        request: GenerationRequest,
+        context: TimelineContext,
+        *,
+        when: str,
     ) -> None:
         start = request.frames[0].pts if request.frames else float("inf")
         logger.info(
-            "request %s: timeline of %d frames rebased to t=%.1fs",
+            "request %s: timeline of %d frames rebased to t=%.1fs (%s)",
             request.request_id,
             session.timeline.frames,
             start,
+            when.replace("_", " "),
         )
+        self._rebases[when] += 1
         session.timeline.rebase(start, turns=context.keep_turns)
         session.prompt_tokens = 0
 
@@ -474,7 +497,7 @@ class VllmEngine:
             or len(timeline.segments) + len(draft.new) > MAX_SEGMENTS
             or next_tokens > self._max_model_len
         ):
-            self._rebase(session, request, context)
+            self._rebase(session, request, context, when="ahead")
             session.warming = asyncio.create_task(self._warm(session, f"{request.request_id}-warm"))
 
     async def _warm(self, session: _SessionContext, request_id: str) -> None:

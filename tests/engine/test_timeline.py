@@ -63,6 +63,12 @@ async def answer(engine: VllmEngine, request: GenerationRequest) -> tuple[str, U
     return "".join(d.text for d in deltas), final.usage
 
 
+def rebases(engine: VllmEngine) -> dict[str, float]:
+    """``streamchat_timeline_rebases_total`` by ``when``, as ``/metrics`` exports it."""
+    (family,) = [f for f in engine.families() if f.name == "streamchat_timeline_rebases"]
+    return {s.labels["when"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
 def block(engine: VllmEngine) -> int:
     return int(engine.llm.vllm_config.cache_config.block_size)
 
@@ -103,7 +109,8 @@ async def test_a_steady_stream_rebases_ahead_of_its_asks_and_keeps_the_budget(
     warm-up finds the rebased prompt in the cache."""
     frames, size, slack = stream(seed=1402), block(vllm_engine), 4
     context = int(vllm_engine.llm.model_config.max_model_len)
-    rebases = 0
+    counted = rebases(vllm_engine)
+    warmed = 0
     for number in range(1, 7):
         end = WINDOW + 4 * (number - 1)
         request = timeline_ask("t2", number, frames[end - WINDOW : end], max_frames=WINDOW + slack)
@@ -115,9 +122,12 @@ async def test_a_steady_stream_rebases_ahead_of_its_asks_and_keeps_the_budget(
             assert usage.prompt_tokens - usage.cached_tokens <= 512 + TEXT + 2 * size + 16
         warming = vllm_engine.warming("t2")
         if warming is not None:
-            rebases += 1
+            warmed += 1
             await asyncio.wait([warming])
-    assert rebases >= 2
+    assert warmed >= 2
+    now = rebases(vllm_engine)
+    assert now["ahead"] - counted["ahead"] == warmed
+    assert now["on_ask"] == counted["on_ask"]
     vllm_engine.end_session("t2")
     assert vllm_engine.engine_unfinished() == 0
 
