@@ -33,6 +33,7 @@ single-frame clip is).
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,7 +49,9 @@ MAX_SEGMENTS = 64
 """Videos one timeline prompt holds at most (the engine's ``limit_mm_per_prompt``): more
 forces a rebase, which re-cuts short segments into full ones."""
 _GAP = 2.0
-"""An interval this many times the nominal one is a gap: a segment never spans one."""
+"""An interval this many times the typical one is a gap: a segment never spans one."""
+_NOMINAL = 0.25
+"""A typical interval within this fraction of ``1 / fps`` is told as ``fps`` itself."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -130,16 +133,27 @@ class Timeline:
     """One session's context, as it grows ask after ask (see the module's docstring)."""
 
     fps: float
-    """The session's sampling rate: segments are cut at gaps longer than twice its interval."""
+    """The session's sampling rate, what segments are told unless the stream is far slower."""
     segment_frames: int = DEFAULT_SEGMENT_FRAMES
     entries: list[Entry] = field(default_factory=list)
     pending: list[Segment] = field(default_factory=list)
     """Segments cut for asks whose answers have not ended (or never will): shown again
     by every later ask until a committed turn places them."""
+    interval: float = 0.0
+    """The stream's typical frame interval (the median of the last window's; ``1 / fps``
+    until known): a keyframes-only or slow source is sparser than the session's fps."""
 
     def __post_init__(self) -> None:
         if self.segment_frames < 2 or self.segment_frames % 2:
             raise ValueError("segments hold an even number of frames, at least 2")
+        self.interval = self.interval or 1.0 / self.fps
+
+    @property
+    def rate(self) -> float:
+        """The rate new segments are told: the session's fps, unless the stream is far off it."""
+        if abs(self.interval * self.fps - 1.0) <= _NOMINAL:
+            return self.fps
+        return 1.0 / self.interval
 
     @property
     def segments(self) -> list[Segment]:
@@ -163,6 +177,9 @@ class Timeline:
         segments. A window that does not continue the timeline (its frames
         went back in time: a new source) drops every segment first.
         """
+        steps = [b.pts - a.pts for a, b in zip(window, window[1:], strict=False)]
+        if any(step > 0 for step in steps):
+            self.interval = statistics.median(step for step in steps if step > 0)
         new = self._cut(self._new_frames(window))  # first: it may drop every segment
         self.pending.extend(new)
         newest = self.newest
@@ -217,7 +234,7 @@ class Timeline:
         """``frames`` cut at gaps (an interval over twice the nominal one)."""
         runs: list[list[Frame]] = []
         for frame in frames:
-            if runs and frame.pts - runs[-1][-1].pts <= _GAP / self.fps:
+            if runs and frame.pts - runs[-1][-1].pts <= _GAP * self.interval:
                 runs[-1].append(frame)
             else:
                 runs.append([frame])
@@ -237,14 +254,14 @@ class Timeline:
     def _chunks(self, run: Sequence[Frame]) -> Iterable[Segment]:
         n = self.segment_frames
         for start in range(0, len(run), n):
-            yield Segment(tuple(run[start : start + n]), self.fps)
+            yield Segment(tuple(run[start : start + n]), self.rate)
 
     def _merged(self, entries: Sequence[Entry]) -> Iterable[Entry]:
         """``entries`` with each run of adjacent short segments re-cut into full ones."""
         run: list[Frame] = []
         for entry in entries:
             if isinstance(entry, Segment) and len(entry.frames) < self.segment_frames:
-                if run and entry.first - run[-1].pts > _GAP / self.fps:
+                if run and entry.first - run[-1].pts > _GAP * self.interval:
                     yield from self._chunks(run)
                     run = []
                 run.extend(entry.frames)

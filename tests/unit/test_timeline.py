@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ def frames(count: int, *, start: float = 0.0, fps: float = 2.0) -> list[Frame]:
     return [Frame(pts=start + i / fps, image=image.copy()) for i in range(count)]
 
 
-def sizes(segments: list[Segment]) -> list[int]:
+def sizes(segments: Sequence[Segment]) -> list[int]:
     return [len(s.frames) for s in segments]
 
 
@@ -133,3 +135,14 @@ def test_qwen3_prompts_carry_no_labels() -> None:
         for m in draft.messages(labels=False)
         for p in m.content
     )
+
+
+def test_a_stream_sparser_than_the_sessions_fps_is_cut_by_its_own_interval() -> None:
+    """A keyframes-only source (a frame every 2 s at fps 2) is not a gap at every frame: its
+    segments hold 4 frames and are told its own rate."""
+    timeline = Timeline(fps=2.0)
+    draft = timeline.draft(frames(8, fps=0.5), "What?")
+    assert sizes(draft.segments) == [4, 4]
+    assert {s.fps for s in draft.segments} == {0.5}
+    timeline.commit(draft, "A.")
+    assert sizes(timeline.draft(frames(3, start=100.0, fps=0.5), "Later?").new) == [2]
