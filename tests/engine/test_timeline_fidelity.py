@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from streamchat.config import DEFAULT_FPS, DEFAULT_MAX_PIXELS
 from streamchat.engine.base import Message, Video
 from streamchat.engine.timeline import Segment, Timeline
 from streamchat.media.sampling import target_size
@@ -40,10 +41,9 @@ from streamchat.window import Frame
 from tests.support.engines import hf_processor
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-FPS = 2.0
-"""The server's default sampling rate."""
-BUDGET = 448 * 448
-"""The server's default pixel budget per frame."""
+FPS = DEFAULT_FPS
+BUDGET = DEFAULT_MAX_PIXELS
+"""The server's pixel budget per frame (448 x 448)."""
 QUESTION = "What happens?"
 LONGEST_EDGE = 25165824
 """Qwen3-VL-2B's ``video_preprocessor_config.json``: pixels of one video item at most."""
@@ -307,6 +307,7 @@ def test_qwen3_vl_budgets_pixels_per_video_item(family: Family, count: int) -> N
     server_pair = (size[1] // 32) * (size[0] // 32)
     (official_grid,) = official.grids
     official_pair = official_grid[1] * official_grid[2]
+    assert family.hf.video_processor.size["longest_edge"] == LONGEST_EDGE
     assert size == (1280, 704) and server_pair == 880
     assert {h * w for _, h, w in ours.grids} == {server_pair}
     assert len(ours.pads(family.pad)) == count // 2 * server_pair
