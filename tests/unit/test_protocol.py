@@ -333,10 +333,12 @@ def test_ready_and_answer_done_encode_to_the_wire_maps_of_protocol_v1() -> None:
         ("message_burst", s.message_burst),
         ("video_bytes_per_second", s.video_bytes_per_second),
         ("idle_timeout", s.idle_timeout),
+        ("context", "window"),  # added since, last: protocol 1 clients ignore them
+        ("context_frames", s.window_frames),
     ]
     assert [type(value) for value in limits.values()] == [
         float, int, int, int, int, int, int, int, int, int, int, int, int, int, bool,
-        float, int, int, float,
+        float, int, int, float, str, int,
     ]  # fmt: skip
     with_frames(protocol).receive(Ask(id="a", text="q"), now=0.0)
     [done] = protocol.answer_finished("a", "", "error", None, None)
