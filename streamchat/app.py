@@ -113,6 +113,8 @@ def create_app(
             resolved = settings
             if settings.frame_factor is None and served.frame_factor is not None:
                 resolved = dataclasses.replace(settings, frame_factor=served.frame_factor)
+            if settings.context == "auto":  # the engine knows what is truest to its model
+                resolved = dataclasses.replace(resolved, context=served.default_context)
             resolved = fit_context(resolved, served.vision_costs)
             state = ServerState(resolved, served, KeyStore.from_settings(resolved))
             if resolved.metrics_auth and not state.keys.enabled:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_MODEL, Settings
+from .config import CONTEXT_CHOICES, DEFAULT_MODEL, Settings
 from .ingest import parse_allowed_domain
 from .logformat import FORMATS, configure
 
@@ -135,6 +135,22 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             help=f"{help_text} (default: %(default)s)",
         )
     group.add_argument(
+        "--context",
+        choices=CONTEXT_CHOICES,
+        default=defaults.context,
+        help="how a session's asks reach the model unless its hello chooses: 'window' (the "
+        "window as one new video per ask), 'timeline' (appended to the session's timeline: an "
+        "ask costs what is new) or 'auto', the model's own (default: %(default)s)",
+    )
+    group.add_argument(
+        "--timeline-slack",
+        type=_frames,
+        default=defaults.timeline_slack,
+        metavar="FRAMES",
+        help="frames a timeline holds beyond the window before it is rebased (default: half "
+        "the session's window, even, at least 4; 0: rebase whenever the window moved)",
+    )
+    group.add_argument(
         "--allowed-file-dir",
         type=Path,
         default=None,
@@ -222,6 +238,14 @@ def _parse_value(action: argparse.Action, raw: str) -> Any:
             if value not in action.choices:
                 raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
     return values if repeated else values[0]
+
+
+def _frames(raw: str) -> int:
+    """A count of frames, 0 or more."""
+    count = int(raw)
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{raw} is not 0 or more frames")
+    return count
 
 
 def _allowed_domain(entry: str) -> str:

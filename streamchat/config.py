@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["DEFAULT_MODEL", "Settings"]
+__all__ = ["CONTEXT_CHOICES", "DEFAULT_MODEL", "ContextChoice", "Settings", "timeline_slack"]
 
 DEFAULT_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 
@@ -27,6 +28,7 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_TOKENS_LIMIT = 2048
 DEFAULT_HISTORY_TURNS = 8
 DEFAULT_CONTEXT_RESERVE = 1024
+MIN_TIMELINE_SLACK = 4
 DEFAULT_STATUS_INTERVAL = 0.5
 DEFAULT_OUTBOX_MESSAGES = 256
 DEFAULT_FETCH_MAX_BYTES = 2 * 1024 * 1024 * 1024
@@ -62,6 +64,11 @@ DEFAULT_MAX_REQUEST_VIDEOS = 4
 DEFAULT_MAX_REQUEST_IMAGES = 4
 DEFAULT_REQUESTS_PER_SECOND = 10.0
 DEFAULT_REQUEST_BURST = 20
+
+ContextChoice = Literal["auto", "window", "timeline"]
+"""The server's default context for sessions: ``auto`` is the engine's own choice."""
+CONTEXT_CHOICES: tuple[ContextChoice, ...] = ("auto", "window", "timeline")
+DEFAULT_CONTEXT: ContextChoice = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +114,15 @@ class Settings:
     model's context (:func:`streamchat.budget.plan`), not by hand."""
     tokens_per_frame: int | None = None
     """Most context tokens one frame costs (set by the app with ``max_ask_frames``)."""
+    context: ContextChoice = DEFAULT_CONTEXT
+    """How a session's asks reach the engine unless its ``hello`` chooses: ``window`` (the
+    window as one new video per ask), ``timeline`` (appended to the session's timeline, so
+    an ask costs what is new) or ``auto``, which the app resolves to the engine's
+    ``default_context`` (the timeline for Qwen3-VL, the window for Qwen2/2.5-VL)."""
+    timeline_slack: int | None = None
+    """Frames a session's timeline may hold beyond its window before it is rebased
+    (the oldest segments and turns dropped); None: :func:`timeline_slack`'s default.
+    0 rebases whenever the window moved: every ask on a live stream."""
     status_interval: float = DEFAULT_STATUS_INTERVAL
     outbox_messages: int = DEFAULT_OUTBOX_MESSAGES
 
@@ -209,3 +225,18 @@ class Settings:
         an ``error`` and the session goes on; only far larger ones close it.
         """
         return self.max_message_bytes * 4
+
+
+def timeline_slack(settings: Settings, window_frames: int) -> int:
+    """The slack of a session whose window holds ``window_frames``.
+
+    By default half the window, rounded up to an even count (segments are cut
+    in even counts of frames), and at least :data:`MIN_TIMELINE_SLACK`: a
+    timeline that dropped a segment at every ask would rebase at every ask and
+    lose the prefix cache's reuse, so it holds some frames more and rebases
+    once in a while instead.
+    """
+    if settings.timeline_slack is not None:
+        return settings.timeline_slack
+    half = -(-window_frames // 2)
+    return max(MIN_TIMELINE_SLACK, half + half % 2)

@@ -50,7 +50,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, cast, get_args
 
 import msgpack
 
@@ -62,8 +62,10 @@ __all__ = [
     "AnswerDelta",
     "AnswerDone",
     "Ask",
+    "CONTEXTS",
     "Cancel",
     "ClientMessage",
+    "ContextKind",
     "Error",
     "Generation",
     "GoingAway",
@@ -98,6 +100,11 @@ MIN_TEMPERATURE = 0.01
 """The lowest temperature but 0 (greedy): vLLM raises lower ones to it, with a warning each time."""
 MAX_SEED = (1 << 63) - 1
 
+ContextKind = Literal["window", "timeline"]
+"""A session's context as the wire names it (the engine seam's ``ContextKind``, which the
+wire does not import: the engine layer and the wire stay apart)."""
+CONTEXTS: frozenset[str] = frozenset(get_args(ContextKind))
+
 
 # --- client -> server ------------------------------------------------------
 
@@ -125,6 +132,10 @@ class Hello:
     """Decode keyframes only: many times faster, about one frame per keyframe interval."""
     token: str | None = field(default=None, repr=False)
     """An API key, for clients that can give it neither as a header nor a subprotocol."""
+    context: ContextKind | None = None
+    """How asks reach the model: ``window`` (the window as one new video per ask) or
+    ``timeline`` (appended to the session's timeline, costing what is new); None: the
+    server's default. ``ready.limits.context`` tells what the session got."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,6 +248,13 @@ class Limits:
     message_burst: int
     video_bytes_per_second: int
     idle_timeout: float
+    context: ContextKind
+    """How asks reach the model (``hello.context``, else the server's default). Fields
+    added after protocol 1 go last: older clients ignore them."""
+    context_frames: int
+    """The most frames an ask may see: the window for ``window``; for ``timeline`` the
+    window plus the slack the timeline holds before it is rebased (an ask sees at least
+    the window, at most this)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -542,6 +560,7 @@ def _hello(f: _Fields) -> Hello:
         generation=f.nested("generation", _generation, Generation()),
         keyframes_only=f.boolean("keyframes_only"),
         token=f.string("token", max_chars=MAX_TOKEN_CHARS),
+        context=cast("ContextKind | None", f.choice("context", CONTEXTS)),
     )
 
 

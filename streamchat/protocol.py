@@ -48,8 +48,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from .config import Settings
-from .engine.base import ChatTurn, GenerationRequest, SamplingOptions
+from .config import Settings, timeline_slack
+from .engine.base import ChatTurn, ContextKind, GenerationRequest, SamplingOptions, TimelineContext
 from .engine.base import Usage as Counted
 from .errors import (
     DuplicateHello,
@@ -233,6 +233,10 @@ class SessionOptions:
     max_pixels: int
     sampling: SamplingOptions
     keyframes_only: bool = False
+    context: ContextKind = "window"
+    """How asks reach the engine: ``hello.context``, else the server's default."""
+    slack: int = 0
+    """Frames a ``timeline`` context holds beyond the window before it is rebased."""
 
 
 @dataclass(slots=True)
@@ -361,13 +365,37 @@ class SessionProtocol:
 
     def _options(self, hello: Hello) -> SessionOptions:
         s = self.settings
+        window_frames = min(hello.window_frames or s.window_frames, s.max_window_frames)
         return SessionOptions(
             fps=min(hello.fps or s.fps, s.max_fps),
-            window_frames=min(hello.window_frames or s.window_frames, s.max_window_frames),
+            window_frames=window_frames,
             max_pixels=max(min(hello.max_pixels or s.max_pixels, s.max_pixels), s.min_pixels),
             sampling=self._sampling(hello.generation, SamplingOptions(max_tokens=s.max_tokens)),
             keyframes_only=bool(hello.keyframes_only),
+            context=hello.context or self._default_context(),
+            slack=timeline_slack(s, window_frames),
         )
+
+    def _default_context(self) -> ContextKind:
+        """The server's default; ``auto`` left unresolved (no app met the engine) is the window."""
+        return "window" if self.settings.context == "auto" else self.settings.context
+
+    @property
+    def ask_frames(self) -> int:
+        """The most frames an ask without a range carries: the window, unless the model's
+        context holds fewer (then the window is thinned to this)."""
+        s = self.settings
+        return min(
+            self.options.window_frames, s.max_window_frames, s.max_ask_frames or s.max_window_frames
+        )
+
+    @property
+    def context_frames(self) -> int:
+        """The most frames an ask may see (``ready.limits.context_frames``): what it
+        carries, and on a timeline the slack held before a rebase too."""
+        if self.options.context == "timeline":
+            return self.ask_frames + self.options.slack
+        return self.ask_frames
 
     def _sampling(self, given: Generation, base: SamplingOptions) -> SamplingOptions:
         return SamplingOptions(
@@ -400,6 +428,8 @@ class SessionProtocol:
             message_burst=s.message_burst,
             video_bytes_per_second=s.video_bytes_per_second,
             idle_timeout=s.idle_timeout,
+            context=o.context,
+            context_frames=self.context_frames,
         )
 
     def _new_source(self, kind: SourceKind, container: str | None, url: str | None) -> list[Action]:
@@ -465,11 +495,7 @@ class SessionProtocol:
             start=ask.start,
             end=ask.end,
             last_seconds=ask.last_seconds,
-            max_frames=min(
-                ask.max_frames or self.options.window_frames,
-                s.max_window_frames,
-                s.max_ask_frames or s.max_window_frames,
-            ),
+            max_frames=min(ask.max_frames or self.ask_frames, self.ask_frames),
         )
         if not frames:
             what = "in the asked range" if len(self.window) else "yet"
@@ -482,9 +508,27 @@ class SessionProtocol:
             history=tuple(self.history),
             sampling=self._sampling(ask.generation, self.options.sampling),
             fps=self.options.fps,
+            timeline=self._timeline(ask),
         )
         self.answers[ask.id] = _Answer(ask.text)
         return [StartAnswer(ask.id, request)]
+
+    def _timeline(self, ask: Ask) -> TimelineContext | None:
+        """The session's timeline for an ask about the whole window, else None.
+
+        An ask with a range (``start``, ``end``, ``last_seconds``) or ``max_frames``
+        sees other frames than the timeline holds: it goes as one new prompt of its
+        own (its frames and the history), which may cost a cold ask, and leaves the
+        timeline as it was.
+        """
+        ranged = (ask.start, ask.end, ask.last_seconds, ask.max_frames)
+        if self.options.context != "timeline" or any(v is not None for v in ranged):
+            return None
+        return TimelineContext(
+            session=self.session_id,
+            max_frames=self.context_frames,
+            keep_turns=self.settings.history_turns,
+        )
 
     def _cancel(self, cancel: Cancel) -> list[Action]:
         answer = self.answers.get(cancel.id)

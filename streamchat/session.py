@@ -456,7 +456,8 @@ class Session:
     # -- shutdown -----------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Stop everything: abort answers in the engine, stop decoders and fetches.
+        """Stop everything: abort answers in the engine, end the session's context there
+        (its timeline, a warm-up running for it), stop decoders and fetches.
 
         Everything the session runs, which is more than the protocol knows of
         (see :meth:`SessionProtocol.close`).
@@ -479,6 +480,8 @@ class Session:
         for source in sources:
             source.halt()
         await asyncio.gather(*answers, return_exceptions=True)
+        # After the answers: none of them can commit to the timeline once it is dropped.
+        self.engine.end_session(self.id)
         tasks = [t for s in sources for t in (s.decoding, s.fetching) if t is not None]
         threads = set(self._threads)
         lookup = asyncio.create_task(self._lookups.wait_idle(self))

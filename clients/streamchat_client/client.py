@@ -104,6 +104,7 @@ class Session:
         max_pixels: int | None = None,
         keyframes_only: bool = False,
         generation: Mapping[str, Any] | None = None,
+        context: str | None = None,
         encoding: Encoding = "msgpack",
         on_status: StatusCallback | None = None,
         on_error: ErrorCallback | None = None,
@@ -121,6 +122,7 @@ class Session:
             max_pixels=max_pixels,
             keyframes_only=keyframes_only,
             generation=generation,
+            context=context,
         )
         websocket, ready = await open_session(
             url, hello, encoding=encoding, open_timeout=open_timeout, api_key=api_key
@@ -657,6 +659,7 @@ def connect(
     max_pixels: int | None = None,
     keyframes_only: bool = False,
     generation: Mapping[str, Any] | None = None,
+    context: str | None = None,
     encoding: Encoding = "msgpack",
     on_status: StatusCallback | None = None,
     on_error: ErrorCallback | None = None,
@@ -670,9 +673,12 @@ def connect(
     ``fps``, ``window_frames``, ``max_pixels``, ``keyframes_only`` (decode
     keyframes only: many times faster, for low sampling rates) and
     ``generation`` (``max_tokens``, ``temperature``, ``top_p``, ``seed``) are
-    the ``hello`` fields; the server caps them and reports what it chose in
-    ``session.limits``. ``encoding`` picks msgpack (binary frames) or JSON
-    (text frames, as a browser would). ``api_key`` is sent as a bearer token
+    the ``hello`` fields, and so is ``context``: ``"window"`` (the window as one
+    new video per question) or ``"timeline"`` (appended to the session's
+    timeline: a question costs what is new), None for the server's default;
+    the server caps them and reports what it chose in ``session.limits``.
+    ``encoding`` picks msgpack (binary frames) or JSON (text frames, as a
+    browser would). ``api_key`` is sent as a bearer token
     when the server requires one. Use as ``async with connect(...) as
     session:`` (closed on exit) or ``session = await connect(...)``. Raises
     :class:`ConnectError` if no session could be opened, :class:`ServerError`
@@ -684,6 +690,7 @@ def connect(
         "max_pixels": max_pixels,
         "keyframes_only": keyframes_only,
         "generation": generation,
+        "context": context,
         "encoding": encoding,
         "on_status": on_status,
         "on_error": on_error,

@@ -102,9 +102,16 @@ def hello_message(
     max_pixels: int | None,
     keyframes_only: bool,
     generation: Mapping[str, Any] | None,
+    context: str | None = None,
 ) -> dict[str, Any]:
     """The ``hello`` map (the API key travels in the handshake's headers, not here)."""
-    hello = _given({"type": "hello"}, fps=fps, window_frames=window_frames, max_pixels=max_pixels)
+    hello = _given(
+        {"type": "hello"},
+        fps=fps,
+        window_frames=window_frames,
+        max_pixels=max_pixels,
+        context=context,
+    )
     if keyframes_only:
         hello["keyframes_only"] = True
     if generation:
@@ -189,6 +196,13 @@ class Limits:
     max_ask_frames: int | None = None
     """The most frames one answer sees (what fits the model's context; more in the asked range
     are thinned evenly): 0 or ``None`` as for :attr:`tokens_per_frame`."""
+    context: str | None = None
+    """How questions reach the model: ``window`` (the window as one new video each) or
+    ``timeline`` (appended to the session's timeline, so a question costs what is new);
+    ``None`` from an older server, which has only the window."""
+    context_frames: int | None = None
+    """The most frames a question may see: the window, or on a timeline the window plus
+    the slack it holds before it is rebased (``None``: an older server)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -339,6 +353,8 @@ def parse_ready(raw: Mapping[str, Any]) -> Ready:
         idle_timeout=lim.opt_number("idle_timeout"),
         tokens_per_frame=lim.opt_integer("tokens_per_frame"),
         max_ask_frames=lim.opt_integer("max_ask_frames"),
+        context=lim.opt_text("context"),
+        context_frames=lim.opt_integer("context_frames"),
     )
     return Ready(
         session=f.text("session"),

@@ -60,6 +60,16 @@ async def test_connect_reports_ready_and_capped_limits(server: Live) -> None:
     assert session.closed
 
 
+async def test_connect_sends_the_context_it_is_given(server: Live) -> None:
+    """``connect(context="timeline")`` puts it in hello: the server (whose default is the
+    window) tells it back in the limits, with the frames an ask may see; without it, the
+    server's default."""
+    async with connect(server.url, window_frames=16, context="timeline") as session:
+        assert (session.limits.context, session.limits.context_frames) == ("timeline", 16 + 8)
+    async with connect(server.url, window_frames=16) as session:
+        assert (session.limits.context, session.limits.context_frames) == ("window", 16)
+
+
 async def test_connect_to_nothing_raises_connect_error(dead_url: str) -> None:
     """A port with no server gives a typed ConnectError, not a raw OSError."""
     with pytest.raises(ConnectError):

@@ -173,6 +173,7 @@ LIMITS = server.Limits(
     max_concurrent_asks=4, max_question_chars=4000, max_tokens=256, max_tokens_limit=2048,
     tokens_per_frame=66, max_ask_frames=24, keyframes_only=True, messages_per_second=200.0,
     message_burst=400, video_bytes_per_second=1 << 25, idle_timeout=300.0,
+    context="timeline", context_frames=40,
 )  # fmt: skip
 """Every value different, so that a field read into another's place shows."""
 
@@ -272,6 +273,7 @@ BUILT: list[dict[str, Any]] = [
         max_pixels=200704,
         keyframes_only=True,
         generation={"max_tokens": 64, "temperature": 0.5, "top_p": 0.9, "seed": 7},
+        context="timeline",
     ),
     client.chunk_message(b"\x1aE\xdf\xa3", format="webm"),
     client.end_message(),

@@ -119,3 +119,21 @@ def test_a_streamchat_variable_that_names_no_flag_is_reported() -> None:
     args, _ = build_parser(environ).parse_known_args(["serve"])
     assert args.unknown_environment == ("STREAMCHAT_MAX_SESION",)
     assert build_parser().parse_known_args(["serve"])[0].max_sessions == Settings().max_sessions
+
+
+def test_the_context_flags_become_settings_and_a_negative_slack_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--context and --timeline-slack (or their STREAMCHAT_* variables) set the settings; auto
+    and no slack are the defaults; a context not offered or a negative slack is a usage error."""
+    assert (Settings().context, Settings().timeline_slack) == ("auto", None)
+    args, _ = build_parser().parse_known_args(["serve", "--context", "timeline"])
+    assert settings_from_args(args, "m").context == "timeline"
+    environ = {"STREAMCHAT_CONTEXT": "window", "STREAMCHAT_TIMELINE_SLACK": "0"}
+    args, _ = build_parser(environ).parse_known_args(["serve"])
+    settings = settings_from_args(args, "m", environ={})
+    assert (settings.context, settings.timeline_slack) == ("window", 0)
+    for wrong in (["--context", "video"], ["--timeline-slack", "-2"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_known_args(["serve", *wrong])
+        assert wrong[0] in capsys.readouterr().err

@@ -180,6 +180,19 @@ def test_keyframes_only_is_a_boolean() -> None:
         decode_client('{"type": "hello", "keyframes_only": 1}')
 
 
+def test_hello_context_is_window_timeline_or_absent() -> None:
+    """hello.context decodes to its value or None; any other value, or a non-string, is a
+    typed invalid_field naming it."""
+    for context in ("window", "timeline"):
+        hello = decode_client(json.dumps({"type": "hello", "context": context}))
+        assert isinstance(hello, Hello) and hello.context == context
+    assert decode_client(msgpack.packb({"type": "hello"})) == Hello()
+    for wrong in ('"auto"', '"Timeline"', "1", "true"):
+        with pytest.raises(InvalidField, match="hello: 'context' must be") as info:
+            decode_client('{"type": "hello", "context": ' + wrong + "}")
+        assert info.value.code == "invalid_field" and not info.value.fatal
+
+
 # -- sampling values: what the engine accepts ---------------------------------
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 
 from streamchat.config import Settings
+from streamchat.engine.base import TimelineContext
 from streamchat.engine.base import Usage as Counted
 from streamchat.errors import NoFrames, VideoDecodeError
 from streamchat.messages import (
@@ -20,6 +23,7 @@ from streamchat.messages import (
     Generation,
     Hello,
     Image,
+    Limits,
     Ready,
     Usage,
     VideoChunk,
@@ -333,10 +337,12 @@ def test_ready_and_answer_done_encode_to_the_wire_maps_of_protocol_v1() -> None:
         ("message_burst", s.message_burst),
         ("video_bytes_per_second", s.video_bytes_per_second),
         ("idle_timeout", s.idle_timeout),
+        ("context", "window"),  # added since, last: protocol 1 clients ignore them
+        ("context_frames", s.window_frames),
     ]
     assert [type(value) for value in limits.values()] == [
         float, int, int, int, int, int, int, int, int, int, int, int, int, int, bool,
-        float, int, int, float,
+        float, int, int, float, str, int,
     ]  # fmt: skip
     with_frames(protocol).receive(Ask(id="a", text="q"), now=0.0)
     [done] = protocol.answer_finished("a", "", "error", None, None)
@@ -391,3 +397,72 @@ def test_an_unexpected_failure_while_handling_an_ask_names_it() -> None:
     assert isinstance(bug, Error) and isinstance(own, Error)
     assert (bug.code, bug.id, "secret" in bug.message) == ("internal_error", "q1", False)
     assert (own.code, own.id) == ("no_frames", "q2")
+
+
+# -- the context: window or timeline ------------------------------------------------
+
+TIMELINE = dataclasses.replace(SETTINGS, context="timeline", window_frames=16)
+
+
+def ready_limits(settings: Settings, hello: Hello) -> Limits:
+    [ready] = SessionProtocol(settings, session_id="s1", model="m").receive(hello, now=0.0)
+    assert isinstance(ready, Send) and isinstance(ready.message, Ready)
+    return ready.message.limits
+
+
+@pytest.mark.parametrize(
+    ("settings", "hello", "told"),
+    [
+        (SETTINGS, Hello(), ("window", 32)),  # "auto" no app resolved: the window
+        (SETTINGS, Hello(context="timeline", window_frames=16), ("timeline", 24)),
+        (TIMELINE, Hello(), ("timeline", 16 + 8)),  # half the window
+        (TIMELINE, Hello(context="window"), ("window", 16)),
+        (TIMELINE, Hello(window_frames=10), ("timeline", 10 + 6)),  # half, rounded up to even
+        (TIMELINE, Hello(window_frames=7), ("timeline", 7 + 4)),
+        (TIMELINE, Hello(window_frames=4), ("timeline", 4 + 4)),  # at least 4
+        (dataclasses.replace(TIMELINE, timeline_slack=0), Hello(), ("timeline", 16)),
+        (dataclasses.replace(TIMELINE, timeline_slack=5), Hello(), ("timeline", 21)),
+        (dataclasses.replace(TIMELINE, max_ask_frames=12), Hello(), ("timeline", 12 + 8)),
+    ],
+)
+def test_ready_tells_the_context_and_the_most_frames_an_ask_may_see(
+    settings: Settings, hello: Hello, told: tuple[str, int]
+) -> None:
+    """ready.limits.context is hello's choice, else the server's; context_frames is the window
+    (as the context budget caps it) plus, on a timeline, its slack."""
+    limits = ready_limits(settings, hello)
+    assert (limits.context, limits.context_frames) == told
+
+
+def test_an_ask_about_the_window_on_a_timeline_carries_the_timeline() -> None:
+    """On a timeline session, an ask with no range carries the whole window and a
+    TimelineContext naming the session, the window plus slack and the turns to keep."""
+    protocol = with_frames(opened(dataclasses.replace(TIMELINE, window_frames=8)), 10)
+    [start] = protocol.receive(Ask(id="a", text="what?"), now=0.0)
+    assert isinstance(start, StartAnswer)
+    assert [f.pts for f in start.request.frames] == [i / 2 for i in range(2, 10)]
+    assert start.request.timeline == TimelineContext(session="s1", max_frames=8 + 4, keep_turns=2)
+    window = with_frames(opened(dataclasses.replace(SETTINGS, context="window")))
+    [plain] = window.receive(Ask(id="a", text="what?"), now=0.0)
+    assert isinstance(plain, StartAnswer) and plain.request.timeline is None
+
+
+@pytest.mark.parametrize(
+    "ranged",
+    [
+        {"last_seconds": 1.0},
+        {"max_frames": 2},
+        {"start": 0.5},
+        {"end": 1.0},
+        {"max_frames": 100},  # even one that does not thin the window
+    ],
+)
+def test_an_ask_with_a_range_or_max_frames_goes_as_one_prompt_on_a_timeline(
+    ranged: dict[str, Any],
+) -> None:
+    """An ask choosing its frames is not put on the timeline: timeline=None, its own frames."""
+    protocol = with_frames(opened(TIMELINE), 4)
+    [start] = protocol.receive(Ask(id="a", text="what?", **ranged), now=0.0)
+    assert isinstance(start, StartAnswer)
+    assert start.request.timeline is None
+    assert start.request.frames
