@@ -491,12 +491,17 @@ class SessionProtocol:
             )
         if not ask.text.strip():
             raise InvalidField("ask: 'text' must not be empty", id=ask.id)
-        frames = self.window.select(
-            start=ask.start,
-            end=ask.end,
-            last_seconds=ask.last_seconds,
-            max_frames=min(ask.max_frames or self.ask_frames, self.ask_frames),
-        )
+        timeline = self._timeline(ask)
+        if timeline is not None:
+            # The newest frames, never thinned: a timeline appends frames as they came.
+            frames = self.window.select()[-self.ask_frames :]
+        else:
+            frames = self.window.select(
+                start=ask.start,
+                end=ask.end,
+                last_seconds=ask.last_seconds,
+                max_frames=min(ask.max_frames or self.ask_frames, self.ask_frames),
+            )
         if not frames:
             what = "in the asked range" if len(self.window) else "yet"
             raise NoFrames(f"no video frames {what}: push video before asking", id=ask.id)
@@ -508,7 +513,7 @@ class SessionProtocol:
             history=tuple(self.history),
             sampling=self._sampling(ask.generation, self.options.sampling),
             fps=self.options.fps,
-            timeline=self._timeline(ask),
+            timeline=timeline,
         )
         self.answers[ask.id] = _Answer(ask.text)
         return [StartAnswer(ask.id, request)]

@@ -447,6 +447,16 @@ def test_an_ask_about_the_window_on_a_timeline_carries_the_timeline() -> None:
     assert isinstance(plain, StartAnswer) and plain.request.timeline is None
 
 
+def test_a_timeline_ask_over_a_small_context_carries_the_newest_frames_unthinned() -> None:
+    """When the model's context holds fewer frames than the window, a timeline ask carries the
+    newest ones as they came (thinning would pick other frames at every ask: nothing to append)."""
+    settings = dataclasses.replace(TIMELINE, window_frames=8, max_ask_frames=4)
+    protocol = with_frames(opened(settings), 10)
+    [start] = protocol.receive(Ask(id="a", text="what?"), now=0.0)
+    assert isinstance(start, StartAnswer) and start.request.timeline is not None
+    assert [f.pts for f in start.request.frames] == [3.0, 3.5, 4.0, 4.5]
+
+
 @pytest.mark.parametrize(
     "ranged",
     [
