@@ -482,10 +482,12 @@ class VllmEngine:
         if answer.reason not in ("stop", "length"):
             return
         session = self._sessions.get(context.session)
-        if session is None or session.warming is not None:
+        if session is None:
             return
         timeline = session.timeline
         timeline.commit(draft, answer.text)
+        if session.warming is not None:  # rebased already (another answer of the session's)
+            return
         # What the next ask adds is guessed from what this one added, unless this one
         # started the timeline (then the whole window was new).
         grown = prepared.length - session.prompt_tokens if session.prompt_tokens else 0
