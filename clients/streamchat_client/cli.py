@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="have the server decode keyframes only (much faster; about a frame per keyframe)",
     )
+    parser.add_argument(
+        "--context",
+        choices=["window", "timeline"],
+        help="how questions reach the model: the window as one new video each, or appended to "
+        "the session's timeline (costs only what is new); default: the server's",
+    )
     parser.add_argument("--max-tokens", type=_positive_int, help="tokens per answer at most")
     parser.add_argument(
         "--format",
@@ -256,6 +262,7 @@ async def _run(args: argparse.Namespace, display: Display) -> int:
             window_frames=args.window_frames,
             max_pixels=args.max_pixels,
             keyframes_only=args.keyframes_only,
+            context=args.context,
             generation=generation,
             on_status=display.status,
             on_error=display.error,

@@ -22,6 +22,7 @@ from typing import Any
 import av
 import pytest
 
+from streamchat.engine.base import GenerationRequest
 from streamchat_client import PushStats, SourceError, VideoStatus, connect
 from streamchat_client.cli import main
 from streamchat_client.display import Display
@@ -299,6 +300,20 @@ async def test_cli_live_source_answers_while_it_streams(
     assert done[0]["usage"]["frames"] == 2
     statuses = [line for line in lines if line["type"] == "video.status"]
     assert statuses and all(s["state"] == "decoding" for s in statuses)  # asked mid-stream
+
+
+async def test_cli_context_is_asked_for_in_hello(
+    server: Live, mkv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--context timeline`` puts the session's questions on its timeline (the engine sees it)."""
+    code = await _cli(
+        "--live", str(mkv), "--url", server.url, "--json", "--fps", "4",
+        "--window-frames", "2", "--ask", "Seen?", "--context", "timeline",
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (request,) = server.engine.requests
+    assert isinstance(request, GenerationRequest) and request.timeline is not None
 
 
 async def test_cli_push_reads_a_url_locally(
