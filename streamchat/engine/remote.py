@@ -448,8 +448,8 @@ class RemoteEngine:
                         yield delta
                     if answer.done:
                         return
-                if rid not in self._aborted:
-                    answer.final()  # raises: the stream ended early, but whole
+                if rid not in self._aborted:  # a whole body, but no [DONE]
+                    raise EngineFailure(f"{_MALFORMED}: it ended without [DONE]")
         except httpx.TimeoutException:
             self._healthy = False
             raise EngineTimeout(
