@@ -26,6 +26,12 @@ from typing import Any
 
 from . import __version__
 from .config import CONTEXT_CHOICES, DEFAULT_MODEL, Settings
+from .engine.remote import (
+    DEFAULT_ENGINE_TIMEOUT,
+    DEFAULT_FRAME_FORMAT,
+    FAMILIES,
+    parse_frame_format,
+)
 from .ingest import parse_allowed_domain
 from .logformat import FORMATS, configure
 
@@ -67,6 +73,40 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="'fake' answers from a script: protocol demos and ingest benchmarks",
     )
     serve.add_argument("--help-engine", action="store_true", help="list vLLM's engine flags")
+    remote = serve.add_argument_group("remote engine (no local vLLM)")
+    remote.add_argument(
+        "--engine-url",
+        default=None,
+        metavar="URL",
+        help="answer with the vLLM server (or router) whose OpenAI API is at URL "
+        "(http://HOST:PORT/v1); --model then names its served model (default: its first)",
+    )
+    remote.add_argument(
+        "--engine-key", default=None, metavar="KEY", help="the remote engine's API key"
+    )
+    remote.add_argument(
+        "--engine-timeout",
+        type=float,
+        default=DEFAULT_ENGINE_TIMEOUT,
+        metavar="S",
+        help="seconds the remote engine may send nothing before an answer fails "
+        "(default: %(default)s)",
+    )
+    remote.add_argument(
+        "--engine-frame-format",
+        type=_frame_format,
+        default=DEFAULT_FRAME_FORMAT,
+        metavar="ppm|jpeg:Q",
+        help="how frames travel: lossless 'ppm', or 'jpeg:Q' (4:4:4, quality Q) for slow "
+        "links (default: %(default)s)",
+    )
+    remote.add_argument(
+        "--engine-family",
+        choices=FAMILIES,
+        default=None,
+        help="the remote model's family, when its config is not readable here (default: "
+        "from the served model's config.json, if its path is local)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info")
@@ -248,6 +288,13 @@ def _frames(raw: str) -> int:
     return count
 
 
+def _frame_format(raw: str) -> str:
+    try:
+        return parse_frame_format(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _allowed_domain(entry: str) -> str:
     """An allowlist entry checked at start-up: a wrong one would silently allow nothing."""
     try:
@@ -279,6 +326,17 @@ def _engine_factory(args: argparse.Namespace, settings: Settings, rest: Sequence
             yield FakeEngine(model_name=model)
 
         return fake
+    if args.engine_url:
+        from .engine.remote import open_remote_engine
+
+        options = {
+            "key": args.engine_key,
+            "model": args.model,
+            "family": args.engine_family,
+            "timeout": args.engine_timeout,
+            "frame_format": args.engine_frame_format,
+        }
+        return lambda: open_remote_engine(args.engine_url, **options)
 
     from .engine.vllm import engine_args_from_cli, media_limits, open_vllm_engine
 
@@ -297,8 +355,11 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
         engine_args_from_cli(["--help"])
         return 0
-    if args.engine == "fake" and rest:
+    if (args.engine == "fake" or args.engine_url) and rest:
         print(f"streamchat: unknown flags {' '.join(rest)}", file=sys.stderr)
+        return 2
+    if args.engine_url and args.tiny_model:
+        print("streamchat: --tiny-model is for a local engine, not --engine-url", file=sys.stderr)
         return 2
     from .serving import GracefulServer, listening_socket, server_config
 
@@ -315,7 +376,7 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
             exc.strerror or exc,
         )
         return 1
-    model = args.model or DEFAULT_MODEL
+    model = args.model or ("remote" if args.engine_url else DEFAULT_MODEL)
     if args.tiny_model:
         from .engine.tiny_model import build_tiny_model
 
@@ -334,7 +395,7 @@ def _serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
         args.host,
         sock.getsockname()[1],
         model,
-        args.engine,
+        "remote" if args.engine_url else args.engine,
     )
     app = create_app(settings, engine_factory=_engine_factory(args, settings, rest))
     options: dict[str, Any] = {"log_config": None} if args.log_format == "json" else {}

@@ -37,6 +37,9 @@
     │   └── MediaInvalid                media_invalid: a ``data:`` URL not base64, or of a
     │                                   media type its bytes belie
     └── EngineFailure                   engine_error: the model failed while answering
+        ├── EngineUnavailable           engine_unavailable: a remote engine unreachable, 502/503/
+        │                               504, or its answer cut off
+        └── EngineTimeout               engine_timeout: a remote engine silent for too long
 
 Each class carries its wire ``code`` and whether the session can go on
 (``fatal`` errors close the WebSocket with ``close_code``). The mapping from
@@ -57,6 +60,8 @@ __all__ = [
     "DuplicateHello",
     "DuplicateId",
     "EngineFailure",
+    "EngineTimeout",
+    "EngineUnavailable",
     "Flooding",
     "HelloRequired",
     "IdleTimeout",
@@ -261,6 +266,19 @@ class MediaInvalid(VideoError):
 
 class EngineFailure(StreamchatError):
     code = "engine_error"
+
+
+class EngineUnavailable(EngineFailure):
+    """A remote engine (``--engine-url``) could not be reached, said it is down (502, 503,
+    504) or went away mid-answer: the answer fails, the session goes on."""
+
+    code = "engine_unavailable"
+
+
+class EngineTimeout(EngineFailure):
+    """A remote engine sent nothing for ``--engine-timeout`` seconds: the answer is given up."""
+
+    code = "engine_timeout"
 
 
 def close_reason(message: str) -> str:

@@ -51,6 +51,8 @@ from .base import (
     Usage,
     Video,
 )
+from .frames import newest_size as _newest_size
+from .frames import stack_frames as _stack_frames
 from .prompt import (
     MAX_CLIPS,
     clip_frames,
@@ -878,32 +880,6 @@ class _Answer:
         )
         logger.debug("request %s finished: %s, %s", self.request.request_id, reason, usage)
         return Delta(text=completion.text, finish_reason=reason, usage=usage)
-
-
-def _newest_size(frames: Sequence[Frame]) -> tuple[int, int]:
-    """``(height, width)`` of the video :func:`_stack_frames` makes of ``frames``."""
-    height, width = frames[-1].image.shape[:2]
-    return int(height), int(width)
-
-
-def _stack_frames(frames: Sequence[Frame]) -> npt.NDArray[np.uint8]:
-    """Frames as one ``(T, H, W, 3)`` uint8 video, at the newest frame's size.
-
-    A stream can change resolution mid-window; the few frames of another size
-    are resized (nearest neighbour, cheap and good enough for patches of 14
-    pixels) rather than refused.
-    """
-    height, width = frames[-1].image.shape[:2]
-    return np.stack([_resize_nearest(frame.image, height, width) for frame in frames])
-
-
-def _resize_nearest(image: npt.NDArray[np.uint8], height: int, width: int) -> npt.NDArray[np.uint8]:
-    if image.shape[:2] == (height, width):
-        return image
-    rows = np.arange(height) * image.shape[0] // height
-    cols = np.arange(width) * image.shape[1] // width
-    resized: npt.NDArray[np.uint8] = image[rows[:, None], cols]
-    return resized
 
 
 def _sampling_params(request: Request) -> Any:

@@ -27,6 +27,8 @@ from typing import Any
 from ..errors import (
     ContextTooLong,
     EngineFailure,
+    EngineTimeout,
+    EngineUnavailable,
     OriginNotAllowed,
     ServerBusy,
     ServerShutdown,
@@ -110,6 +112,8 @@ _STATUS: dict[type[StreamchatError], tuple[int, str]] = {
     ServerBusy: (429, "rate_limit_error"),
     ServerShutdown: (503, "server_error"),
     EngineFailure: (500, "server_error"),
+    EngineUnavailable: (503, "server_error"),
+    EngineTimeout: (504, "server_error"),
 }
 """Statuses other than 400 (the request's own fault: its media, its size, its context)."""
 _PARAMS: dict[type[StreamchatError], str] = {ContextTooLong: "messages"}

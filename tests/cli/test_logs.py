@@ -19,9 +19,10 @@ import httpx
 import pytest
 
 from streamchat.serving import listening_socket
-from streamchat_client import ConnectError, connect
+from streamchat_client import ConnectError, ServerError, connect
 from tests.support.media import encode_image, encode_video
 from tests.support.process import ServerProcess, server_process
+from tests.support.scripted_engine import Reply, scripted_vllm
 from tests.support.wsclient import closed_code, open_ws, recv, send
 
 LIVENESS = 60.0
@@ -159,3 +160,29 @@ async def test_a_port_in_use_is_said_before_the_model_loads(tmp_path: Path) -> N
     assert "Address already in use" in text, text
     assert "loading model" not in text and "tiny model" not in text, text
     assert not (tmp_path / "cache").exists()  # the model was not even built
+
+
+@pytest.mark.parametrize("given", ["flag", "environment"])
+async def test_the_remote_engines_key_never_reaches_the_log(tmp_path: Path, given: str) -> None:
+    """``streamchat serve --engine-url`` with the engine's key as ``--engine-key`` or in
+    ``STREAMCHAT_ENGINE_KEY``, at DEBUG, answering one question and failing one (the
+    engine answers 503): the scripted engine got the key, the log never shows it."""
+    key = "eng1ne-k3y-4b7d90e2"
+    clip = encode_video(tmp_path / "clip.webm", fps=10, seconds=2.0)
+    async with scripted_vllm() as engine:
+        args = ["--engine-url", engine.url, "--log-level", "debug"]
+        env = {"STREAMCHAT_ENGINE_KEY": key} if given == "environment" else {}
+        args += ["--engine-key", key] if given == "flag" else []
+        async with server_process(*args, env=env) as srv:
+            async with connect(srv.url, fps=2) as session:
+                await session.send_file(clip)
+                await session.wait_frames(2, timeout=30)
+                assert (await session.ask("What moves?").result()).text == "Hello world"
+                engine.replies.append(Reply(status=503, error="down"))
+                with pytest.raises(ServerError):
+                    await session.ask("And now?").result()
+            await srv.stop()
+    assert {h["authorization"] for h in engine.headers} == {f"Bearer {key}"}
+    log = "\n".join(srv.log)
+    assert key not in log
+    assert "DEBUG" in log and "HTTP Request: POST" in log and "HTTP 503" in log, log

@@ -11,6 +11,7 @@ Servers
 Engines and settings
   :mod:`~tests.support.engines`      the tiny vLLM engine, the requests engine tests make
   :mod:`~tests.support.settings`     the settings of the servers on the tiny engine
+  :mod:`~tests.support.scripted_engine` a scripted vLLM OpenAI server for the remote engine
 Clients
   :mod:`~tests.support.wsclient`     a bare msgpack WebSocket client
   :mod:`~tests.support.rawws`        handshakes and frames by hand, for attackers

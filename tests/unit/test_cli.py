@@ -137,3 +137,31 @@ def test_the_context_flags_become_settings_and_a_negative_slack_is_refused(
         with pytest.raises(SystemExit):
             build_parser().parse_known_args(["serve", *wrong])
         assert wrong[0] in capsys.readouterr().err
+
+
+def test_the_remote_engine_flags_and_their_environment() -> None:
+    """``--engine-url`` and its options parse (from flags or ``STREAMCHAT_ENGINE_*``); a frame
+    format other than ``ppm`` or ``jpeg:Q`` stops the command."""
+    environ = {"STREAMCHAT_ENGINE_URL": "http://fleet:8100/v1", "STREAMCHAT_ENGINE_KEY": "k"}
+    args, rest = build_parser(environ).parse_known_args(
+        ["serve", "--engine-timeout", "30", "--engine-frame-format", "jpeg:095"]
+    )
+    assert (args.engine_url, args.engine_key, args.engine_timeout) == (
+        "http://fleet:8100/v1",
+        "k",
+        30,
+    )
+    assert args.engine_frame_format == "jpeg:95" and args.engine_family is None and rest == []
+    defaults, _ = build_parser().parse_known_args(["serve"])
+    assert (defaults.engine_url, defaults.engine_frame_format) == (None, "ppm")
+    for bad in ("png", "jpeg:0", "jpeg:101", "jpeg"):
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_known_args(["serve", "--engine-frame-format", bad])
+        assert info.value.code == 2
+
+
+def test_engine_url_refuses_local_engine_flags() -> None:
+    """With ``--engine-url`` no vLLM runs here: its engine flags are a usage error."""
+    from streamchat.cli import main
+
+    assert main(["serve", "--engine-url", "http://x/v1", "--max-model-len", "1024"]) == 2
