@@ -25,8 +25,13 @@ not printable ASCII are zeroed, so greedy decoding never ends a turn early and
 every token decodes to visible text. Tests can therefore rely on
 ``max_tokens`` deltas.
 
+A :class:`Scale` makes the same model larger (more and wider layers, the
+preprocessing unchanged) where the model's own work must weigh as it would
+on a real one: ``bench.timeline`` measures what the encoder and prefix caches
+save, which the default sizes make too cheap to see.
+
 Usage: ``python -m streamchat.engine.tiny_model OUT_DIR [--family qwen2_vl|qwen2_5_vl|qwen3_vl]
-[--max-position-embeddings N]``.
+[--max-position-embeddings N] [--text-layers N --text-heads N --vision-depth N --vision-heads N]``.
 """
 
 from __future__ import annotations
@@ -43,10 +48,12 @@ from typing import Any
 
 __all__ = [
     "CHECKPOINTS",
+    "DEFAULT_SCALE",
     "FAMILIES",
     "MAX_POSITIONS",
     "SPECIAL_TOKENS",
     "Checkpoint",
+    "Scale",
     "build_tiny_model",
     "is_complete",
     "main",
@@ -396,6 +403,55 @@ _WORDS = (
 ).split()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scale:
+    """The layer sizes of a tiny model; the default is the smallest vLLM's CPU backend serves.
+
+    Head sizes stay fixed (64 in the language model, which the CPU attention
+    backend and the rotary sections need; 32 in the vision tower), so a scale
+    adds heads, and with them width: the language model is ``64 * text_heads``
+    wide, the vision tower ``32 * vision_heads``, each MLP twice its width
+    (Qwen2-VL's vision MLP four times, as its ``mlp_ratio``). Only the cost of
+    running the model changes: tokens, positions and preprocessing are the same.
+    """
+
+    text_layers: int = 2
+    text_heads: int = 2
+    vision_depth: int | None = None
+    """Vision blocks; None is the family's least (1, or 2 for Qwen3-VL, whose deepstack
+    taps a block before the last)."""
+    vision_heads: int = 2
+
+    def __post_init__(self) -> None:
+        sizes = (self.text_layers, self.text_heads, self.vision_heads, self.vision_depth or 1)
+        if min(sizes) < 1:
+            raise ValueError("a tiny model's layers and heads are at least 1")
+
+    @property
+    def text_width(self) -> int:
+        return 64 * self.text_heads
+
+    @property
+    def vision_width(self) -> int:
+        return 32 * self.vision_heads
+
+    def depth(self, family: str) -> int:
+        least = 2 if family == "qwen3_vl" else 1
+        return max(least, self.vision_depth or least)
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {
+            "text_layers": self.text_layers,
+            "text_heads": self.text_heads,
+            "vision_depth": self.vision_depth,
+            "vision_heads": self.vision_heads,
+        }
+
+
+DEFAULT_SCALE = Scale()
+"""The sizes every test and ``streamchat serve --tiny-model`` use."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Ids:
     """Token ids of the special tokens, as the configs need them."""
@@ -415,12 +471,13 @@ def build_tiny_model(
     family: str = "qwen2_vl",
     seed: int = 0,
     max_position_embeddings: int = MAX_POSITIONS,
+    scale: Scale = DEFAULT_SCALE,
 ) -> Path:
     """Write a tiny random ``family`` model into ``path`` and return ``path``.
 
     Idempotent: a directory that already holds a complete build of the same
-    family, seed and ``max_position_embeddings`` is returned untouched (a build
-    interrupted half-way is redone). ``max_position_embeddings`` only changes
+    family, seed, ``max_position_embeddings`` and ``scale`` is returned untouched
+    (a build interrupted half-way is redone). ``max_position_embeddings`` only changes
     the config (rotary positions have no weights): a larger one lets vLLM run
     the model with a longer ``max_model_len``. Imports torch and transformers
     lazily: they are heavy and only needed here.
@@ -430,7 +487,10 @@ def build_tiny_model(
     if max_position_embeddings < 1:
         raise ValueError("max_position_embeddings must be positive")
     path = Path(path)
-    if is_complete(path, family=family, seed=seed, max_position_embeddings=max_position_embeddings):
+    complete = is_complete(
+        path, family=family, seed=seed, max_position_embeddings=max_position_embeddings, scale=scale
+    )
+    if complete:
         return path
     path.mkdir(parents=True, exist_ok=True)
     (path / _MARKER).unlink(missing_ok=True)
@@ -442,11 +502,11 @@ def build_tiny_model(
     checkpoint = CHECKPOINTS[family]
     tokenizer = _train_tokenizer(seed, checkpoint)
     ids = _Ids(*(tokenizer.token_to_id(token) for token in SPECIAL_TOKENS))
-    config = _model_config(family, ids, max_position_embeddings)
+    config = _model_config(family, ids, max_position_embeddings, scale)
     _save_weights(path, config, tokenizer, checkpoint, seed)
     _save_processor(path, family, tokenizer)
     _write_json(path / "generation_config.json", _generation_config(ids))
-    _write_json(path / _MARKER, _marker(family, seed, max_position_embeddings))
+    _write_json(path / _MARKER, _marker(family, seed, max_position_embeddings, scale))
     logger.info("built tiny %s model in %s", family, path)
     return path
 
@@ -457,21 +517,24 @@ def is_complete(
     family: str = "qwen2_vl",
     seed: int = 0,
     max_position_embeddings: int = MAX_POSITIONS,
+    scale: Scale = DEFAULT_SCALE,
 ) -> bool:
-    """Whether ``path`` holds a finished build of ``family`` with ``seed`` (and context)."""
+    """Whether ``path`` holds a finished build of ``family`` with ``seed`` (context, scale)."""
     try:
         marker = json.loads((Path(path) / _MARKER).read_text())
     except (OSError, ValueError):
         return False
-    expected = _marker(family, seed, max_position_embeddings)
+    expected = _marker(family, seed, max_position_embeddings, scale)
     return bool(marker == expected and (Path(path) / _WEIGHTS).is_file())
 
 
-def _marker(family: str, seed: int, max_position_embeddings: int) -> dict[str, Any]:
-    # The default context is left out, so the marker names only what was asked for.
+def _marker(family: str, seed: int, max_position_embeddings: int, scale: Scale) -> dict[str, Any]:
+    # The default context and scale are left out, so the marker names only what was asked for.
     marker: dict[str, Any] = {"build": _BUILD, "family": family, "seed": seed}
     if max_position_embeddings != MAX_POSITIONS:
         marker["max_position_embeddings"] = max_position_embeddings
+    if scale != DEFAULT_SCALE:
+        marker["scale"] = scale.as_dict()
     return marker
 
 
@@ -566,40 +629,45 @@ _MROPE: dict[str, dict[str, Any]] = {
 
 _TEXT_EXTRA: dict[str, dict[str, Any]] = {"qwen3_vl": {"head_dim": 64}}
 
-_VISION: dict[str, dict[str, Any]] = {
-    "qwen2_vl": {"embed_dim": 64, "hidden_size": 128, "mlp_ratio": 4, "patch_size": 14},
-    "qwen2_5_vl": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "out_hidden_size": 128,
-        "patch_size": 14,
-        "window_size": 56,
-        "fullatt_block_indexes": [0],
-        "tokens_per_second": 2,
-    },
-    "qwen3_vl": {
-        "depth": 2,  # deepstack taps the first block; the last one feeds the merger
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "out_hidden_size": 128,
+
+def _vision(family: str, scale: Scale) -> dict[str, Any]:
+    """The vision tower of ``scale``, its output as wide as the language model."""
+    width, out = scale.vision_width, scale.text_width
+    common = {"depth": scale.depth(family), "num_heads": scale.vision_heads, "in_channels": 3}
+    if family == "qwen2_vl":
+        return {**common, "embed_dim": width, "hidden_size": out, "mlp_ratio": 4, "patch_size": 14}
+    if family == "qwen2_5_vl":
+        return {
+            **common,
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "out_hidden_size": out,
+            "patch_size": 14,
+            "window_size": 56,
+            "fullatt_block_indexes": [0],
+            "tokens_per_second": 2,
+        }
+    return {
+        **common,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "out_hidden_size": out,
         "patch_size": 16,
         "num_position_embeddings": 64,
-        "deepstack_visual_indexes": [0],
-    },
-}
-"""Vision towers of width 64 whose output matches the text hidden size (128)."""
+        "deepstack_visual_indexes": [0],  # the last block feeds the merger
+    }
 
 
-def _model_config(family: str, ids: _Ids, max_position_embeddings: int) -> Any:
-    """The transformers config of the tiny ``family`` model."""
+def _model_config(family: str, ids: _Ids, max_position_embeddings: int, scale: Scale) -> Any:
+    """The transformers config of the tiny ``family`` model of ``scale``."""
     from transformers import AutoConfig
 
     text: dict[str, Any] = {
         "vocab_size": VOCAB_SIZE,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
+        "hidden_size": scale.text_width,
+        "intermediate_size": 2 * scale.text_width,
+        "num_hidden_layers": scale.text_layers,
+        "num_attention_heads": scale.text_heads,
         "num_key_value_heads": 1,
         "max_position_embeddings": max_position_embeddings,
         "rms_norm_eps": 1e-6,
@@ -610,11 +678,10 @@ def _model_config(family: str, ids: _Ids, max_position_embeddings: int) -> Any:
         "rope_parameters": {"rope_type": "default", **_MROPE[family]},
         **_TEXT_EXTRA.get(family, {}),
     }
-    vision = {"depth": 1, "num_heads": 2, "in_channels": 3, **_VISION[family]}
     return AutoConfig.for_model(
         family,
         text_config=text,
-        vision_config=vision,
+        vision_config=_vision(family, scale),
         image_token_id=ids.image_pad,
         video_token_id=ids.video_pad,
         vision_start_token_id=ids.vision_start,
@@ -721,7 +788,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m streamchat.engine.tiny_model OUT_DIR [--family F] [--seed N]``.
 
-    ``--max-position-embeddings N`` builds a model for a context longer than 4096.
+    ``--max-position-embeddings N`` builds a model for a context longer than 4096; the
+    ``--text-*`` and ``--vision-*`` flags a larger :class:`Scale`.
     """
     parser = argparse.ArgumentParser(
         prog="python -m streamchat.engine.tiny_model", description=__doc__
@@ -730,13 +798,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_vl")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-position-embeddings", type=int, default=MAX_POSITIONS)
+    parser.add_argument("--text-layers", type=int, default=DEFAULT_SCALE.text_layers)
+    parser.add_argument("--text-heads", type=int, default=DEFAULT_SCALE.text_heads)
+    parser.add_argument("--vision-depth", type=int, default=DEFAULT_SCALE.vision_depth)
+    parser.add_argument("--vision-heads", type=int, default=DEFAULT_SCALE.vision_heads)
     args = parser.parse_args(argv)
+    scale = Scale(
+        text_layers=args.text_layers,
+        text_heads=args.text_heads,
+        vision_depth=args.vision_depth,
+        vision_heads=args.vision_heads,
+    )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model = build_tiny_model(
         args.out_dir,
         family=args.family,
         seed=args.seed,
         max_position_embeddings=args.max_position_embeddings,
+        scale=scale,
     )
     print(model)
     return 0

@@ -16,6 +16,7 @@ from streamchat.engine.prompt import build_messages
 from streamchat.engine.tiny_model import (
     CHECKPOINTS,
     SPECIAL_TOKENS,
+    Scale,
     build_tiny_model,
     is_complete,
     main,
@@ -75,6 +76,30 @@ def test_a_build_from_before_the_real_preprocessing_is_redone(
     assert is_complete(old)
     marker.write_text(json.dumps({"family": "qwen2_vl", "seed": 0}))  # what builds wrote before
     assert not is_complete(old)
+
+
+def test_a_scaled_build_is_larger_and_preprocesses_the_same(
+    tiny_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """A :class:`Scale` widens and deepens both towers; the processor files stay the default's."""
+    scale = Scale(text_layers=3, text_heads=4, vision_depth=3, vision_heads=4)
+    default = tiny_model("qwen3_vl")
+    assert not is_complete(default, family="qwen3_vl", scale=scale)
+    path = build_tiny_model(tmp_path / "scaled", family="qwen3_vl", scale=scale)
+    assert is_complete(path, family="qwen3_vl", scale=scale)
+    assert not is_complete(path, family="qwen3_vl")
+    config = json.loads((path / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"]) == (
+        256,
+        3,
+        4,
+    )
+    assert (vision["hidden_size"], vision["depth"], vision["out_hidden_size"]) == (128, 3, 256)
+    for name in ("processor_config.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (path / name).read_text() == (default / name).read_text()
+    with pytest.raises(ValueError, match="at least 1"):
+        Scale(text_layers=0)
 
 
 def test_unknown_family_is_refused(tmp_path: Path) -> None:
