@@ -20,11 +20,14 @@ series runs on frames of its own, so no cache has seen them. Per repetition:
 * (b) **window**: asks after 2 s of new video, one video each (no timeline);
 * (c) **timeline**: asks after 2 s of new video on the session's timeline, in
   steady state (the asks a session makes between rebases);
-* (e) **warmed rebase**: the ask after the timeline was rebased ahead (its
-  slack used up: the adapter drops the oldest segments after an answer) and
-  the rebased prefix was warmed in the background (the warm-up awaited);
-* (d) **rebase on the ask's path**: at the slack's edge the stream jumps by
-  4 s (8 frames), more than the adapter expected, so the ask itself rebases:
+* (e1) **during a warm-up**: the ask after the timeline was rebased ahead
+  (half its slack used: the adapter makes a rebased copy after an answer and
+  computes it in the background), while that warm-up still runs: it goes on
+  with the timeline as it was, sharing the engine with the warm-up;
+* (e) **warmed rebase**: the ask once the warm-up ended and the rebased copy
+  took over (the warm-up awaited, and timed from the rebase);
+* (d) **rebase on the ask's path**: the stream jumps by more than the whole
+  slack at once, so the ask itself rebases:
   the whole rebased prompt is prefilled (the encoder cache still holds its
   segments);
 * (f) **yes/no**: every other steady ask is a yes/no question answered in one
@@ -76,16 +79,25 @@ STEP = 4
 """New frames between two asks: 2 s of video at 2 fps, one segment."""
 QUESTION = "What changed in the last seconds?"
 YES_NO = "Is anyone in the picture? Answer yes or no."
-SERIES = ("cold", "window", "timeline", "rebase_warmed", "rebase_on_path", "yes_no")
+SERIES = (
+    "cold",
+    "window",
+    "timeline",
+    "rebase_warming",
+    "rebase_warmed",
+    "rebase_on_path",
+    "yes_no",
+)
 LABELS = {
     "cold": "(a) cold ask, one video",
     "window": "(b) after 2 s, window",
     "timeline": "(c) after 2 s, timeline",
     "rebase_on_path": "(d) rebase on the path",
+    "rebase_warming": "(e1) during a warm-up",
     "rebase_warmed": "(e) after a warmed rebase",
     "yes_no": "(f) yes/no on the timeline",
 }
-_REBASED = "request %s: timeline of %d frames rebased to t=%.1fs"
+_REBASED = "request %s: timeline of %d frames rebased to t=%.1fs (%s)"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -144,15 +156,18 @@ class Ask:
 
 
 class _Rebases(logging.Handler):
-    """The request ids of the adapter's rebases, in order (its log is the only record)."""
+    """The request ids of the adapter's rebases, on an ask's path and ahead (its log names
+    the request; ``/metrics`` only counts them)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.ids: list[str] = []
+        self.on_path: list[str] = []
+        self.ahead: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.msg == _REBASED and isinstance(record.args, tuple):
-            self.ids.append(str(record.args[0]))
+            when = self.ahead if record.args[3] == "ahead" else self.on_path
+            when.append(str(record.args[0]))
 
 
 class _Asker:
@@ -194,7 +209,7 @@ class _Asker:
         async for delta in self.engine.generate(request):
             if first is None:
                 first = time.perf_counter() - started
-                on_path = request_id in self.rebases.ids
+                on_path = request_id in self.rebases.on_path
             if delta.usage is not None:
                 usage = delta.usage
         total = time.perf_counter() - started
@@ -208,7 +223,7 @@ class _Asker:
             usage.prompt_tokens,
             usage.cached_tokens,
             rebased_on_path=on_path,
-            rebased_after=not on_path and request_id in self.rebases.ids,
+            rebased_after=request_id in self.rebases.ahead,
         )
 
 
@@ -255,15 +270,15 @@ async def _timeline_series(asker: _Asker, repetition: int, seed: int) -> tuple[l
     else:
         raise AssertionError("the timeline used up its slack without a rebase ahead")
     task = engine.warming(session)
+    started = time.perf_counter()
+    await step("rebase_warming")  # 2 s later, the warm-up still running: not waited for
     if task is not None:
-        started = time.perf_counter()
         await asyncio.wait([task])
         warmups.append(time.perf_counter() - started)
     await step("rebase_warmed")
-    # After (e) the timeline holds the window and one step; go to the slack's edge.
-    for _ in range(shape.slack // STEP - 2):
+    for _ in range(2):
         await step("timeline")
-    stream.advance(STEP)  # the stream jumps: 8 new frames at once
+    stream.advance(shape.slack)  # the stream jumps: more than the whole slack at once
     await step("rebase_on_path")
     engine.end_session(session)
     return results, warmups

@@ -197,6 +197,23 @@ class Timeline:
         self.pending = [p for p in self.pending if not any(p is s for s in placed)]
         self.entries.append(Turn(draft.text, answer))
 
+    def rebased(self, start: float, *, turns: int) -> Timeline:
+        """A copy of the committed entries, rebased (:meth:`rebase`), with nothing pending.
+
+        What the engine warms up while asks go on with this timeline; :meth:`adopt`
+        then brings over what they added.
+        """
+        copy = Timeline(fps=self.fps, segment_frames=self.segment_frames, interval=self.interval)
+        copy.entries = list(self.entries)
+        copy.rebase(start, turns=turns)
+        return copy
+
+    def adopt(self, older: Timeline, mark: int) -> None:
+        """Take over from ``older``: its entries committed after ``mark`` and its pending ones."""
+        self.entries.extend(older.entries[mark:])
+        self.pending = list(older.pending)
+        self.interval = older.interval
+
     def rebase(self, start: float, *, turns: int) -> None:
         """Drop segments that end before ``start`` and all but the last ``turns`` turns.
 

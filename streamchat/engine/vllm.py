@@ -411,23 +411,28 @@ class VllmEngine:
     ) -> _Prepared | None:
         """``request`` appended to its session's timeline, rebased first if it must be.
 
-        The timeline is rebased (to the window) when it would hold more
-        frames or videos than it may, or when its prompt and the answer would
-        not fit the context; a rebased one that still does not fit is left to
-        the one-prompt path (None), which trims history or refuses.
+        While a rebased copy warms up, asks go on with the timeline as it is
+        (it was rebased ahead, with room left); one that would take it over its
+        frames or videos waits for the copy instead. The timeline is rebased on
+        the ask's path when it would hold more frames or videos than it may, or
+        when its prompt and the answer would not fit the context; a rebased one
+        that still does not fit is left to the one-prompt path (None), which
+        trims history or refuses.
         """
         session = self._sessions.get(context.session)
         if session is None:
             session = self._sessions[context.session] = _SessionContext(Timeline(fps=request.fps))
-        if session.warming is not None:
-            await asyncio.wait([session.warming])  # its prefix is ours: do not compute it twice
-        timeline, wanted, limit = session.timeline, request.sampling.max_tokens, self._max_model_len
-        draft = timeline.draft(request.frames, request.question)
+        wanted, limit = request.sampling.max_tokens, self._max_model_len
+        draft = session.timeline.draft(request.frames, request.question)
+        if session.warming is not None and self._over(session.timeline, draft, context):
+            await asyncio.wait([session.warming])  # the copy takes over, with the cut segments
+            draft = session.timeline.draft(request.frames, request.question)
         for rebased in (False, True):
-            over = timeline.frames > context.max_frames or len(draft.segments) > MAX_SEGMENTS
-            if rebased or over:
+            if rebased and session.warming is not None:
+                await asyncio.wait([session.warming])  # never rebase under a copy's feet
+            if rebased or self._over(session.timeline, draft, context):
                 self._rebase(session, request, context, when="on_ask")
-                draft = timeline.draft(request.frames, request.question)
+                draft = session.timeline.draft(request.frames, request.question)
             messages = self._timeline_messages(draft)
             rendered = await self._rendered(messages, self._media(messages))
             if rendered.fits(wanted, limit) and len(draft.segments) <= MAX_SEGMENTS:
@@ -446,6 +451,11 @@ class VllmEngine:
         logger.info("request %s: the timeline does not fit the context", request.request_id)
         return None
 
+    @staticmethod
+    def _over(timeline: Timeline, draft: Draft, context: TimelineContext) -> bool:
+        """``draft`` takes ``timeline`` over its frames or its videos."""
+        return timeline.frames > context.max_frames or len(draft.segments) > MAX_SEGMENTS
+
     def _timeline_messages(self, draft: Draft) -> list[Message]:
         """The draft's messages; Qwen3-VL's videos carry their times, the others' are labelled."""
         return draft.messages(labels=self._family != "qwen3_vl")
@@ -457,7 +467,9 @@ class VllmEngine:
         context: TimelineContext,
         *,
         when: str,
-    ) -> None:
+    ) -> Timeline:
+        """Rebase ``session``'s timeline to ``request``'s window: now (on an ask's path), or
+        ``ahead`` as a copy that :meth:`_warm` computes and that then takes over."""
         start = request.frames[0].pts if request.frames else float("inf")
         logger.info(
             "request %s: timeline of %d frames rebased to t=%.1fs (%s)",
@@ -467,16 +479,20 @@ class VllmEngine:
             when.replace("_", " "),
         )
         self._rebases[when] += 1
+        if when == "ahead":
+            return session.timeline.rebased(start, turns=context.keep_turns)
         session.timeline.rebase(start, turns=context.keep_turns)
         session.prompt_tokens = 0
+        return session.timeline
 
     def _answered(self, prepared: _Prepared, answer: _Answer) -> None:
-        """A finished answer joins its session's timeline; rebase ahead if the next ask would.
+        """A finished answer joins its session's timeline; rebase ahead if it soon must.
 
-        The next ask is expected to add what this one added (frames and
-        tokens). If that would take the timeline over its frames, videos or the
-        context, it is rebased now and the rebased prompt computed in the
-        background (one token), so the next ask finds it in the prefix cache.
+        The next asks are expected to add what this one added (frames and
+        tokens). Once half the slack is used (or the next ask but one would
+        not fit the context), a rebased copy is made and computed in the
+        background (one token of answer) while asks go on with the timeline;
+        the copy then takes over, and the ask after finds it in the prefix cache.
         """
         draft, context, request = prepared.draft, prepared.context, prepared.request
         if draft is None or context is None or not isinstance(request, GenerationRequest):
@@ -488,27 +504,36 @@ class VllmEngine:
             return
         timeline = session.timeline
         timeline.commit(draft, answer.text)
-        if session.warming is not None:  # rebased already (another answer of the session's)
+        if session.warming is not None:  # a rebased copy is on its way already
             return
         # What the next ask adds is guessed from what this one added, unless this one
         # started the timeline (then the whole window was new).
         grown = prepared.length - session.prompt_tokens if session.prompt_tokens else 0
         session.prompt_tokens = prepared.length + answer.completion_tokens
         new_frames = sum(len(s.frames) for s in draft.new) if draft.entries else 0
-        next_tokens = session.prompt_tokens + max(grown, 0) + request.sampling.max_tokens
+        slack = max(context.max_frames - len(request.frames), 0)
+        next_tokens = session.prompt_tokens + 2 * max(grown, 0) + request.sampling.max_tokens
         if (
-            timeline.frames + new_frames > context.max_frames
-            or len(timeline.segments) + len(draft.new) > MAX_SEGMENTS
+            timeline.frames + new_frames > len(request.frames) + slack // 2
+            or len(timeline.segments) + 2 * len(draft.new) > MAX_SEGMENTS
             or next_tokens > self._max_model_len
         ):
-            self._rebase(session, request, context, when="ahead")
-            session.warming = asyncio.create_task(self._warm(session, f"{request.request_id}-warm"))
+            copy = self._rebase(session, request, context, when="ahead")
+            mark = len(timeline.entries)
+            warming = asyncio.create_task(self._warm(copy, f"{request.request_id}-warm"))
+            warming.add_done_callback(lambda _: self._adopt(session, copy, mark))
+            session.warming = warming
 
-    async def _warm(self, session: _SessionContext, request_id: str) -> None:
-        """Compute the rebased timeline's prompt (one token of answer), for the prefix cache."""
+    def _adopt(self, session: _SessionContext, copy: Timeline, mark: int) -> None:
+        """The warm-up ended (or failed, or was cancelled): the rebased copy takes over."""
+        copy.adopt(session.timeline, mark)
+        session.timeline, session.warming, session.prompt_tokens = copy, None, 0
+
+    async def _warm(self, timeline: Timeline, request_id: str) -> None:
+        """Compute a rebased timeline's prompt (one token of answer), for the prefix cache."""
         outputs: AsyncGenerator[Any, None] | None = None
         try:
-            messages = self._timeline_messages(session.timeline.draft((), ""))
+            messages = self._timeline_messages(timeline.draft((), ""))
             rendered = await self._rendered(messages, self._media(messages))
             if not rendered.fits(1, self._max_model_len):
                 self._forget(rendered.engine_input)
@@ -524,7 +549,6 @@ class VllmEngine:
         finally:
             if outputs is not None:
                 await outputs.aclose()
-            session.warming = None
 
     async def _render(self, request: Request) -> tuple[Any, Request, list[Message]]:
         """vLLM's engine input for ``request``; the request and its messages as fitted.

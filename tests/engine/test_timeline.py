@@ -13,6 +13,7 @@ is in the cache before it asks.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 
 from streamchat.engine.base import (
@@ -63,6 +64,20 @@ async def answer(engine: VllmEngine, request: GenerationRequest) -> tuple[str, U
     return "".join(d.text for d in deltas), final.usage
 
 
+async def finish(engine: VllmEngine, session: str) -> None:
+    """End ``session`` and wait until a warm-up it had running is cancelled (and aborted)."""
+    warming = engine.warming(session)
+    engine.end_session(session)
+    if warming is not None:
+        await asyncio.wait([warming])
+
+
+async def settled(engine: VllmEngine, session: str) -> None:
+    """Wait until ``session`` has no warm-up running (one may follow another)."""
+    while (warming := engine.warming(session)) is not None:
+        await asyncio.wait([warming])
+
+
 def rebases(engine: VllmEngine) -> dict[str, float]:
     """``streamchat_timeline_rebases_total`` by ``when``, as ``/metrics`` exports it."""
     (family,) = [f for f in engine.families() if f.name == "streamchat_timeline_rebases"]
@@ -84,20 +99,21 @@ async def test_an_ask_after_new_frames_computes_the_new_segments_and_the_questio
     the new segment, the question and the previous answer; a third with no new frame reuses
     the second's."""
     frames, size = stream(seed=1401), block(vllm_engine)
-    _, first = await answer(vllm_engine, timeline_ask("t1", 1, frames[:WINDOW]))
+    ask_about = functools.partial(timeline_ask, "t1", max_frames=WINDOW + 16)
+    _, first = await answer(vllm_engine, ask_about(1, frames[:WINDOW]))
     assert first.cached_tokens == 0
-    _, second = await answer(vllm_engine, timeline_ask("t1", 2, frames[4 : WINDOW + 4]))
+    _, second = await answer(vllm_engine, ask_about(2, frames[4 : WINDOW + 4]))
     new_video = second.video_tokens - first.video_tokens
     assert new_video > size  # the 4 new frames, while the 4 that left the window stay
     assert second.cached_tokens >= whole_blocks(first.prompt_tokens, size)
     computed = second.prompt_tokens - second.cached_tokens
     assert computed <= new_video + first.completion_tokens + TEXT + size
-    assert vllm_engine.warming("t1") is None  # room for another 4 frames: no rebase
-    _, third = await answer(vllm_engine, timeline_ask("t1", 3, frames[4 : WINDOW + 4]))
+    assert vllm_engine.warming("t1") is None  # less than half the slack used: no rebase
+    _, third = await answer(vllm_engine, ask_about(3, frames[4 : WINDOW + 4]))
     assert third.video_tokens == second.video_tokens
     assert third.cached_tokens >= whole_blocks(second.prompt_tokens, size)
     assert third.prompt_tokens - third.cached_tokens <= second.completion_tokens + TEXT + size
-    vllm_engine.end_session("t1")
+    await finish(vllm_engine, "t1")
     assert vllm_engine.engine_unfinished() == 0
 
 
@@ -128,7 +144,7 @@ async def test_a_steady_stream_rebases_ahead_of_its_asks_and_keeps_the_budget(
     now = rebases(vllm_engine)
     assert now["ahead"] - counted["ahead"] == warmed
     assert now["on_ask"] == counted["on_ask"]
-    vllm_engine.end_session("t2")
+    await finish(vllm_engine, "t2")
     assert vllm_engine.engine_unfinished() == 0
 
 
@@ -148,7 +164,7 @@ async def test_an_evicted_prefix_gives_the_same_answer_only_slower(
         text, usage = await answer(vllm_engine, timeline_ask(session, 2, frames[4 : WINDOW + 4]))
         texts.append(text)
         usages.append(usage)
-        vllm_engine.end_session(session)
+        await finish(vllm_engine, session)
     assert texts[0] == texts[1]
     assert usages[0].prompt_tokens == usages[1].prompt_tokens
     assert usages[0].cached_tokens > 0 and usages[1].cached_tokens == 0
@@ -176,9 +192,8 @@ async def test_ending_a_session_stops_its_warm_up(vllm_engine: VllmEngine) -> No
     await answer(vllm_engine, timeline_ask("t5", 2, frames[4 : WINDOW + 4], max_frames=WINDOW))
     warming = vllm_engine.warming("t5")
     assert warming is not None
-    vllm_engine.end_session("t5")
-    await asyncio.wait([warming])
-    assert warming.cancelled() or warming.done()
+    await finish(vllm_engine, "t5")
+    assert warming.cancelled()
     assert vllm_engine.warming("t5") is None
     assert vllm_engine.engine_unfinished() == 0
 
@@ -204,5 +219,30 @@ async def test_sessions_asking_in_turn_keep_each_others_prefixes(vllm_engine: Vl
                 assert usage.cached_tokens == 0
             previous[session] = usage
     for session in streams:
-        vllm_engine.end_session(session)
+        await finish(vllm_engine, session)
+    assert vllm_engine.engine_unfinished() == 0
+
+
+async def test_asks_go_on_with_the_timeline_while_its_rebased_copy_warms_up(
+    vllm_engine: VllmEngine,
+) -> None:
+    """An ask right after a rebase ahead is served on the timeline as it was (the copy is not
+    waited for: its frames are still all there); once the copy took over, asks show the rebased
+    timeline and find its prompt in the cache."""
+    frames, size = stream(seed=1408), block(vllm_engine)
+    ask_about = functools.partial(timeline_ask, "t7", max_frames=WINDOW + 8)
+    await answer(vllm_engine, ask_about(1, frames[:WINDOW]))
+    await answer(vllm_engine, ask_about(2, frames[4 : WINDOW + 4]))  # half the slack used
+    warming = vllm_engine.warming("t7")
+    assert warming is not None
+    _, during = await answer(vllm_engine, ask_about(3, frames[8 : WINDOW + 8]))
+    assert during.frames == WINDOW + 8  # the old timeline: every frame since the first ask
+    await settled(vllm_engine, "t7")  # the copy took over (and may have been rebased again)
+    _, after = await answer(vllm_engine, ask_about(4, frames[8 : WINDOW + 8]))
+    assert after.frames <= WINDOW + 4  # the rebased copy, with what the third ask added
+    assert (
+        after.prompt_tokens - after.cached_tokens
+        <= 512 + during.completion_tokens + 2 * TEXT + 2 * size
+    )
+    await finish(vllm_engine, "t7")
     assert vllm_engine.engine_unfinished() == 0

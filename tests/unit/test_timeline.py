@@ -146,3 +146,23 @@ def test_a_stream_sparser_than_the_sessions_fps_is_cut_by_its_own_interval() -> 
     assert {s.fps for s in draft.segments} == {0.5}
     timeline.commit(draft, "A.")
     assert sizes(timeline.draft(frames(3, start=100.0, fps=0.5), "Later?").new) == [2]
+
+
+def test_a_rebased_copy_adopts_what_the_original_gained_meanwhile() -> None:
+    """Asks go on with a timeline while its rebased copy warms up; the copy then takes over the
+    turns and segments added since, after its own (rebased) entries, in order."""
+    timeline = Timeline(fps=2.0)
+    stream = frames(24)
+    for end, question in ((8, "a"), (12, "b")):
+        timeline.commit(timeline.draft(stream[:end], question), question.upper())
+    mark = len(timeline.entries)
+    copy = timeline.rebased(stream[4].pts, turns=1)
+    assert sizes(copy.segments) == [4, 4] and copy.pending == []
+    later = timeline.draft(stream[:16], "c")  # while the copy warms up
+    timeline.commit(later, "C")
+    pending = timeline.draft(stream[:20], "d")  # still streaming at the swap
+    copy.adopt(timeline, mark)
+    assert copy.segments == [*copy.segments[:2], later.new[0], *pending.new]
+    assert [e.answer for e in copy.entries if isinstance(e, Turn)] == ["B", "C"]
+    follow = copy.draft(stream[:20], "e")
+    assert follow.new == pending.new
