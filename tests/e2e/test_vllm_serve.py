@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +27,13 @@ from streamchat.engine.prompt import clip_frames, conversation, video_metadata
 from streamchat.engine.vllm import DEFAULT_MAX_MODEL_LEN, VllmEngine
 from streamchat.window import Frame
 from tests.support.engines import ask, make_frames
-from tests.support.vllm_server import SERVED_MODEL, VllmServer, stream_chat, video_part
+from tests.support.vllm_server import (
+    SERVED_MODEL,
+    VllmServer,
+    serve_args,
+    stream_chat,
+    video_part,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -180,3 +187,44 @@ async def test_api_needs_the_key_health_and_metrics_do_not(vllm_serve: VllmServe
     assert [(model["id"], model["max_model_len"]) for model in models] == [
         (SERVED_MODEL, DEFAULT_MAX_MODEL_LEN)
     ]
+
+
+def _flags(args: Sequence[str]) -> dict[str, str | None]:
+    """``--flag value`` and ``--switch`` pairs of a command line (positionals left out)."""
+    flags: dict[str, str | None] = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            following = args[i + 1] if i + 1 < len(args) else None
+            flags[arg] = None if following is None or following.startswith("--") else following
+    return flags
+
+
+def _compose(name: str) -> dict[str, Any]:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!reset", lambda loader, node: None)  # compose's own tag
+    path = Path(__file__).parents[2] / "docker" / name
+    loaded: dict[str, Any] = yaml.load(path.read_text(), Loader=Loader)
+    return loaded
+
+
+def test_fleet_compose_serves_with_the_tested_flags() -> None:
+    """docker/compose.fleet*.yaml start the engine with the flags these tests serve with."""
+    where = {"--model", "--host", "--port", "--served-model-name", "--disable-uvicorn-access-log"}
+    tested = {k: v for k, v in _flags(serve_args(Path("model"), 1)).items() if k not in where}
+    fleet = _compose("compose.fleet.yaml")["services"]
+    engine = {k: v for k, v in _flags(fleet["vllm"]["command"]).items() if k not in where}
+    assert engine == tested
+    gpu = _flags(_compose("compose.fleet.gpu.yaml")["services"]["vllm"]["command"])
+    on_gpu = {k: v for k, v in gpu.items() if k not in where}
+    # A GPU sizes its KV cache by memory fraction and captures graphs: those two only differ.
+    assert on_gpu == {
+        k: v for k, v in tested.items() if k not in ("--kv-cache-memory-bytes", "--enforce-eager")
+    }
+    frontend = _flags(fleet["frontend"]["command"])
+    assert frontend["--engine-url"] == "http://vllm:8000/v1"
+    assert "STREAMCHAT_ENGINE_KEY" in fleet["frontend"]["environment"]
+    assert "VLLM_API_KEY" in fleet["vllm"]["environment"]
