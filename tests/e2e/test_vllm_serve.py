@@ -202,12 +202,10 @@ def _flags(args: Sequence[str]) -> dict[str, str | None]:
 def _compose(name: str) -> dict[str, Any]:
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!reset", lambda loader, node: None)  # compose's own tag
+    loader: Any = type("Loader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!reset", lambda loader, node: None)  # compose's own tag
     path = Path(__file__).parents[2] / "docker" / name
-    loaded: dict[str, Any] = yaml.load(path.read_text(), Loader=Loader)
+    loaded: dict[str, Any] = yaml.load(path.read_text(), Loader=loader)
     return loaded
 
 
