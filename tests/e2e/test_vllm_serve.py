@@ -29,6 +29,7 @@ from streamchat.window import Frame
 from tests.support.engines import ask, make_frames
 from tests.support.vllm_server import (
     SERVED_MODEL,
+    Streamed,
     VllmServer,
     serve_args,
     stream_chat,
@@ -105,6 +106,12 @@ async def local_prompt_ids(engine: VllmEngine, request: GenerationRequest) -> li
     return list(engine_input["prompt_token_ids"])
 
 
+async def served(server: VllmServer, request: GenerationRequest) -> Streamed:
+    """``request`` asked of ``server`` as :func:`window_body`, read to the end."""
+    async with server.client() as http:
+        return await stream_chat(http, window_body(request))
+
+
 async def local_text(engine: VllmEngine, request: GenerationRequest) -> str:
     return "".join([delta.text async for delta in engine.generate(request)])
 
@@ -136,8 +143,7 @@ async def test_server_prompt_is_the_local_prompt(
     """The server builds exactly the local engine's prompt token ids for the same window."""
     request = CASES[case]
     expected = await local_prompt_ids(vllm_engine, request)
-    async with vllm_serve.client() as http:
-        streamed = await stream_chat(http, window_body(request))
+    streamed = await served(vllm_serve, request)
     assert streamed.prompt_token_ids == expected
     assert streamed.usage is not None
     assert streamed.usage["prompt_tokens"] == len(expected)
@@ -151,10 +157,8 @@ async def test_greedy_answer_is_the_local_answer(
     """A greedy answer through the server is the local engine's text for the same frames."""
     request = CASES[case]
     expected = await local_text(vllm_engine, request)
-    async with vllm_serve.client() as http:
-        streamed = await stream_chat(http, window_body(request))
     assert expected  # the tiny model never ends a turn early: max_tokens of text
-    assert streamed.text == expected
+    assert (await served(vllm_serve, request)).text == expected
 
 
 async def test_closed_stream_leaves_nothing_in_the_engine(vllm_serve: VllmServer) -> None:
