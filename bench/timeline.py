@@ -30,8 +30,13 @@ series runs on frames of its own, so no cache has seen them. Per repetition:
   slack at once, so the ask itself rebases:
   the whole rebased prompt is prefilled (the encoder cache still holds its
   segments);
-* (f) **yes/no**: every other steady ask is a yes/no question answered in one
-  token (``max_tokens=1``); its whole answer against the cold ask's TTFT.
+* (f) **yes/no**: every other steady ask is a yes/no question bound to the
+  choices ``yes`` / ``no`` (a fixed-choice structured output: a token or two);
+  its whole answer against the cold ask's TTFT;
+* (g) **prefilled ahead**: asks after 2 s of new video on a timeline whose new
+  frames the engine computed ahead (``Engine.prefill``, what a session hands it
+  as frames arrive; awaited and timed here) and (h) the yes/no ones among them:
+  the ask computes its question and at most a cache block more.
 
 Ratios are to (a), per repetition (the median of a series' asks over that
 repetition's cold ask), then summarised over repetitions. ``cached_tokens``
@@ -41,8 +46,9 @@ ask's first token is on its path; the warm-up of one made after an answer is
 timed and compared with the 2 s until the next ask.
 
 ``--sessions N`` (default 8) then runs N sessions asking at once, each on its
-own stream, all in the timeline context and then all in the window context,
-on the last family's engine.
+own stream, in the timeline context, then on the timeline with the new frames
+computed ahead between rounds, then in the window context, on the last
+family's engine.
 """
 
 from __future__ import annotations
@@ -79,6 +85,9 @@ STEP = 4
 """New frames between two asks: 2 s of video at 2 fps, one segment."""
 QUESTION = "What changed in the last seconds?"
 YES_NO = "Is anyone in the picture? Answer yes or no."
+YES_NO_CHOICES = ("yes", "no")
+PREFILLED_ASKS = 6
+"""Asks of (g) and (h) per repetition: past the slack's half, so a rebase ahead is among them."""
 SERIES = (
     "cold",
     "window",
@@ -87,6 +96,8 @@ SERIES = (
     "rebase_warmed",
     "rebase_on_path",
     "yes_no",
+    "prefilled",
+    "prefilled_yes_no",
 )
 LABELS = {
     "cold": "(a) cold ask, one video",
@@ -96,6 +107,8 @@ LABELS = {
     "rebase_warming": "(e1) during a warm-up",
     "rebase_warmed": "(e) after a warmed rebase",
     "yes_no": "(f) yes/no on the timeline",
+    "prefilled": "(g) after 2 s, prefilled ahead",
+    "prefilled_yes_no": "(h) yes/no, prefilled ahead",
 }
 _REBASED = "request %s: timeline of %d frames rebased to t=%.1fs (%s)"
 
@@ -198,7 +211,11 @@ class _Asker:
             request_id=request_id,
             question=YES_NO if yes_no else QUESTION,
             frames=list(stream.window),
-            sampling=SamplingOptions(max_tokens=1 if yes_no else self.shape.max_tokens),
+            sampling=(
+                SamplingOptions(max_tokens=4, choices=YES_NO_CHOICES)
+                if yes_no
+                else SamplingOptions(max_tokens=self.shape.max_tokens)
+            ),
             fps=FPS,
             timeline=context,
         )
@@ -284,28 +301,83 @@ async def _timeline_series(asker: _Asker, repetition: int, seed: int) -> tuple[l
     return results, warmups
 
 
+async def _prefill(asker: _Asker, session: str, stream: Stream) -> float | None:
+    """Hand the engine the new frames as a session does between asks; the seconds it took
+    to compute them ahead (None: nothing to compute). A rebased copy warming up is awaited
+    first (the frames arriving meanwhile are handed over once it took over)."""
+    engine = asker.engine
+    if (warming := engine.warming(session)) is not None:
+        await asyncio.wait([warming])
+    context = TimelineContext(session=session, max_frames=asker.shape.max_frames, keep_turns=8)
+    started = time.perf_counter()
+    engine.prefill(context, list(stream.window))
+    if (task := engine.prefilling(session)) is None:
+        return None
+    await asyncio.wait([task])
+    return time.perf_counter() - started
+
+
+async def _prefilled_series(
+    asker: _Asker, repetition: int, seed: int, asks: int
+) -> tuple[list[Ask], list[float]]:
+    """(g) and (h): asks every 2 s on a timeline whose new frames were computed ahead.
+
+    Between asks the engine gets the new frames as the session hands them over
+    while the stream goes on (awaited here: it computes them in less than the
+    2 s to the next ask); every other ask is a yes/no question. A rebase ahead
+    happens on the way, as in (c).
+    """
+    session = f"prefilled-{asker.family}-{repetition}"
+    stream = Stream(seed, asker.shape)
+    stream.advance(asker.shape.window)
+    results = [await asker.ask("prefilled_first", repetition, stream, session=session)]
+    durations: list[float] = []
+    for number in range(asks):
+        stream.advance(STEP)
+        if (took := await _prefill(asker, session, stream)) is not None:
+            durations.append(took)
+        yes_no = number % 2 == 1
+        series = "prefilled_yes_no" if yes_no else "prefilled"
+        results.append(await asker.ask(series, repetition, stream, session=session, yes_no=yes_no))
+    asker.engine.end_session(session)
+    return results, durations
+
+
 async def _together(
-    asker: _Asker, sessions: int, rounds: int, *, timeline: bool, seed: int
+    asker: _Asker, sessions: int, rounds: int, *, kind: str, seed: int
 ) -> list[float]:
-    """``sessions`` sessions asking at once, ``rounds`` times; TTFTs after the first round."""
+    """``sessions`` sessions asking at once, ``rounds`` times; TTFTs after the first round.
+
+    ``kind``: ``window`` (one video per ask), ``timeline``, or ``prefilled`` (the
+    timeline, every session's new frames computed ahead between rounds)."""
     streams = [Stream(seed + i, asker.shape) for i in range(sessions)]
     for stream in streams:
         stream.advance(asker.shape.window)
     ttfts: list[float] = []
-    series = "together-timeline" if timeline else "together-window"
+    series = f"together-{kind}"
+    sessions_of = [f"{series}-{i}" if kind != "window" else None for i in range(sessions)]
     for number in range(rounds + 1):
         asks = await asyncio.gather(
             *(
-                asker.ask(series, number, stream, session=f"{series}-{i}" if timeline else None)
-                for i, stream in enumerate(streams)
+                asker.ask(series, number, stream, session=session)
+                for session, stream in zip(sessions_of, streams, strict=True)
             )
         )
         if number > 0:  # the first round is every session's cold ask
             ttfts.extend(a.ttft for a in asks)
         for stream in streams:
             stream.advance(STEP)
-    for i in range(sessions):
-        asker.engine.end_session(f"{series}-{i}")
+        if kind == "prefilled":
+            await asyncio.gather(
+                *(
+                    _prefill(asker, session, stream)
+                    for session, stream in zip(sessions_of, streams, strict=True)
+                    if session is not None
+                )
+            )
+    for session in sessions_of:
+        if session is not None:
+            asker.engine.end_session(session)
     return ttfts
 
 
@@ -316,7 +388,7 @@ def _summary(asks: Sequence[Ask], series: str) -> dict[str, Any] | None:
     ratios = []
     for repetition in sorted({a.repetition for a in mine}):
         cold = [a.ttft for a in asks if a.series == "cold" and a.repetition == repetition]
-        figure = "total" if series == "yes_no" else "ttft"
+        figure = "total" if series.endswith("yes_no") else "ttft"
         own = [getattr(a, figure) for a in mine if a.repetition == repetition]
         if cold:
             ratios.append(statistics.median(own) / cold[0])
@@ -368,28 +440,33 @@ async def _family(
         log.setLevel(logging.INFO)
         try:
             await _window_series(asker, -1, 999, 0)  # one-off costs, not measured
+            once = Stream(998, shape)
+            once.advance(shape.window // 4)
+            await asker.ask("one_off", -1, once, yes_no=True)  # the choices' grammar compiles
             asks: list[Ask] = []
             warmups: list[float] = []
+            prefills: list[float] = []
             for repetition in range(repeat):
                 seed = 1000 * (repetition + 1)
                 asks.extend(await _window_series(asker, repetition, seed, args.window_asks))
                 mine, warm = await _timeline_series(asker, repetition, seed + 500)
                 asks.extend(mine)
                 warmups.extend(warm)
+                mine, took = await _prefilled_series(asker, repetition, seed + 700, PREFILLED_ASKS)
+                asks.extend(mine)
+                prefills.extend(took)
                 print(f"  repetition {repetition + 1}/{repeat}", flush=True)
             together = None
             if args.sessions and family == args.families[-1]:
                 together = {
                     kind: summarise(
-                        await _together(
-                            asker, args.sessions, args.rounds, timeline=kind == "timeline", seed=7
-                        )
+                        await _together(asker, args.sessions, args.rounds, kind=kind, seed=7)
                     ).as_dict()
-                    for kind in ("timeline", "window")
+                    for kind in ("timeline", "prefilled", "window")
                 }
         finally:
             log.removeHandler(asker.rebases)
-    summaries = {s: _summary(asks, s) for s in (*SERIES, "timeline_first")}
+    summaries = {s: _summary(asks, s) for s in (*SERIES, "timeline_first", "prefilled_first")}
     _family_table(family, summaries)
     steady = [a for a in asks if a.series in ("timeline", "yes_no")]
     rebases = {
@@ -402,6 +479,11 @@ async def _family(
         "jump_on_path": sum(a.rebased_on_path for a in asks if a.series == "rebase_on_path"),
         "jumps": sum(a.series == "rebase_on_path" for a in asks),
     }
+    prefilled = {
+        "seconds": summarise(prefills).as_dict() if prefills else None,
+        "within_interval": sum(p <= STEP / FPS for p in prefills),
+        "n": len(prefills),
+    }
     print(
         f"rebases: {rebases['steady_on_path']} of {rebases['steady_asks']} steady asks rebased "
         f"on their path; {rebases['ahead']} ahead (every {rebases['every_seconds']:g} s of "
@@ -409,15 +491,21 @@ async def _family(
         f"the {STEP / FPS:g} s to the next ask); the jump rebased on the path "
         f"{rebases['jump_on_path']} of {rebases['jumps']} times"
     )
+    print(
+        f"prefills ahead: {_seconds(prefills)} ({prefilled['within_interval']} of "
+        f"{prefilled['n']} within the {STEP / FPS:g} s to the next ask)"
+    )
     if together is not None:
         print(
             f"{args.sessions} sessions at once, TTFT median: timeline "
-            f"{together['timeline']['median'] * 1000:.0f} ms, window "
+            f"{together['timeline']['median'] * 1000:.0f} ms, prefilled ahead "
+            f"{together['prefilled']['median'] * 1000:.0f} ms, window "
             f"{together['window']['median'] * 1000:.0f} ms"
         )
     return {
         "series": summaries,
         "rebases": rebases,
+        "prefills": prefilled,
         "together": together,
         "asks": [a.as_dict() for a in asks],
     }

@@ -86,6 +86,7 @@ __all__ = [
     "decode_client",
     "encode_server",
     "message_id",
+    "parse_choices",
     "peek_id",
 ]
 
@@ -99,6 +100,9 @@ MAX_TEMPERATURE = 2.0
 MIN_TEMPERATURE = 0.01
 """The lowest temperature but 0 (greedy): vLLM raises lower ones to it, with a warning each time."""
 MAX_SEED = (1 << 63) - 1
+MAX_CHOICES = 16
+"""Strings a fixed-choice answer may choose among (``generation.choices``)."""
+MAX_CHOICE_CHARS = 100
 
 ContextKind = Literal["window", "timeline"]
 """A session's context as the wire names it (the engine seam's ``ContextKind``, which the
@@ -117,6 +121,9 @@ class Generation:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    choices: tuple[str, ...] | None = None
+    """The answer is exactly one of these (a fixed-choice structured output): a yes/no
+    evaluation costs a token or two and needs no parsing."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -513,6 +520,15 @@ class _Fields:
             raise self._fail(name, "must be msgpack binary")
         return value
 
+    def choices(self, name: str) -> tuple[str, ...] | None:
+        value = self._get(name, False)
+        if value is None:
+            return None
+        try:
+            return parse_choices(value)
+        except ValueError as exc:
+            raise self._fail(name, str(exc)) from None
+
     def choice(self, name: str, options: frozenset[str]) -> str | None:
         value = self.string(name)
         if value is not None and value not in options:
@@ -528,6 +544,28 @@ class _Fields:
         inner = _Fields(value, text=self.text, context=f"{self.context}.{name}")
         inner.id = self.id
         return parse(inner)
+
+
+def parse_choices(value: object) -> tuple[str, ...]:
+    """The strings of a fixed-choice answer, bounded (the grammar built from them is too).
+
+    Raises ValueError saying why (without the field's name) for anything else
+    than 2 to :data:`MAX_CHOICES` distinct, non-blank strings of at most
+    :data:`MAX_CHOICE_CHARS` characters each.
+    """
+    if not isinstance(value, list | tuple) or not 2 <= len(value) <= MAX_CHOICES:
+        raise ValueError(f"must be a list of 2 to {MAX_CHOICES} strings")
+    for item in value:
+        if not isinstance(item, str) or not 1 <= len(item) <= MAX_CHOICE_CHARS:
+            raise ValueError(f"must hold strings of 1 to {MAX_CHOICE_CHARS} characters")
+    items = tuple(value)
+    try:
+        "".join(items).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode text") from None
+    if not all(item.strip() for item in items) or len(set(items)) != len(items):
+        raise ValueError("must hold distinct strings that are not blank")
+    return items
 
 
 def _generation(f: _Fields) -> Generation:
@@ -549,6 +587,7 @@ def _generation(f: _Fields) -> Generation:
         temperature=temperature,
         top_p=top_p,
         seed=f.integer("seed", low=0, high=MAX_SEED),
+        choices=f.choices("choices"),
     )
 
 

@@ -312,6 +312,7 @@ class SessionProtocol:
         self.history: deque[ChatTurn] = deque(maxlen=max(settings.history_turns, 0))
         self._sources = 0
         self._requests = 0
+        self._asked_on_timeline = False
         self._status = _StatusClock(settings.status_interval)
         self._image_clock_origin: float | None = None
         self._level = FeedLevel()
@@ -403,6 +404,7 @@ class SessionProtocol:
             temperature=base.temperature if given.temperature is None else given.temperature,
             top_p=base.top_p if given.top_p is None else given.top_p,
             seed=base.seed if given.seed is None else given.seed,
+            choices=base.choices if given.choices is None else given.choices,
         )
 
     def limits(self) -> Limits:
@@ -493,6 +495,7 @@ class SessionProtocol:
             raise InvalidField("ask: 'text' must not be empty", id=ask.id)
         timeline = self._timeline(ask)
         if timeline is not None:
+            self._asked_on_timeline = True
             # The newest frames, never thinned: a timeline appends frames as they came.
             frames = self.window.select()[-self.ask_frames :]
         else:
@@ -529,11 +532,26 @@ class SessionProtocol:
         ranged = (ask.start, ask.end, ask.last_seconds, ask.max_frames)
         if self.options.context != "timeline" or any(v is not None for v in ranged):
             return None
+        return self._timeline_context()
+
+    def _timeline_context(self) -> TimelineContext:
         return TimelineContext(
             session=self.session_id,
             max_frames=self.context_frames,
             keep_turns=self.settings.history_turns,
         )
+
+    def ahead(self) -> tuple[TimelineContext, list[Frame]] | None:
+        """What the engine may compute before the next question (``Engine.prefill``).
+
+        The frames a timeline ask would carry now, once the session has asked on
+        its timeline (before, the engine holds none to extend): the shell hands
+        them over as frames arrive, so the next question costs little more than
+        itself. None for a window session, or before its first timeline ask.
+        """
+        if not self._asked_on_timeline or self.state is not State.OPEN:
+            return None
+        return self._timeline_context(), self.window.select()[-self.ask_frames :]
 
     def _cancel(self, cancel: Cancel) -> list[Action]:
         answer = self.answers.get(cancel.id)

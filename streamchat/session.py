@@ -307,6 +307,8 @@ class Session:
             current, evicted = self.protocol.source, window.evicted
             kept = current is not None and current.number == source.number
             self._send_soon(self.protocol.frame_decoded(source.number, frame, now=now, level=level))
+            if kept:
+                self._prefill()
             self.metrics.frame(kept=kept, evicted=window.evicted - evicted, lag=level.lag)
             if self.protocol.status_pending and self._status_timer is None:
                 self._status_timer = self._loop.call_later(
@@ -371,8 +373,16 @@ class Session:
             await self._run([self.protocol.error(exc)])
             return
         evicted = self.protocol.window.evicted
-        await self._run(self.protocol.image_decoded(Frame(pts, image)))
+        actions = self.protocol.image_decoded(Frame(pts, image))
+        self._prefill()  # before the status goes out: whoever reads it finds the call made
+        await self._run(actions)
         self.metrics.frame(kept=True, evicted=self.protocol.window.evicted - evicted)
+
+    def _prefill(self) -> None:
+        """Hand the engine what it may compute before the next question: on a timeline,
+        the new frames (``Engine.prefill``; it decides, and never blocks)."""
+        if (ahead := self.protocol.ahead()) is not None:
+            self.engine.prefill(*ahead)
 
     async def _in_thread(self, name: str, work: Callable[[], _T]) -> _T:
         """``work()`` in a new thread of this session's; :meth:`aclose` waits for its end.

@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-tokens", type=_positive_int, help="tokens per answer at most")
     parser.add_argument(
+        "--choices",
+        type=_choices,
+        metavar="A,B,...",
+        help="every answer is exactly one of these comma-separated strings (e.g. yes,no)",
+    )
+    parser.add_argument(
         "--format",
         choices=["webm", "matroska", "mp4", "mpegts", "avi"],
         help="container hint for a file sent as it is, or a URL (default: what PyAV finds in "
@@ -166,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return parser
+
+
+def _choices(text: str) -> list[str]:
+    choices = [choice.strip() for choice in text.split(",")]
+    if len(choices) < 2 or not all(choices):
+        raise argparse.ArgumentTypeError(f"give two or more comma-separated strings: {text!r}")
+    return choices
 
 
 def _positive_int(text: str) -> int:
@@ -254,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace, display: Display) -> int:
-    generation = {"max_tokens": args.max_tokens} if args.max_tokens else None
+    given = {"max_tokens": args.max_tokens, "choices": args.choices}
+    generation = {name: value for name, value in given.items() if value} or None
     try:
         session = await connect(
             args.url,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -380,6 +380,7 @@ class Session:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        choices: Sequence[str] | None = None,
         last_seconds: float | None = None,
         start: float | None = None,
         end: float | None = None,
@@ -391,7 +392,8 @@ class Session:
         here, and ``async for delta in session.ask(...)`` works); sending
         failures surface when the answer is read. ``id`` defaults to a fresh
         ``q<n>``; it must not be the id of an answer still in flight. The
-        generation parameters override the session's defaults for this answer;
+        generation parameters override the session's defaults for this answer
+        (``choices``: the answer is exactly one of these strings, e.g. ``("yes", "no")``);
         ``last_seconds``, ``start``/``end`` and ``max_frames`` choose frames.
         """
         if self._inbox.closed is not None:
@@ -409,6 +411,7 @@ class Session:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            choices=choices,
             last_seconds=last_seconds,
             start=start,
             end=end,
@@ -672,7 +675,7 @@ def connect(
 
     ``fps``, ``window_frames``, ``max_pixels``, ``keyframes_only`` (decode
     keyframes only: many times faster, for low sampling rates) and
-    ``generation`` (``max_tokens``, ``temperature``, ``top_p``, ``seed``) are
+    ``generation`` (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``choices``) are
     the ``hello`` fields, and so is ``context``: ``"window"`` (the window as one
     new video per question) or ``"timeline"`` (appended to the session's
     timeline: a question costs what is new), None for the server's default;

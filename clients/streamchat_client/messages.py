@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -144,6 +144,7 @@ def ask_message(
     temperature: float | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    choices: Sequence[str] | None = None,
     last_seconds: float | None = None,
     start: float | None = None,
     end: float | None = None,
@@ -151,7 +152,14 @@ def ask_message(
 ) -> dict[str, Any]:
     """An ``ask``: ``type`` and ``id`` first, so that a server refusing it unread can name it."""
     message: dict[str, Any] = {"type": "ask", "id": id, "text": text}
-    generation = _given({}, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    generation = _given(
+        {},
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        choices=None if choices is None else list(choices),
+    )
     if generation:
         message["generation"] = generation
     return _given(message, last_seconds=last_seconds, start=start, end=end, max_frames=max_frames)

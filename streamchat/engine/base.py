@@ -48,6 +48,9 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     """Strings that end the answer where they appear (not included in it)."""
+    choices: tuple[str, ...] = ()
+    """When given, the answer is exactly one of these strings (a fixed-choice structured
+    output, decoded under a grammar): a yes/no evaluation ends in a token or two."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +214,15 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None:
         """Abort a request if it is still running; unknown ids are ignored."""
+        ...
+
+    def prefill(self, context: TimelineContext, frames: Sequence[Frame]) -> None:
+        """The frames an ask on ``context``'s timeline would carry now, between asks.
+
+        An engine holding the session's timeline may compute the new frames
+        ahead of the next question (in the background: this never blocks), so
+        that question costs little more than itself; others ignore the call.
+        """
         ...
 
     def end_session(self, session: str) -> None:

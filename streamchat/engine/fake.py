@@ -17,17 +17,29 @@ always computes a prompt's last token); any other prompt reports 0.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, Sequence
 
 from ..budget import VisionCosts
-from .base import ContextKind, Delta, EngineError, GenerationRequest, Request, Usage, Video
+from ..window import Frame
+from .base import (
+    ContextKind,
+    Delta,
+    EngineError,
+    GenerationRequest,
+    Request,
+    TimelineContext,
+    Usage,
+    Video,
+)
 from .prompt import conversation, media_frames
 
 __all__ = ["CACHED_PROMPTS", "FakeEngine"]
 
 CACHED_PROMPTS = 64
 """Prompts the fake's prefix cache remembers, the least recently asked going first."""
+PREFILLS_KEPT = 256
+"""Prefill calls a fake remembers (every decoded frame of a timeline session makes one)."""
 
 
 class FakeEngine:
@@ -58,6 +70,8 @@ class FakeEngine:
         """What :attr:`default_context` tells (a test may set it)."""
         self.ended_sessions: list[str] = []
         """Sessions told ended (:meth:`end_session`), in order."""
+        self.prefills: deque[tuple[str, int, float]] = deque(maxlen=PREFILLS_KEPT)
+        """The last :meth:`prefill` calls: the session, the frames and the newest one's time."""
 
     @property
     def model_name(self) -> str:
@@ -79,7 +93,10 @@ class FakeEngine:
 
     @staticmethod
     def script(request: Request) -> list[str]:
-        """The words the fake answers ``request`` with."""
+        """The words the fake answers ``request`` with: a fixed-choice answer is its first
+        choice (one piece, as a grammar-bound answer is)."""
+        if request.sampling.choices:
+            return [request.sampling.choices[0]]
         words = _describe(request).split(" ")
         return [w if i == 0 else " " + w for i, w in enumerate(words)][
             : request.sampling.max_tokens
@@ -137,6 +154,10 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self._running.discard(request_id)
+
+    def prefill(self, context: TimelineContext, frames: Sequence[Frame]) -> None:
+        if frames:
+            self.prefills.append((context.session, len(frames), frames[-1].pts))
 
     def end_session(self, session: str) -> None:
         self.ended_sessions.append(session)

@@ -57,6 +57,7 @@ import numpy.typing as npt
 
 from ..budget import VisionCosts
 from ..errors import ContextTooLong, EngineFailure, EngineTimeout, EngineUnavailable
+from ..window import Frame
 from .base import (
     ContextKind,
     Delta,
@@ -65,6 +66,7 @@ from .base import (
     Image,
     Message,
     Request,
+    TimelineContext,
     Usage,
     Video,
 )
@@ -346,6 +348,9 @@ class RemoteEngine:
         """The last probe or request reached a working engine."""
         return self._healthy and not self._closed
 
+    def prefill(self, context: TimelineContext, frames: Sequence[Frame]) -> None:
+        """Nothing to compute ahead: a remote engine keeps no timeline."""
+
     def end_session(self, session: str) -> None:
         """Nothing to forget: the engine keeps no session state for a window context."""
 
@@ -505,6 +510,8 @@ class RemoteEngine:
             "presence_penalty": 0.0,
             "frequency_penalty": 0.0,
         }
+        if options.choices:
+            payload["structured_outputs"] = {"choice": list(options.choices)}
         if kwargs is not None:
             payload["media_io_kwargs"] = {"video": kwargs}
         return json.dumps(payload).encode(), media_frames(messages)

@@ -177,9 +177,7 @@ class Timeline:
         segments. A window that does not continue the timeline (its frames
         went back in time: a new source) drops every segment first.
         """
-        steps = [b.pts - a.pts for a, b in zip(window, window[1:], strict=False)]
-        if any(step > 0 for step in steps):
-            self.interval = statistics.median(step for step in steps if step > 0)
+        self._measure(window)
         new = self._cut(self._new_frames(window))  # first: it may drop every segment
         self.pending.extend(new)
         newest = self.newest
@@ -189,6 +187,25 @@ class Timeline:
             else "No video frames are available."
         )
         return Draft(tuple(self.entries), tuple(self.pending), f"{seen}\n{question}")
+
+    def ahead(self, window: Sequence[Frame]) -> Draft | None:
+        """The timeline with the full segments new in ``window``, before any question.
+
+        What the engine computes while the stream goes on, so that the next ask
+        finds those segments in the prefix cache: only whole segments are cut
+        (the frames of a partial one wait, as an ask would cut them later the
+        same way), and they stay pending, shown by every later draft until an
+        answer places them. None when no full segment is new.
+        """
+        self._measure(window)
+        runs = self._runs(self._new_frames(window))
+        if runs:
+            runs[-1] = runs[-1][: len(runs[-1]) // self.segment_frames * self.segment_frames]
+        new = [segment for run in runs for segment in self._chunks(run)]
+        if not new:
+            return None
+        self.pending.extend(new)
+        return Draft(tuple(self.entries), tuple(self.pending), "")
 
     def commit(self, draft: Draft, answer: str) -> None:
         """``draft``'s answer ended: its new segments still pending, then its turn, join."""
@@ -233,6 +250,12 @@ class Timeline:
         self.pending = [e for e in pending if isinstance(e, Segment)]
 
     # -- cutting --------------------------------------------------------------
+
+    def _measure(self, window: Sequence[Frame]) -> None:
+        """The stream's typical interval, from ``window``'s frames."""
+        steps = [b.pts - a.pts for a, b in zip(window, window[1:], strict=False)]
+        if any(step > 0 for step in steps):
+            self.interval = statistics.median(step for step in steps if step > 0)
 
     def _new_frames(self, window: Sequence[Frame]) -> list[Frame]:
         newest = self.newest

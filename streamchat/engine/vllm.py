@@ -68,7 +68,7 @@ cpu_compat.install()
 from blake3 import blake3  # noqa: E402  # vLLM's own hash (a dependency of vLLM)
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
-from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams  # noqa: E402
 from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase  # noqa: E402
 
 __all__ = [
@@ -227,6 +227,7 @@ class VllmEngine:
         self._digests = FrameDigests() if content_ids else None
         self._sessions: dict[str, _SessionContext] = {}
         self._rebases = {"ahead": 0, "on_ask": 0}
+        self._prefills = 0
 
     @property
     def frame_factor(self) -> int | None:
@@ -295,6 +296,12 @@ class VllmEngine:
         for when, count in self._rebases.items():
             rebases.add_metric([when], count)
         yield rebases
+        prefills = CounterMetricFamily(
+            "streamchat_timeline_prefills",
+            "Timelines extended by new segments computed ahead of the next ask",
+        )
+        prefills.add_metric([], self._prefills)
+        yield prefills
         if self._load is None:
             return
         for family in REGISTRY.collect():
@@ -361,16 +368,49 @@ class VllmEngine:
             logger.debug("aborting request %s", request_id)
             await self._llm.abort(request_id)
 
+    def prefill(self, context: TimelineContext, frames: Sequence[Frame]) -> None:
+        """Compute the full segments new in ``frames`` now, ahead of the next ask.
+
+        Only for a session that has asked on its timeline, one prefill at a time
+        (the next call catches up), never while a rebased copy warms up (the
+        call after it took over brings what it missed) nor past the timeline's
+        frames or the context. The segments stay pending on the timeline, so the
+        next ask shows them as it would have cut them and finds them in the
+        prefix cache: it computes its question and at most a cache block more.
+        The work is what that ask would do anyway, done while nobody waits.
+        """
+        session = self._sessions.get(context.session)
+        if self._closed or session is None or session.warming is not None:
+            return
+        if session.prefilling is not None:
+            return
+        draft = session.timeline.ahead(frames)
+        if draft is None or self._over(session.timeline, draft, context):
+            return
+        self._prefills += 1
+        task = asyncio.create_task(
+            self._compute(draft, f"{context.session}-ahead-{self._prefills}")
+        )
+        task.add_done_callback(session.prefilled)
+        session.prefilling = task
+
     def end_session(self, session: str) -> None:
-        """Drop ``session``'s timeline; a warm-up running for it is cancelled (and aborted)."""
+        """Drop ``session``'s timeline; work running ahead for it is cancelled (and aborted)."""
         context = self._sessions.pop(session, None)
-        if context is not None and context.warming is not None:
-            context.warming.cancel()
+        if context is not None:
+            for task in (context.warming, context.prefilling):
+                if task is not None:
+                    task.cancel()
 
     def warming(self, session: str) -> asyncio.Task[None] | None:
         """The warm-up of ``session``'s rebased timeline, if one was started (for tests)."""
         context = self._sessions.get(session)
         return context.warming if context is not None else None
+
+    def prefilling(self, session: str) -> asyncio.Task[None] | None:
+        """``session``'s prefill running ahead of its next ask, if any (for tests, benchmarks)."""
+        context = self._sessions.get(session)
+        return context.prefilling if context is not None else None
 
     async def aclose(self) -> None:
         """Abort what is in flight and shut vLLM down (its processes exit)."""
@@ -469,7 +509,7 @@ class VllmEngine:
         when: str,
     ) -> Timeline:
         """Rebase ``session``'s timeline to ``request``'s window: now (on an ask's path), or
-        ``ahead`` as a copy that :meth:`_warm` computes and that then takes over."""
+        ``ahead`` as a copy that :meth:`_compute` computes and that then takes over."""
         start = request.frames[0].pts if request.frames else float("inf")
         logger.info(
             "request %s: timeline of %d frames rebased to t=%.1fs (%s)",
@@ -520,7 +560,9 @@ class VllmEngine:
         ):
             copy = self._rebase(session, request, context, when="ahead")
             mark = len(timeline.entries)
-            warming = asyncio.create_task(self._warm(copy, f"{request.request_id}-warm"))
+            warming = asyncio.create_task(
+                self._compute(copy.draft((), ""), f"{request.request_id}-warm")
+            )
             warming.add_done_callback(lambda _: self._adopt(session, copy, mark))
             session.warming = warming
 
@@ -529,11 +571,12 @@ class VllmEngine:
         copy.adopt(session.timeline, mark)
         session.timeline, session.warming, session.prompt_tokens = copy, None, 0
 
-    async def _warm(self, timeline: Timeline, request_id: str) -> None:
-        """Compute a rebased timeline's prompt (one token of answer), for the prefix cache."""
+    async def _compute(self, draft: Draft, request_id: str) -> None:
+        """Compute ``draft``'s prompt (one token of answer) for the prefix cache: a rebased
+        copy's, or the timeline's with segments cut ahead of the next ask."""
         outputs: AsyncGenerator[Any, None] | None = None
         try:
-            messages = self._timeline_messages(timeline.draft((), ""))
+            messages = self._timeline_messages(draft)
             rendered = await self._rendered(messages, self._media(messages))
             if not rendered.fits(1, self._max_model_len):
                 self._forget(rendered.engine_input)
@@ -544,8 +587,8 @@ class VllmEngine:
                 pass
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a warm-up only saves time: the next ask computes it
-            logger.info("warming the rebased timeline failed: %s", exc)
+        except Exception as exc:  # it only saves time: the next ask computes it
+            logger.info("computing %s failed: %s", request_id, exc)
         finally:
             if outputs is not None:
                 await outputs.aclose()
@@ -823,6 +866,12 @@ class _SessionContext:
     prompt_tokens: int = 0
     """The last answered prompt with its answer (0: unknown, after a rebase)."""
     warming: asyncio.Task[None] | None = None
+    prefilling: asyncio.Task[None] | None = None
+    """New segments computed ahead of the next ask (:meth:`VllmEngine.prefill`)."""
+
+    def prefilled(self, task: asyncio.Task[None]) -> None:
+        if self.prefilling is task:
+            self.prefilling = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -914,6 +963,9 @@ def _sampling_params(request: Request) -> Any:
         top_p=options.top_p,
         seed=options.seed,
         stop=list(options.stop) or None,
+        structured_outputs=(
+            StructuredOutputsParams(choice=list(options.choices)) if options.choices else None
+        ),
         output_kind=RequestOutputKind.DELTA,
     )
 

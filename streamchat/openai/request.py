@@ -8,7 +8,8 @@ to what this server does, each refusal naming its ``param``:
   ``temperature``, ``top_p``, ``seed``, ``stop``, ``n`` = 1, ``stream``,
   ``stream_options``, vLLM's ``media_io_kwargs`` (``{"video": {"fps",
   "num_frames"}}``) and ``mm_processor_kwargs`` (``min_pixels``,
-  ``max_pixels``), ``user``. Any other given a value other than its default
+  ``max_pixels``), vLLM's ``structured_outputs`` of one kind, ``{"choice":
+  [...]}`` (2 to 16 strings), ``user``. Any other given a value other than its default
   is ``unsupported_parameter``; so is a field vLLM does not know.
 * messages: ``system`` (or ``developer``), ``user`` and ``assistant``, the
   last one the user's; content a string or parts: ``text`` anywhere,
@@ -31,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..config import Settings
 from ..engine.base import SamplingOptions
+from ..messages import parse_choices
 from .wire import OpenAIError, models
 
 __all__ = [
@@ -59,6 +61,7 @@ SUPPORTED = frozenset(
         "n",
         "stream",
         "stream_options",
+        "structured_outputs",
         "media_io_kwargs",
         "mm_processor_kwargs",
         "user",
@@ -234,7 +237,35 @@ def _sampling(request: Any, settings: Settings) -> SamplingOptions:
         top_p=top_p,
         seed=request.seed,
         stop=stop,
+        choices=_choices(request.structured_outputs),
     )
+
+
+def _choices(structured: Any) -> tuple[str, ...]:
+    """vLLM's ``structured_outputs`` of the fixed-choice kind (the only one carried out here)."""
+    if structured is None:
+        return ()
+    given = {
+        name
+        for name, value in vars(structured).items()
+        if not name.startswith("_") and value not in (None, False)
+    }
+    if given != {"choice"}:
+        raise OpenAIError(
+            400,
+            "structured_outputs: only 'choice' is supported",
+            "unsupported_parameter",
+            param="structured_outputs",
+        )
+    try:
+        return parse_choices(structured.choice)
+    except ValueError as exc:
+        raise OpenAIError(
+            400,
+            f"structured_outputs.choice {exc}",
+            "invalid_request",
+            param="structured_outputs.choice",
+        ) from None
 
 
 def _only(given: Any, supported: tuple[str, ...], param: str) -> None:

@@ -205,21 +205,27 @@ def test_timeline_quick(tmp_path: Path) -> None:
     """Every ask series is measured against the cold ask, and the timeline's asks hit the cache.
 
     The steady asks never rebase on their path, the slack's end rebases ahead with a warm-up,
-    and the stream's jump at the slack's edge rebases on the ask's path.
+    and the stream's jump at the slack's edge rebases on the ask's path; asks whose new frames
+    were computed ahead compute less than the steady ones.
     """
     result = run_quick("timeline", tmp_path, timeout=ENGINE_TIMEOUT)
     entry = result["families"]["qwen2_vl"]
     series = entry["series"]
-    for name in ("cold", "window", "timeline", "rebase_warmed", "rebase_on_path", "yes_no"):
+    measured = ("cold", "window", "timeline", "rebase_warmed", "rebase_on_path", "yes_no")
+    for name in (*measured, "prefilled", "prefilled_yes_no"):
         assert_summary(series[name]["ttft"])
         assert_summary(series[name]["over_cold"])
     assert series["cold"]["cached_tokens"]["max"] == 0
-    for name in ("timeline", "rebase_warmed", "yes_no"):
+    for name in ("timeline", "rebase_warmed", "yes_no", "prefilled", "prefilled_yes_no"):
         # Everything before the new segments and the question came from the prefix cache.
         assert series[name]["cached_tokens"]["min"] > series[name]["computed_tokens"]["max"]
     rebases = entry["rebases"]
     assert rebases["steady_asks"] > 0 and rebases["steady_on_path"] == 0
     assert rebases["ahead"] >= 1 and rebases["warmup_seconds"] is not None
     assert rebases["jump_on_path"] == rebases["jumps"] == 1
-    for kind in ("timeline", "window"):
+    # Frames computed ahead leave an ask less to compute than the new segment it would add.
+    computed = {name: series[name]["computed_tokens"]["median"] for name in series if series[name]}
+    assert computed["prefilled"] < computed["timeline"]
+    assert entry["prefills"]["n"] >= 1
+    for kind in ("timeline", "prefilled", "window"):
         assert_summary(entry["together"][kind])

@@ -109,17 +109,20 @@ async def test_send_file_then_ask_streams_deltas_and_usage(server: Live, clip: P
 async def test_result_returns_the_whole_answer_and_ask_options_reach_the_server(
     server: Live, clip: Path
 ) -> None:
-    """``result()`` waits for the whole text; frame selection and max_tokens are sent."""
+    """``result()`` waits for the whole text; frame selection, max_tokens and choices are sent."""
     async with connect(server.url, fps=2) as session:
         await _push_and_end(session, clip)
         answer = await session.ask("Count", id="mine", max_tokens=2, max_frames=1).result()
+        chosen = await session.ask("Dark?", choices=["no", "yes"]).result()
     assert answer.id == "mine"
     assert answer.text == "I see"
     assert answer.done is not None
     assert answer.done.finish_reason == "length"
     assert answer.done.usage.completion_tokens == 2
     assert answer.done.usage.frames == 1
-    assert server.engine.requests[-1].sampling.max_tokens == 2
+    assert server.engine.requests[-2].sampling.max_tokens == 2
+    assert chosen.text == "no"
+    assert server.engine.requests[-1].sampling.choices == ("no", "yes")
 
 
 async def test_realtime_send_file_is_paced_and_questions_overlap_it(
@@ -462,6 +465,21 @@ async def test_cli_realtime_and_max_tokens(
     assert len(done) == 1
     assert done[0]["finish_reason"] == "length"
     assert done[0]["usage"]["completion_tokens"] == 3
+
+
+async def test_cli_choices_bind_every_answer(
+    server: Live, short_clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--choices`` reaches the server as the session's fixed choices: each answer is one."""
+    code = await _cli(
+        str(short_clip), "--url", server.url, "--json", "--choices", "yes, no",
+        "--ask", "Dark?", "--ask", "Moving?",
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    done = [json.loads(line) for line in out.splitlines() if '"answer.done"' in line]
+    assert [d["text"] for d in done] == ["yes", "yes"]
+    assert [r.sampling.choices for r in server.engine.requests[-2:]] == [("yes", "no")] * 2
 
 
 async def test_cli_url_source(server: Live, clip: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -286,6 +286,7 @@ BUILT: list[dict[str, Any]] = [
         temperature=0.7,
         top_p=0.95,
         seed=3,
+        choices=("yes", "no"),
         last_seconds=4.0,
         start=1.0,
         end=5.0,
@@ -320,13 +321,16 @@ def test_a_field_only_the_client_writes_is_reported() -> None:
 
 
 def written(raw: Mapping[str, Any], decoded: object) -> dict[str, Any]:
-    """What ``decoded`` holds in each field the client wrote in ``raw``."""
+    """What ``decoded`` holds in each field the client wrote in ``raw`` (a wire list is
+    held as a tuple)."""
+    held = {name: getattr(decoded, name) for name in raw if name != "type"}
     return {
-        name: written(value, getattr(decoded, name))
-        if isinstance(value, Mapping)
-        else getattr(decoded, name)
-        for name, value in raw.items()
-        if name != "type"
+        name: written(raw[name], value)
+        if isinstance(raw[name], Mapping)
+        else list(value)
+        if isinstance(value, tuple)
+        else value
+        for name, value in held.items()
     }
 
 

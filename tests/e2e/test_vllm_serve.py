@@ -13,6 +13,7 @@ first, then the server.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 
 from streamchat.engine.base import ChatTurn, GenerationRequest, Video
 from streamchat.engine.prompt import clip_frames, conversation, video_metadata
+from streamchat.engine.remote import open_remote_engine
 from streamchat.engine.vllm import DEFAULT_MAX_MODEL_LEN, VllmEngine
 from streamchat.window import Frame
 from tests.support.engines import ask, make_frames
@@ -159,6 +161,21 @@ async def test_greedy_answer_is_the_local_answer(
     expected = await local_text(vllm_engine, request)
     assert expected  # the tiny model never ends a turn early: max_tokens of text
     assert (await served(vllm_serve, request)).text == expected
+
+
+async def test_a_fixed_choice_answer_through_the_remote_engine_is_the_local_one(
+    vllm_engine: VllmEngine, vllm_serve: VllmServer
+) -> None:
+    """Bound to choices, the RemoteEngine gets from the server the local engine's choice."""
+    request = ask("choices", make_frames(8, seed=7), max_tokens=16)
+    choices = ("a red square", "a blue circle", "nothing")
+    request = dataclasses.replace(
+        request, sampling=dataclasses.replace(request.sampling, choices=choices)
+    )
+    expected = await local_text(vllm_engine, request)
+    assert expected in choices
+    async with open_remote_engine(vllm_serve.url, key=vllm_serve.api_key) as remote:
+        assert "".join([delta.text async for delta in remote.generate(request)]) == expected
 
 
 async def test_closed_stream_leaves_nothing_in_the_engine(vllm_serve: VllmServer) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from typing import Any
 
 import msgpack
 import pytest
@@ -12,9 +11,9 @@ from starlette.testclient import TestClient
 
 from streamchat.app import SESSION_PATH, create_app
 from streamchat.engine.fake import FakeEngine
-from tests.support.media import chunks, corrupt_payloads, encode_image, encode_video
+from tests.support.media import corrupt_payloads, encode_image, encode_video
 from tests.support.testclient import SMALL as SETTINGS
-from tests.support.testclient import Peer, with_image
+from tests.support.testclient import Peer, push_video, until_source_ends, with_image
 
 
 @pytest.fixture
@@ -153,22 +152,6 @@ def test_json_bytes_are_base64(peer: Peer) -> None:
         if message["type"] == "answer.delta":
             text += message["text"]
     assert text.startswith("I see 1 frames")
-
-
-def push_video(peer: Peer, data: bytes, *, size: int = 4096, fmt: str | None = None) -> None:
-    for i, piece in enumerate(chunks(data, size, seed=1)):
-        message: dict[str, Any] = {"type": "video.chunk", "data": piece}
-        if i == 0 and fmt:
-            message["format"] = fmt
-        peer.send(message)
-
-
-def until_source_ends(peer: Peer) -> dict[str, Any]:
-    while True:
-        message = peer.recv()
-        if message["type"] == "video.status" and message["state"] != "decoding":
-            return message
-        assert message["type"] == "video.status", message
 
 
 def test_pushed_video_is_decoded_into_the_window(peer: Peer, engine: FakeEngine) -> None:

@@ -101,6 +101,7 @@ async def test_the_request_is_the_memos_shape_per_family(family: str) -> None:
     assert sampling == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3, "stop": ["x"]}
     neutral = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
     assert [body[k] for k in neutral] == [0, 0.0, 1.0, 0.0, 0.0]
+    assert "structured_outputs" not in body
     old_question, old_answer, question = body["messages"]
     assert old_question == {"role": "user", "content": [{"type": "text", "text": "Before?"}]}
     assert old_answer == {"role": "assistant", "content": "A cat."}
@@ -124,6 +125,16 @@ async def test_the_request_is_the_memos_shape_per_family(family: str) -> None:
     headers = scripted.headers[0]
     assert headers["authorization"] == f"Bearer {KEY}"
     assert headers["x-request-id"].endswith("-r1")
+
+
+async def test_fixed_choices_go_as_vllms_structured_output() -> None:
+    """An answer bound to choices asks vLLM's server for its ``choice`` structured output."""
+    ask = request()
+    sampling = dataclasses.replace(ask.sampling, choices=("yes", "no"))
+    async with remote() as (scripted, engine):
+        await collect(engine, dataclasses.replace(ask, sampling=sampling))
+    (body,) = scripted.requests
+    assert body["structured_outputs"] == {"choice": ["yes", "no"]}
 
 
 async def test_another_window_or_frame_format_is_another_uuid() -> None:

@@ -46,12 +46,13 @@ def timeline_ask(
     question: str = "What changed?",
     max_frames: int = WINDOW + 8,
     max_tokens: int = 6,
+    choices: tuple[str, ...] = (),
 ) -> GenerationRequest:
     return GenerationRequest(
         request_id=f"{session}-{number}",
         question=question,
         frames=window,
-        sampling=SamplingOptions(max_tokens=max_tokens, temperature=0.0),
+        sampling=SamplingOptions(max_tokens=max_tokens, temperature=0.0, choices=choices),
         fps=2.0,
         timeline=TimelineContext(session=session, max_frames=max_frames, keep_turns=4),
     )
@@ -65,11 +66,11 @@ async def answer(engine: VllmEngine, request: GenerationRequest) -> tuple[str, U
 
 
 async def finish(engine: VllmEngine, session: str) -> None:
-    """End ``session`` and wait until a warm-up it had running is cancelled (and aborted)."""
-    warming = engine.warming(session)
+    """End ``session`` and wait until work it had running ahead is cancelled (and aborted)."""
+    running = [t for t in (engine.warming(session), engine.prefilling(session)) if t is not None]
     engine.end_session(session)
-    if warming is not None:
-        await asyncio.wait([warming])
+    if running:
+        await asyncio.wait(running)
 
 
 async def settled(engine: VllmEngine, session: str) -> None:
@@ -114,6 +115,65 @@ async def test_an_ask_after_new_frames_computes_the_new_segments_and_the_questio
     assert third.cached_tokens >= whole_blocks(second.prompt_tokens, size)
     assert third.prompt_tokens - third.cached_tokens <= second.completion_tokens + TEXT + size
     await finish(vllm_engine, "t1")
+    assert vllm_engine.engine_unfinished() == 0
+
+
+async def test_a_yes_no_evaluation_on_the_timeline_costs_what_is_new_and_is_one_choice(
+    vllm_engine: VllmEngine,
+) -> None:
+    """A fixed-choice ask after new frames reuses the earlier prompt like any ask, answers
+    one of its choices, and the ask after it reuses the choice as a committed turn."""
+    frames, size = stream(seed=1406), block(vllm_engine)
+    ask_about = functools.partial(timeline_ask, "t6", max_frames=WINDOW + 16)
+    _, first = await answer(vllm_engine, ask_about(1, frames[:WINDOW]))
+    text, second = await answer(
+        vllm_engine,
+        ask_about(2, frames[4 : WINDOW + 4], question="Is it dark?", choices=("yes", "no")),
+    )
+    assert text in ("yes", "no")
+    new_video = second.video_tokens - first.video_tokens
+    assert second.cached_tokens >= whole_blocks(first.prompt_tokens, size)
+    assert second.prompt_tokens - second.cached_tokens <= new_video + TEXT + size + 16
+    _, third = await answer(vllm_engine, ask_about(3, frames[4 : WINDOW + 4]))
+    assert third.cached_tokens >= whole_blocks(second.prompt_tokens, size)
+    await finish(vllm_engine, "t6")
+    assert vllm_engine.engine_unfinished() == 0
+
+
+def prefills(engine: VllmEngine) -> float:
+    """``streamchat_timeline_prefills_total``, as ``/metrics`` exports it."""
+    (family,) = [f for f in engine.families() if f.name == "streamchat_timeline_prefills"]
+    return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+
+async def test_segments_prefilled_ahead_leave_the_next_ask_little_more_than_its_question(
+    vllm_engine: VllmEngine,
+) -> None:
+    """New frames handed over between asks are computed ahead (only once the session asked,
+    one prefill at a time): the ask after finds them cached and computes its question and at
+    most a block more, not the new segment; ending the session cancels a running prefill."""
+    frames, size = stream(seed=1407), block(vllm_engine)
+    context = TimelineContext(session="t7", max_frames=WINDOW + 16, keep_turns=4)
+    ask_about = functools.partial(timeline_ask, "t7", max_frames=WINDOW + 16)
+    counted = prefills(vllm_engine)
+    vllm_engine.prefill(context, frames[:WINDOW])
+    assert vllm_engine.prefilling("t7") is None  # no timeline to extend before the first ask
+    _, first = await answer(vllm_engine, ask_about(1, frames[:WINDOW]))
+    vllm_engine.prefill(context, frames[4 : WINDOW + 4])
+    running = vllm_engine.prefilling("t7")
+    assert running is not None
+    vllm_engine.prefill(context, frames[6 : WINDOW + 6])  # one at a time: not started
+    assert vllm_engine.prefilling("t7") is running
+    await asyncio.wait([running])
+    assert prefills(vllm_engine) - counted == 1
+    _, second = await answer(vllm_engine, ask_about(2, frames[4 : WINDOW + 4]))
+    new_video = second.video_tokens - first.video_tokens
+    computed = second.prompt_tokens - second.cached_tokens
+    assert new_video > TEXT + size
+    assert computed <= TEXT + size
+    vllm_engine.prefill(context, frames[8 : WINDOW + 8])
+    assert vllm_engine.prefilling("t7") is not None
+    await finish(vllm_engine, "t7")
     assert vllm_engine.engine_unfinished() == 0
 
 

@@ -8,6 +8,7 @@ never by waiting.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -88,6 +89,26 @@ async def test_same_request_gives_the_same_answer(vllm_engine: VllmEngine) -> No
     assert first_usage is not None and history_usage is not None
     assert history_usage.prompt_tokens > first_usage.prompt_tokens
     assert history_usage.video_tokens == first_usage.video_tokens
+
+
+async def test_a_fixed_choice_answer_is_exactly_one_of_the_choices(
+    vllm_engine: VllmEngine,
+) -> None:
+    """Bound by vLLM's structured output, a random model answers with one of the given
+    strings and stops, where unbound it says something else."""
+    frames = make_frames(4, seed=5)
+    free = await collect(vllm_engine.generate(ask("free", frames, max_tokens=8)))
+    for number, choices in enumerate([("yes", "no"), ("a red square", "a blue circle", "none")]):
+        request = ask(f"choice-{number}", frames, max_tokens=16)
+        sampling = dataclasses.replace(request.sampling, choices=choices)
+        deltas = await collect(
+            vllm_engine.generate(dataclasses.replace(request, sampling=sampling))
+        )
+        text = "".join(d.text for d in deltas)
+        assert text in choices
+        assert deltas[-1].finish_reason == "stop"
+        assert "".join(d.text for d in free) not in choices
+    assert_idle(vllm_engine)
 
 
 async def test_a_single_frame_is_a_video(vllm_engine: VllmEngine) -> None:

@@ -102,9 +102,34 @@ def test_a_live_session_is_a_video() -> None:
     assert call.turns[0].content == (LiveRef("abc", 20.0, "messages[0].content[0]"),)
 
 
+def test_a_fixed_choice_structured_output_becomes_the_answers_choices() -> None:
+    """vLLM's ``structured_outputs.choice`` reaches the engine as the sampling's choices."""
+    call = _parse({"messages": [_user(_text("hi"))], "structured_outputs": {"choice": ["y", "n"]}})
+    assert call.sampling.choices == ("y", "n")
+    assert _parse({"messages": [_user(_text("hi"))]}).sampling.choices == ()
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
+        (
+            {"structured_outputs": {"regex": "a+"}, "messages": [_user(_text("x"))]},
+            400,
+            "unsupported_parameter",
+            "structured_outputs",
+        ),
+        (
+            {"structured_outputs": {"choice": ["one"]}, "messages": [_user(_text("x"))]},
+            400,
+            "invalid_request",
+            "structured_outputs.choice",
+        ),
+        (
+            {"structured_outputs": {"choice": ["a", "a"]}, "messages": [_user(_text("x"))]},
+            400,
+            "invalid_request",
+            "structured_outputs.choice",
+        ),
         (b"{not json", 400, "invalid_json", None),
         (b"[1, 2]", 400, "invalid_json", None),
         ({"messages": "hello"}, 400, "invalid_request", "messages"),

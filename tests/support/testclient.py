@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 
 from streamchat.config import Settings
-from tests.support.media import encode_image
+from tests.support.media import chunks, encode_image
 
 __all__ = ["SMALL", "Peer", "with_image"]
 
@@ -63,3 +63,21 @@ class Peer:
 def with_image(peer: Peer, pts: float = 0.0) -> None:
     """Push a 64x48 PNG at ``pts``: a frame to ask about."""
     peer.send({"type": "image", "data": encode_image("png", width=64, height=48), "pts": pts})
+
+
+def push_video(peer: Peer, data: bytes, *, size: int = 4096, fmt: str | None = None) -> None:
+    """Push ``data`` as video chunks cut at random boundaries (``fmt``: the first's hint)."""
+    for i, piece in enumerate(chunks(data, size, seed=1)):
+        message: dict[str, Any] = {"type": "video.chunk", "data": piece}
+        if i == 0 and fmt:
+            message["format"] = fmt
+        peer.send(message)
+
+
+def until_source_ends(peer: Peer) -> dict[str, Any]:
+    """The status that tells the source stopped decoding (ended or failed)."""
+    while True:
+        message = peer.recv()
+        if message["type"] == "video.status" and message["state"] != "decoding":
+            return message
+        assert message["type"] == "video.status", message

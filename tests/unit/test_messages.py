@@ -217,6 +217,36 @@ def test_sampling_values_vllm_refuses_are_invalid_fields_naming_the_ask(
         decode_client(json.dumps({"type": "hello", "generation": generation}))
 
 
+@pytest.mark.parametrize(
+    ("choices", "why"),
+    [
+        (["yes"], "must be a list of 2 to 16 strings"),
+        ([str(n) for n in range(17)], "must be a list of 2 to 16 strings"),
+        ("yes,no", "must be a list of 2 to 16 strings"),
+        (["yes", 1], "must hold strings of 1 to 100 characters"),
+        (["yes", ""], "must hold strings of 1 to 100 characters"),
+        (["yes", "n" * 101], "must hold strings of 1 to 100 characters"),
+        (["yes", "yes"], "must hold distinct strings that are not blank"),
+        (["yes", "  "], "must hold distinct strings that are not blank"),
+    ],
+)
+def test_bad_choices_are_invalid_fields_naming_the_ask(choices: Any, why: str) -> None:
+    """A fixed-choice list is bounded in count and length, distinct and not blank."""
+    message = {"type": "ask", "id": "q6", "text": "x", "generation": {"choices": choices}}
+    for data in both(message):
+        with pytest.raises(InvalidField) as info:
+            decode_client(data)
+        assert str(info.value) == f"ask.generation: 'choices' {why}"
+        assert info.value.id == "q6"
+
+
+def test_choices_are_read_in_both_encodings() -> None:
+    """Given in ``hello`` or an ``ask``, the choices keep their order."""
+    for data in both({"type": "hello", "generation": {"choices": ["no", "yes", "ja"]}}):
+        hello = decode_client(data)
+        assert isinstance(hello, Hello) and hello.generation.choices == ("no", "yes", "ja")
+
+
 def test_the_edges_of_the_engine_ranges_are_accepted() -> None:
     """Greedy, the lowest and highest temperatures and the smallest top_p vLLM takes all pass."""
     for generation in (

@@ -131,6 +131,22 @@ def test_ask_without_frames_is_no_frames() -> None:
     assert (err.code, err.id, err.fatal) == ("no_frames", "a", False)
 
 
+def test_choices_come_from_the_ask_else_from_the_session() -> None:
+    """An ask's fixed choices bind its answer only; the session's, from ``hello``, the rest."""
+    protocol = SessionProtocol(SETTINGS, session_id="s1", model="m")
+    protocol.receive(Hello(generation=Generation(choices=("yes", "no"))), now=0.0)
+    with_frames(protocol, 2)
+    [session] = protocol.receive(Ask(id="a", text="dark?"), now=0.0)
+    [own] = protocol.receive(
+        Ask(id="b", text="which?", generation=Generation(choices=("left", "right"))), now=0.0
+    )
+    assert isinstance(session, StartAnswer) and isinstance(own, StartAnswer)
+    assert session.request.sampling.choices == ("yes", "no")
+    assert own.request.sampling.choices == ("left", "right")
+    [plain] = with_frames(opened(), 2).receive(Ask(id="c", text="what?"), now=0.0)
+    assert isinstance(plain, StartAnswer) and plain.request.sampling.choices == ()
+
+
 def test_ask_builds_request_from_window_and_history() -> None:
     """An answer's request holds the selected frames, merged sampling and history."""
     protocol = with_frames(opened(), 6)
@@ -445,6 +461,28 @@ def test_an_ask_about_the_window_on_a_timeline_carries_the_timeline() -> None:
     window = with_frames(opened(dataclasses.replace(SETTINGS, context="window")))
     [plain] = window.receive(Ask(id="a", text="what?"), now=0.0)
     assert isinstance(plain, StartAnswer) and plain.request.timeline is None
+
+
+def test_the_engine_may_compute_ahead_once_the_session_asked_on_its_timeline() -> None:
+    """``ahead`` hands over what a timeline ask would carry now, only after a timeline ask,
+    never on a window session nor after a ranged ask alone."""
+    settings = dataclasses.replace(TIMELINE, window_frames=8, max_ask_frames=4)
+    protocol = with_frames(opened(settings), 6)
+    assert protocol.ahead() is None  # nothing to extend yet
+    protocol.receive(Ask(id="r", text="what?", last_seconds=1.0), now=0.0)
+    assert protocol.ahead() is None  # a ranged ask leaves the timeline alone
+    [start] = protocol.receive(Ask(id="a", text="what?"), now=0.0)
+    assert isinstance(start, StartAnswer)
+    assert protocol.source is not None
+    protocol.frame_decoded(protocol.source.number, frame(3.0), now=0.0, level=IDLE)
+    ahead = protocol.ahead()
+    assert ahead is not None
+    context, frames = ahead
+    assert context == start.request.timeline
+    assert [f.pts for f in frames] == [1.5, 2.0, 2.5, 3.0]
+    window = with_frames(opened(dataclasses.replace(SETTINGS, context="window")))
+    window.receive(Ask(id="a", text="what?"), now=0.0)
+    assert window.ahead() is None
 
 
 def test_a_timeline_ask_over_a_small_context_carries_the_newest_frames_unthinned() -> None:

@@ -166,3 +166,41 @@ def test_a_rebased_copy_adopts_what_the_original_gained_meanwhile() -> None:
     assert [e.answer for e in copy.entries if isinstance(e, Turn)] == ["B", "C"]
     follow = copy.draft(stream[:20], "e")
     assert follow.new == pending.new
+
+
+def test_ahead_cuts_only_full_segments_and_the_next_ask_shows_them_as_it_would_cut_them() -> None:
+    """Between asks the new frames are cut in whole segments only (the rest waits); the ask
+    after shows those segments, then the rest with what came since, its prompt extending the
+    prefilled one, and its answer places them all."""
+    timeline = Timeline(fps=2.0)
+    stream = frames(30)
+    first = timeline.draft(stream[:8], "One?")
+    timeline.commit(first, "First answer.")
+    assert timeline.ahead(stream[:11]) is None  # 3 new frames: no full segment yet
+    ahead = timeline.ahead(stream[2:14])
+    assert ahead is not None and ahead.text == ""
+    assert sizes(list(ahead.new)) == [4]
+    assert ahead.new[0].frames[0] is stream[8]
+    assert timeline.ahead(stream[2:14]) is None  # nothing new since
+    ask = timeline.draft(stream[6:19], "Two?")
+    assert ask.entries == ahead.entries
+    assert ask.new[: len(ahead.new)] == ahead.new
+    assert sizes(list(ask.new)) == [4, 4, 2]
+    assert ask.messages()[:-1] == ahead.messages()[:-1]
+    last = ask.messages()[-1].content
+    assert list(last[: len(ahead.messages()[-1].content) - 1]) == list(
+        ahead.messages()[-1].content[:-1]
+    )
+    timeline.commit(ask, "Second answer.")
+    assert timeline.pending == []
+    assert sizes(timeline.segments) == [4, 4, 4, 4, 2]
+
+
+def test_ahead_cuts_runs_before_a_gap_whole() -> None:
+    """A run the stream left by a gap is cut whole (no frame of it will ever join it)."""
+    timeline = Timeline(fps=2.0)
+    stream = frames(6) + frames(5, start=20.0)
+    timeline.commit(timeline.draft(stream[:4], "One?"), "A.")
+    ahead = timeline.ahead(stream)
+    assert ahead is not None
+    assert sizes(list(ahead.new)) == [2, 4]
