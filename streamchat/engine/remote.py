@@ -80,6 +80,7 @@ __all__ = [
     "encode_frame",
     "open_remote_engine",
     "parse_frame_format",
+    "video_part",
 ]
 
 logger = logging.getLogger("streamchat.engine")
@@ -126,6 +127,25 @@ def encode_frame(image: npt.NDArray[np.uint8], frame_format: str) -> bytes:
     quality = int(frame_format.partition(":")[2])
     PILImage.fromarray(image).save(out, "JPEG", quality=quality, subsampling=0)
     return out.getvalue()
+
+
+def video_part(
+    images: Sequence[npt.NDArray[np.uint8]], uuid: str, frame_format: str = DEFAULT_FRAME_FORMAT
+) -> dict[str, Any]:
+    """A ``video_url`` content part: ``images`` as one multi-frame data URL, named ``uuid``.
+
+    The part :class:`RemoteEngine` sends for a clip, for a client of a vLLM
+    server that has no engine of its own (the tests, the benchmarks).
+    """
+    encoded = [base64.b64encode(encode_frame(image, frame_format)).decode() for image in images]
+    return _video_part(encoded, uuid)
+
+
+def _video_part(encoded: Sequence[str], uuid: str) -> dict[str, Any]:
+    """Base64-encoded frames as one ``data:video/jpeg`` URL: vLLM 0.32 splits it at the commas
+    and opens each piece with Pillow whatever the media type says (PPM too)."""
+    url = "data:video/jpeg;base64," + ",".join(encoded)
+    return {"type": "video_url", "video_url": {"url": url}, "uuid": uuid}
 
 
 class _EncodedFrames:
@@ -550,8 +570,7 @@ class RemoteEngine:
             metadata=metadata,
             encoding=self._frames.frame_format,
         )
-        url = "data:video/jpeg;base64," + ",".join(data for _, data in encoded)
-        return {"type": "video_url", "video_url": {"url": url}, "uuid": uuid}
+        return _video_part([data for _, data in encoded], uuid)
 
     def _image(self, image: Image) -> Any:
         digest, data = self._frames.get(image.frame.image)
