@@ -25,10 +25,15 @@ ENGINE_TIMEOUT = 600
 
 
 def run_quick(
-    name: str, out: Path, env: dict[str, str] | None = None, *, timeout: float = TIMEOUT
+    name: str,
+    out: Path,
+    env: dict[str, str] | None = None,
+    *,
+    timeout: float = TIMEOUT,
+    flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out)],
+        [sys.executable, "-m", f"bench.{name}", "--quick", *flags, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -223,3 +228,36 @@ def test_timeline_quick(tmp_path: Path) -> None:
     assert rebases["jump_on_path"] == rebases["jumps"] == 1
     for kind in ("timeline", "window"):
         assert_summary(entry["together"][kind])
+
+
+@pytest.mark.engine
+def test_timeline_peer_quick(tmp_path: Path) -> None:
+    """``--peer`` asks the same streams of the timeline and of ``vllm serve`` (one video per ask).
+
+    Both sides answer every session in both rounds, and compute their whole cold prompts;
+    after 2 s of new video the timeline's prefix cache holds most of its prompt, while
+    vLLM's server, given a new video, reuses less than that.
+    """
+    # Two engines one after the other: 5 min under a load of 4.
+    result = run_quick("timeline", tmp_path, timeout=2 * ENGINE_TIMEOUT, flags=("--peer",))
+    assert result["families"] == {}
+    ((family, entry),) = result["peer"].items()
+    assert family == "qwen3_vl" and entry["sessions"] == 2 and entry["rounds_after_2s"] == 1
+    sides = entry["sides"]
+    assert set(sides) == {"timeline", "vllm_serve"}
+    for side in sides.values():
+        assert set(side) == {"cold", "after_2s"}
+        for figures in side.values():
+            assert figures["ttft"]["n"] == 2
+            assert_summary(figures["ttft"])
+            assert 0 < figures["ttft"]["max"] <= figures["total"]["max"]
+            assert figures["prompt_tokens"]["min"] > 0
+    timeline, served = sides["timeline"], sides["vllm_serve"]
+    assert timeline["cold"]["cached_tokens"]["max"] == served["cold"]["cached_tokens"]["max"] == 0
+    after = timeline["after_2s"]
+    assert after["cached_tokens"]["min"] > after["prompt_tokens"]["max"] / 2
+    assert served["after_2s"]["cached_tokens"]["max"] < after["cached_tokens"]["min"]
+    for ratio in entry["timeline_over_vllm_serve"].values():
+        assert ratio > 0
+    assert set(entry["timeline_over_vllm_serve"]) == {"cold", "after_2s"}
+    assert [len(entry["asks"][side]) for side in ("timeline", "vllm_serve")] == [4, 4]
