@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import statistics
@@ -75,7 +74,7 @@ import numpy as np
 
 from streamchat.engine.base import GenerationRequest, SamplingOptions, TimelineContext
 from streamchat.engine.prompt import video_metadata
-from streamchat.engine.remote import video_part
+from streamchat.engine.remote import SERVER_FLAGS, video_part
 from streamchat.engine.tiny_model import DEFAULT_SCALE, FAMILIES, Scale, build_tiny_model
 from streamchat.window import Frame
 
@@ -115,18 +114,6 @@ LABELS = {
 _REBASED = "request %s: timeline of %d frames rebased to t=%.1fs (%s)"
 PEER_FAMILY = "qwen3_vl"
 """``--peer``'s family unless ``--families`` names others."""
-SERVE_FLAGS = (
-    # Requests may carry the video's metadata; every frame of a data URL is kept (32 otherwise).
-    "--trust-request-mm-kwargs",
-    "--media-io-kwargs",
-    json.dumps({"video": {"num_frames": -1}}),
-    # No sampling defaults from the checkpoint; usage tells the prefix-cached tokens.
-    "--generation-config",
-    "vllm",
-    "--enable-prompt-tokens-details",
-)
-"""``vllm serve``'s flags beyond the engine's (tests/support/vllm_server.py's ``serve_args``)."""
-PEER_SIDES = ("timeline", "vllm_serve")
 PEER_ROUNDS = ("cold", "after_2s")
 
 
@@ -421,7 +408,7 @@ async def _peer_served(
     family: str, model: Path, shape: Shape, args: argparse.Namespace
 ) -> list[list[Ask]]:
     """The ``vllm serve`` side of ``--peer``: the same streams, one video per ask."""
-    flags = [*SERVE_FLAGS, *engine_flags({"max_model_len": shape.max_model_len})]
+    flags = [*SERVER_FLAGS, *engine_flags({"max_model_len": shape.max_model_len})]
     log = Path(args.out) / f"timeline-peer-{family}-vllm-serve.log"
     started = time.perf_counter()
     async with (

@@ -75,6 +75,7 @@ __all__ = [
     "DEFAULT_ENGINE_TIMEOUT",
     "DEFAULT_FRAME_FORMAT",
     "FAMILIES",
+    "SERVER_FLAGS",
     "RemoteEngine",
     "SseAnswer",
     "encode_frame",
@@ -104,6 +105,17 @@ _FINISH_REASONS: dict[str, FinishReason] = {
     "repetition": "stop",
 }
 _MALFORMED = "the engine's answer stream is malformed"
+SERVER_FLAGS = (
+    "--trust-request-mm-kwargs",
+    "--media-io-kwargs",
+    json.dumps({"video": {"num_frames": -1}}),
+    "--generation-config",
+    "vllm",
+    "--enable-prompt-tokens-details",
+)
+"""What ``vllm serve`` needs besides its engine flags to be asked as this engine asks
+(docs/deploy.md): each request's video metadata accepted and every frame of a data URL
+kept (32 otherwise), no sampling defaults from the checkpoint, ``cached_tokens`` in usage."""
 
 
 def parse_frame_format(text: str) -> str:

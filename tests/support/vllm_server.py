@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 
-from streamchat.engine.remote import encode_frame
+from streamchat.engine.remote import SERVER_FLAGS, encode_frame
 from streamchat.engine.remote import video_part as remote_video_part
 from tests.support.metrics import Scrape
 from tests.support.ports import free_port
@@ -100,12 +100,7 @@ def serve_args(model: Path, port: int, *, api_key: str | None = None) -> list[st
         str(defaults["kv_cache_memory_bytes"]),
         "--limit-mm-per-prompt",
         json.dumps(defaults["limit_mm_per_prompt"]),
-        "--trust-request-mm-kwargs",
-        "--media-io-kwargs",
-        json.dumps({"video": {"num_frames": -1}}),
-        "--generation-config",
-        "vllm",
-        "--enable-prompt-tokens-details",
+        *SERVER_FLAGS,
         "--disable-uvicorn-access-log",
     ]
     if defaults.get("enforce_eager"):
