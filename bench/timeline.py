@@ -396,6 +396,7 @@ async def _peer_timeline(
             return await asker.ask(series, number, stream, session=f"{series}-{i}")
 
         await _rounds(ask, shape, 1, 0, series="peer-warm-up", seed=999)  # one-off costs
+        engine.end_session("peer-warm-up-0")
         per_round = await _rounds(
             ask, shape, args.sessions, args.rounds, series="peer-timeline", seed=7
         )
