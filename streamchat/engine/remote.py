@@ -77,11 +77,13 @@ __all__ = [
     "DEFAULT_ENGINE_TIMEOUT",
     "DEFAULT_FRAME_FORMAT",
     "FAMILIES",
+    "SERVER_FLAGS",
     "RemoteEngine",
     "SseAnswer",
     "encode_frame",
     "open_remote_engine",
     "parse_frame_format",
+    "video_part",
 ]
 
 logger = logging.getLogger("streamchat.engine")
@@ -105,6 +107,17 @@ _FINISH_REASONS: dict[str, FinishReason] = {
     "repetition": "stop",
 }
 _MALFORMED = "the engine's answer stream is malformed"
+SERVER_FLAGS = (
+    "--trust-request-mm-kwargs",
+    "--media-io-kwargs",
+    json.dumps({"video": {"num_frames": -1}}),
+    "--generation-config",
+    "vllm",
+    "--enable-prompt-tokens-details",
+)
+"""What ``vllm serve`` needs besides its engine flags to be asked as this engine asks
+(docs/deploy.md): each request's video metadata accepted and every frame of a data URL
+kept (32 otherwise), no sampling defaults from the checkpoint, ``cached_tokens`` in usage."""
 
 
 def parse_frame_format(text: str) -> str:
@@ -128,6 +141,25 @@ def encode_frame(image: npt.NDArray[np.uint8], frame_format: str) -> bytes:
     quality = int(frame_format.partition(":")[2])
     PILImage.fromarray(image).save(out, "JPEG", quality=quality, subsampling=0)
     return out.getvalue()
+
+
+def video_part(
+    images: Sequence[npt.NDArray[np.uint8]], uuid: str, frame_format: str = DEFAULT_FRAME_FORMAT
+) -> dict[str, Any]:
+    """A ``video_url`` content part: ``images`` as one multi-frame data URL, named ``uuid``.
+
+    The part :class:`RemoteEngine` sends for a clip, for a client of a vLLM
+    server that has no engine of its own (the tests, the benchmarks).
+    """
+    encoded = [base64.b64encode(encode_frame(image, frame_format)).decode() for image in images]
+    return _video_part(encoded, uuid)
+
+
+def _video_part(encoded: Sequence[str], uuid: str) -> dict[str, Any]:
+    """Base64-encoded frames as one ``data:video/jpeg`` URL: vLLM 0.32 splits it at the commas
+    and opens each piece with Pillow whatever the media type says (PPM too)."""
+    url = "data:video/jpeg;base64," + ",".join(encoded)
+    return {"type": "video_url", "video_url": {"url": url}, "uuid": uuid}
 
 
 class _EncodedFrames:
@@ -557,8 +589,7 @@ class RemoteEngine:
             metadata=metadata,
             encoding=self._frames.frame_format,
         )
-        url = "data:video/jpeg;base64," + ",".join(data for _, data in encoded)
-        return {"type": "video_url", "video_url": {"url": url}, "uuid": uuid}
+        return _video_part([data for _, data in encoded], uuid)
 
     def _image(self, image: Image) -> Any:
         digest, data = self._frames.get(image.frame.image)

@@ -21,14 +21,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
 ENGINE_TIMEOUT = 600
+CACHE_BLOCK = 128
+"""vLLM's prefix-cache block on CPU: an ask recomputes the partly filled one before it."""
+QUESTION_TOKENS = 64
+"""More than a benchmark question takes, with its sentence on the stream and the template."""
 """The engine benchmarks start vLLM (15-60 s, more under load); ``peer`` starts two in turn."""
 
 
 def run_quick(
-    name: str, out: Path, env: dict[str, str] | None = None, *, timeout: float = TIMEOUT
+    name: str,
+    out: Path,
+    env: dict[str, str] | None = None,
+    *,
+    timeout: float = TIMEOUT,
+    flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out)],
+        [sys.executable, "-m", f"bench.{name}", "--quick", *flags, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -223,9 +232,50 @@ def test_timeline_quick(tmp_path: Path) -> None:
     assert rebases["steady_asks"] > 0 and rebases["steady_on_path"] == 0
     assert rebases["ahead"] >= 1 and rebases["warmup_seconds"] is not None
     assert rebases["jump_on_path"] == rebases["jumps"] == 1
-    # Frames computed ahead leave an ask less to compute than the new segment it would add.
-    computed = {name: series[name]["computed_tokens"]["median"] for name in series if series[name]}
-    assert computed["prefilled"] < computed["timeline"]
+    # Frames computed ahead leave an ask its question and at most the partly filled block.
+    for name in ("prefilled", "prefilled_yes_no"):
+        assert series[name]["computed_tokens"]["max"] <= CACHE_BLOCK + QUESTION_TOKENS
     assert entry["prefills"]["n"] >= 1
     for kind in ("timeline", "prefilled", "window"):
         assert_summary(entry["together"][kind])
+
+
+@pytest.mark.engine
+def test_timeline_peer_quick(tmp_path: Path) -> None:
+    """``--peer`` asks the same streams of the timeline and of ``vllm serve`` (one video per ask).
+
+    Both sides answer every session in both rounds, and compute their whole cold prompts;
+    after 2 s of new video the timeline's prefix cache holds most of its prompt, while
+    vLLM's server, given a new video, reuses less than that.
+    """
+    # Two engines one after the other: 5 min under a load of 4.
+    result = run_quick("timeline", tmp_path, timeout=2 * ENGINE_TIMEOUT, flags=("--peer",))
+    assert result["families"] == {}
+    ((family, entry),) = result["peer"].items()
+    assert family == "qwen3_vl" and entry["sessions"] == 2 and entry["rounds_after_2s"] == 1
+    sides = entry["sides"]
+    assert set(sides) == {"timeline", "prefilled", "vllm_serve"}
+    for side in sides.values():
+        assert set(side) == {"cold", "after_2s"}
+        for figures in side.values():
+            assert figures["ttft"]["n"] == 2
+            assert_summary(figures["ttft"])
+            assert 0 < figures["ttft"]["max"] <= figures["total"]["max"]
+            assert figures["prompt_tokens"]["min"] > 0
+    timeline, served = sides["timeline"], sides["vllm_serve"]
+    assert all(side["cold"]["cached_tokens"]["max"] == 0 for side in sides.values())
+    after = timeline["after_2s"]
+    assert after["cached_tokens"]["min"] > after["prompt_tokens"]["max"] / 2
+    assert served["after_2s"]["cached_tokens"]["max"] < after["cached_tokens"]["min"]
+
+    def computed(side: str) -> int:
+        """The most tokens an ask after 2 s of new video computed on ``side``."""
+        asks = [a for a in entry["asks"][side] if a["repetition"] > 0]  # rounds after the first
+        return max(a["prompt_tokens"] - a["cached_tokens"] for a in asks)
+
+    # The new segments came ahead: its question and at most the partly filled block before it.
+    assert computed("prefilled") <= CACHE_BLOCK + QUESTION_TOKENS
+    assert set(entry["over_vllm_serve"]) == {"timeline", "prefilled"}
+    for ratios in entry["over_vllm_serve"].values():
+        assert set(ratios) == {"cold", "after_2s"} and all(r > 0 for r in ratios.values())
+    assert [len(asks) for asks in entry["asks"].values()] == [4, 4, 4]

@@ -20,7 +20,7 @@ import pytest
 from streamchat.config import Settings
 from streamchat.engine.base import ChatTurn, Delta, GenerationRequest, SamplingOptions
 from streamchat.engine.prompt import clip_frames, describe_frames, video_metadata
-from streamchat.engine.remote import RemoteEngine, open_remote_engine
+from streamchat.engine.remote import RemoteEngine, open_remote_engine, video_part
 from streamchat.errors import (
     ContextTooLong,
     EngineFailure,
@@ -135,6 +135,15 @@ async def test_fixed_choices_go_as_vllms_structured_output() -> None:
         await collect(engine, dataclasses.replace(ask, sampling=sampling))
     (body,) = scripted.requests
     assert body["structured_outputs"] == {"choice": ["yes", "no"]}
+
+
+async def test_video_part_is_the_part_the_engine_sends() -> None:
+    """:func:`video_part` gives a client with no engine (bench, tests) the very part sent."""
+    ask = request()
+    async with remote() as (scripted, engine):
+        await collect(engine, ask)
+    sent = scripted.requests[0]["messages"][-1]["content"][0]
+    assert video_part([frame.image for frame in ask.frames], sent["uuid"]) == sent
 
 
 async def test_another_window_or_frame_format_is_another_uuid() -> None:

@@ -26,7 +26,6 @@ no process of it is left.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -44,6 +43,8 @@ import numpy as np
 import numpy.typing as npt
 import psutil
 
+from streamchat.engine.remote import SERVER_FLAGS, encode_frame
+from streamchat.engine.remote import video_part as remote_video_part
 from tests.support.metrics import Scrape
 from tests.support.ports import free_port
 
@@ -99,12 +100,7 @@ def serve_args(model: Path, port: int, *, api_key: str | None = None) -> list[st
         str(defaults["kv_cache_memory_bytes"]),
         "--limit-mm-per-prompt",
         json.dumps(defaults["limit_mm_per_prompt"]),
-        "--trust-request-mm-kwargs",
-        "--media-io-kwargs",
-        json.dumps({"video": {"num_frames": -1}}),
-        "--generation-config",
-        "vllm",
-        "--enable-prompt-tokens-details",
+        *SERVER_FLAGS,
         "--disable-uvicorn-access-log",
     ]
     if defaults.get("enforce_eager"):
@@ -329,18 +325,12 @@ async def vllm_server(
 
 def ppm(image: npt.NDArray[np.uint8]) -> bytes:
     """A frame as binary PPM: lossless, no Pillow, and vLLM opens it inside a video/jpeg URL."""
-    height, width = image.shape[:2]
-    return b"P6\n%d %d\n255\n" % (width, height) + np.ascontiguousarray(image).tobytes()
+    return encode_frame(image, "ppm")
 
 
 def video_part(frames: npt.NDArray[np.uint8], uuid: str) -> dict[str, Any]:
-    """A ``video_url`` content part: ``(T, H, W, 3)`` frames as one multi-frame data URL."""
-    encoded = ",".join(base64.b64encode(ppm(frame)).decode() for frame in frames)
-    return {
-        "type": "video_url",
-        "video_url": {"url": f"data:video/jpeg;base64,{encoded}"},
-        "uuid": uuid,
-    }
+    """A ``video_url`` content part: ``(T, H, W, 3)`` frames as one multi-frame data URL of PPMs."""
+    return remote_video_part(list(frames), uuid, "ppm")
 
 
 @dataclass
