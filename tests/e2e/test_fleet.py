@@ -43,8 +43,8 @@ pytestmark = pytest.mark.engine
 LONG = 4000
 """``max_tokens`` of an answer to cancel: the tiny model writes that many (never an early
 end), seconds of work, so it is still running when the cancel or disconnect comes."""
-BOTH = 1500
-"""``max_tokens`` of the two answers that must be in the engine at the same time."""
+SHORT = 32
+"""``max_tokens`` of an answer read to its end."""
 FRAMES = 4
 """A 2-second clip at the sessions' 2 fps."""
 
@@ -129,19 +129,26 @@ def answered(answer: Answer, max_tokens: int) -> None:
 async def test_both_frontends_answer_at_once(
     frontends: tuple[ServerProcess, ServerProcess], vllm_serve: VllmServer, clip: Path
 ) -> None:
-    """A session on each front-end asks; both requests are in vLLM at the same time and both
-    answers stream to the end with their usage."""
+    """A session on each front-end asks at once: the answers stream to the end with their
+    usage, and two long ones are in vLLM at the same time (then cancelled)."""
     async with (
         watching(frontends[0].url, clip) as one,
         watching(frontends[1].url, clip) as two,
     ):
-        answers = [session.ask("What is moving?", max_tokens=BOTH) for session in (one, two)]
-        await asyncio.gather(*map(first_delta, answers))
+        sessions = (one, two)
+        short = [session.ask("What is moving?", max_tokens=SHORT) for session in sessions]
+        pieces = await asyncio.gather(*map(_deltas, short))
+        long = [session.ask("Tell me everything.", max_tokens=LONG) for session in sessions]
+        await asyncio.gather(*map(first_delta, long))
         assert await vllm_serve.wait_in_engine(lambda count: count == 2) == 2
-        counted = await asyncio.gather(*(_deltas(answer) for answer in answers))
-    for answer, deltas in zip(answers, counted, strict=True):
-        answered(answer, BOTH)
-        assert deltas >= 1  # after the first: the text came in pieces
+        await asyncio.gather(*(answer.cancel() for answer in long))
+        await asyncio.gather(*(answer.result() for answer in long))
+    for answer, deltas in zip(short, pieces, strict=True):
+        answered(answer, SHORT)
+        assert deltas >= 2  # streamed, not one piece at the end
+    for answer in long:
+        assert answer.done is not None and answer.done.finish_reason == "cancelled"
+        assert answer.text
     await vllm_serve.wait_idle()
 
 
@@ -159,10 +166,10 @@ async def test_cancel_leaves_nothing_running(
         answer = session.ask("Tell me everything.", max_tokens=LONG)
         await first_delta(answer)
         assert await vllm_serve.wait_in_engine(lambda count: count >= 1) == 1
+        assert (await health(front))[1]["requests_running"] == 1
         await answer.cancel()
         await answer.result()
         assert answer.done is not None and answer.done.finish_reason == "cancelled"
-        assert answer.done.usage.completion_tokens < LONG
         await vllm_serve.wait_idle()
         await eventually(lambda: forgotten(front))
         again = await session.ask("And now?", max_tokens=8).result()
@@ -180,6 +187,7 @@ async def test_disconnect_leaves_nothing_running(
         answer = session.ask("Tell me everything.", max_tokens=LONG)
         await first_delta(answer)
         assert await vllm_serve.wait_in_engine(lambda count: count >= 1) == 1
+        assert (await health(front))[1]["requests_running"] == 1
     # Leaving the block closed the connection with the answer still streaming.
     assert answer.done is None and answer.error is not None  # it never finished here
     await front.wait_sessions_closed(closed + 1)
