@@ -43,6 +43,8 @@ class ServerProcess:
         self.process = process
         self.port = port
         self.url = f"ws://127.0.0.1:{port}/v1/session"
+        self.base = f"http://127.0.0.1:{port}"
+        """``/health``, ``/metrics`` and the OpenAI door."""
         self.log: list[str] = []
         self.sessions_closed = 0
         """Sessions the server has logged as closed so far."""

@@ -298,10 +298,13 @@ def _is_alive(process: psutil.Process) -> bool:
 
 @contextlib.asynccontextmanager
 async def vllm_server(
-    model: Path, *, api_key: str | None = None, extra: Sequence[str] = ()
+    model: Path, *, api_key: str | None = None, extra: Sequence[str] = (), port: int | None = None
 ) -> AsyncIterator[VllmServer]:
-    """``vllm serve model`` on a free loopback port, ready; ended (and checked) on exit."""
-    port = free_port()
+    """``vllm serve model`` on ``port`` (a free one if None), ready; ended (and checked) on exit.
+
+    A given ``port`` is how a test restarts the engine where front-ends already point.
+    """
+    port = free_port() if port is None else port
     process = await asyncio.create_subprocess_exec(
         *_vllm_command(),
         *serve_args(model, port, api_key=api_key),
