@@ -9,6 +9,7 @@ other test sends (its own first number), so its first ask finds nothing in the c
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from streamchat.engine.vllm import VllmEngine
 from streamchat_client import connect
 from tests.support.live import Live, live_server
-from tests.support.media import encode_video
+from tests.support.media import encode_image, encode_video
 from tests.support.settings import E2E
 
 pytestmark = pytest.mark.engine
@@ -73,3 +74,43 @@ async def test_a_second_ask_on_a_timeline_reuses_the_first_prompt_and_on_a_windo
     assert window_first.prompt_tokens > 4 * BLOCK
     assert window_second.cached_tokens < second.cached_tokens // 4
     assert live.engine.engine_unfinished() == 0
+
+
+async def test_frames_arriving_after_a_question_are_computed_before_the_next(
+    live: Live[VllmEngine],
+) -> None:
+    """Through the bundled client: after a timeline question, the frames that arrive are
+    computed ahead, so the next question finds them cached and computes its own text and
+    at most a block more, though it shows a whole new segment (512 video tokens)."""
+    settings = dataclasses.replace(E2E, max_pixels=SIDE * SIDE)
+    images = [encode_image(width=SIDE, height=SIDE, index=7500 + i) for i in range(FRAMES + 4)]
+    async with live_server(settings, live.engine) as server:
+        async with connect(server.url, fps=2, window_frames=FRAMES, context="timeline") as session:
+            for number, image in enumerate(images[:FRAMES]):
+                await session.send_image(image, pts=number / 2)
+            await session.wait_frames(FRAMES, timeout=60)
+            first = await session.ask("Which number is shown?", max_tokens=4).result()
+            counted = prefills(live.engine)
+            for number, image in enumerate(images[FRAMES:], start=FRAMES):
+                await session.send_image(image, pts=number / 2)
+            await session.wait_frames(FRAMES + 4, timeout=60)
+            await computed_ahead(live.engine, session.ready.session, counted)
+            second = await session.ask("And now?", max_tokens=4).result()
+    assert first.done is not None and second.done is not None
+    one, two = first.done.usage, second.done.usage
+    assert two.video_tokens - one.video_tokens == 4 * SIDE * SIDE // (28 * 28) // 2
+    assert two.prompt_tokens - two.cached_tokens <= 2 * BLOCK
+    assert live.engine.engine_unfinished() == 0
+
+
+def prefills(engine: VllmEngine) -> float:
+    (family,) = [f for f in engine.families() if f.name == "streamchat_timeline_prefills"]
+    return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+
+async def computed_ahead(engine: VllmEngine, session: str, before: float) -> None:
+    """Wait (polled, with a deadline) until a prefill started after ``before`` has ended."""
+    deadline = asyncio.get_running_loop().time() + 120
+    while prefills(engine) == before or engine.prefilling(session) is not None:
+        assert asyncio.get_running_loop().time() < deadline, "no prefill ended in time"
+        await asyncio.sleep(0.05)
