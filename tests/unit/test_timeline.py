@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 
 from streamchat.engine.base import Video
 from streamchat.engine.timeline import Draft, Segment, Timeline, Turn
+from streamchat.media.decoder import DecoderOptions, decode_stream
 from streamchat.window import Frame
+from tests.support.ffmpeg import Corpus
 
 
 def frames(count: int, *, start: float = 0.0, fps: float = 2.0) -> list[Frame]:
@@ -204,3 +207,34 @@ def test_ahead_cuts_runs_before_a_gap_whole() -> None:
     ahead = timeline.ahead(stream)
     assert ahead is not None
     assert sizes(list(ahead.new)) == [2, 4]
+
+
+@pytest.mark.parametrize("name", ["vfr-gap", "mpegts", "mkv"])
+def test_files_written_by_ffmpeg_cut_into_segments_at_their_stream_times(
+    ffmpeg_corpus: Corpus, name: str
+) -> None:
+    """Frames the real decoder samples from streamable ffmpeg-CLI files (a VFR hole, a
+    camera's MPEG-TS, a recorder's Matroska) become segments that follow their stream times:
+    labels are the frames' pts, no segment spans the hole, asks and prefills together show
+    every frame once."""
+    media = ffmpeg_corpus[name]
+    decoded: list[Frame] = []
+    options = DecoderOptions(fps=2.0, max_pixels=64 * 64, min_pixels=28 * 28)
+    with media.path.open("rb") as source:
+        decode_stream(source, options, decoded.append, threading.Event())
+    assert len(decoded) == media.expected_frames(2.0)
+    timeline = Timeline(fps=2.0)
+    first = timeline.draft(decoded[:4], "One?")
+    timeline.commit(first, "A.")
+    ahead = timeline.ahead(decoded[:-1])
+    last = timeline.draft(decoded, "Two?")
+    timeline.commit(last, "B.")
+    shown = [f for segment in timeline.segments for f in segment.frames]
+    assert shown == decoded[: len(shown)] and len(decoded) - len(shown) <= 1  # an odd one waits
+    hole = media.segments()[1][0] if len(media.segments()) > 1 else None
+    for segment in timeline.segments:
+        assert segment.label() == f"t={segment.first:.1f}-{segment.last:.1f}s:"
+        if hole is not None:
+            assert segment.last < hole - 0.1 or segment.first >= hole - 0.1
+    if ahead is not None:
+        assert all(s in timeline.segments for s in ahead.new)
