@@ -12,14 +12,16 @@ base64 in a ``data:video/jpeg`` URL, encoded as lossless PPM (the default) or
    (streamchat's engine defaults with :data:`Shape.max_model_len` as context
    and batch), the same windows (:data:`FPS`, 448x448 ``testsrc2`` frames) and
    question, greedy, asked through (a) the local :class:`VllmEngine` in this
-   process and then (b) :class:`RemoteEngine` against ``vllm serve`` on
-   loopback, started as ``bench.peer`` starts it, one engine at a time.
-   Every ask is on frames no cache has seen (checked: 0 cached tokens); the
-   remote formats take turns on each window (their content ids differ, so
-   they share no cache either). Per window and repetition, the remote TTFT
-   over the local one (paired). The front-end's own cost is measured apart
-   with no engine running: encoding and base64 of a window, per format, and
-   the bytes of its URL. Whether the greedy answer equals the local one for
+   process and (b) :class:`RemoteEngine` against ``vllm serve`` on loopback,
+   started as ``bench.peer`` starts it. Both engines are up, but only one is
+   asked at a time, and the sides take turns window by window (the order
+   rotating per repetition), so a drifting load on this shared machine hits
+   them alike. Every ask is on frames no cache has seen (checked: 0 cached
+   tokens; the formats' content ids differ, so they share no cache either).
+   Per window and repetition, the remote TTFT over the local one (paired).
+   The front-end's own cost is measured apart with no engine running:
+   encoding and base64 of a window, per format, and the bytes of its URL.
+   Whether the greedy answer equals the local one for
    the same frames is counted too.
 2. **Image quality.** Frames of three contents (``testsrc2``: sharp synthetic
    edges and text; ``clip``: bench media's textured pan as the decoder gives
@@ -280,22 +282,6 @@ def _warm_frames(shape: Shape, window: int) -> list[Frame]:
     return [Frame(pts=i / FPS, image=a) for i, a in enumerate(_noise(window, shape.size, 99))]
 
 
-async def _local(model: Path, shape: Shape, repeat: int) -> list[dict[str, Any]]:
-    from streamchat.engine.vllm import make_engine_args, open_vllm_engine
-
-    started = time.perf_counter()
-    asks = []
-    async with open_vllm_engine(make_engine_args(model, **shape.engine)) as engine:
-        print(f"local: engine ready in {time.perf_counter() - started:.0f} s", flush=True)
-        for window in shape.windows:  # a first ask of a shape pays one-off costs
-            await _ask(engine, "local", _warm_frames(shape, window), shape, f"warm-{window}")
-        for window, repetition, frames in _windows(shape, repeat):
-            ask = await _ask(engine, "local", frames, shape, f"local-{window}-{repetition}")
-            asks.append({"window": window, "repetition": repetition, **ask})
-            print(f"  local: {window} frames, TTFT {ask['ttft'] * 1000:.0f} ms", flush=True)
-    return asks
-
-
 def _server_flags(shape: Shape) -> list[str]:
     """``vllm serve``'s flags: streamchat's engine defaults with the shape's, as the local
     engine gets them, and what the remote engine needs (/work/notes/15-research.md §10)."""
@@ -325,31 +311,44 @@ async def _vllm_serve(out: Path, model: Path, shape: Shape) -> AsyncIterator[str
         yield f"http://127.0.0.1:{port}/v1"
 
 
-async def _remote(out: Path, model: Path, shape: Shape, repeat: int) -> list[dict[str, Any]]:
-    from streamchat.engine.remote import open_remote_engine
+async def _asks(out: Path, model: Path, shape: Shape, repeat: int) -> list[dict[str, Any]]:
+    """Every side asked about every window: the local engine and each remote format in turn.
 
-    started = time.perf_counter()
+    Both engines are up at once (``vllm serve`` first, then the local one) but
+    asked one at a time, so each ask has the cores to itself, and the sides take
+    turns window by window: a load that drifts (this machine is shared) hits
+    them alike and the ratios are paired. Each side's first ask of a shape pays
+    one-off costs: it is made on noise before and not measured.
+    """
+    from streamchat.engine.remote import open_remote_engine
+    from streamchat.engine.vllm import make_engine_args, open_vllm_engine
+
     asks = []
     async with contextlib.AsyncExitStack() as stack:
+        started = time.perf_counter()
         url = await stack.enter_async_context(_vllm_serve(out, model, shape))
-        print(f"remote: vllm serve ready in {time.perf_counter() - started:.0f} s", flush=True)
-        engines = {
-            frame_format: await stack.enter_async_context(
+        print(f"vllm serve ready in {time.perf_counter() - started:.0f} s", flush=True)
+        started = time.perf_counter()
+        local = await stack.enter_async_context(
+            open_vllm_engine(make_engine_args(model, **shape.engine))
+        )
+        print(f"local engine ready in {time.perf_counter() - started:.0f} s", flush=True)
+        engines: dict[str, Engine] = {"local": local}
+        for frame_format in FORMATS:
+            engines[frame_format] = await stack.enter_async_context(
                 open_remote_engine(url, frame_format=frame_format, timeout=_ANSWER_TIMEOUT)
             )
-            for frame_format in FORMATS
-        }
         for window in shape.windows:
-            await _ask(engines[FORMATS[0]], "warm", _warm_frames(shape, window), shape, "warm")
+            for side in ("local", FORMATS[0]):
+                await _ask(engines[side], side, _warm_frames(shape, window), shape, "warm")
+        sides = list(engines)
         for window, repetition, frames in _windows(shape, repeat):
-            # The formats take turns on each window: a drifting load hits them alike.
-            turn = FORMATS[repetition % len(FORMATS) :] + FORMATS[: repetition % len(FORMATS)]
-            for frame_format in turn:
-                rid = f"{frame_format}-{window}-{repetition}"
-                ask = await _ask(engines[frame_format], frame_format, frames, shape, rid)
+            turn = sides[repetition % len(sides) :] + sides[: repetition % len(sides)]
+            for side in turn:
+                rid = f"{side}-{window}-{repetition}"
+                ask = await _ask(engines[side], side, frames, shape, rid)
                 asks.append({"window": window, "repetition": repetition, **ask})
-                ttft = ask["ttft"] * 1000
-                print(f"  {frame_format}: {window} frames, TTFT {ttft:.0f} ms", flush=True)
+                print(f"  {side}: {window} frames, TTFT {ask['ttft'] * 1000:.0f} ms", flush=True)
     return asks
 
 
@@ -470,8 +469,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     encoding = _encoding(shape)
     suffix = "" if shape.scale == DEFAULT_SCALE else "-bench"
     model = build_tiny_model(args.out / f"tiny-qwen2_vl{suffix}", scale=shape.scale)
-    asks = await _local(model, shape, repeat)
-    asks += await _remote(args.out, model, shape, repeat)
+    asks = await _asks(args.out, model, shape, repeat)
     summaries = _summaries(asks, shape)
     _tables(summaries, encoding, quality)
     return {
