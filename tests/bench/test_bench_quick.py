@@ -26,6 +26,8 @@ CACHE_BLOCK = 128
 QUESTION_TOKENS = 64
 """More than a benchmark question takes, with its sentence on the stream and the template."""
 """The engine benchmarks start vLLM (15-60 s, more under load); ``peer`` starts two in turn."""
+REMOTE_TIMEOUT = 900
+"""``remote`` starts vLLM twice in turn and imports it once more: 5 min seen on a busy box."""
 
 
 def run_quick(
@@ -279,3 +281,40 @@ def test_timeline_peer_quick(tmp_path: Path) -> None:
     for ratios in entry["over_vllm_serve"].values():
         assert set(ratios) == {"cold", "after_2s"} and all(r > 0 for r in ratios.values())
     assert [len(asks) for asks in entry["asks"].values()] == [4, 4, 4]
+
+
+@pytest.mark.engine
+def test_remote_quick(tmp_path: Path) -> None:
+    """The local engine and every remote frame format answer about the same fresh frames.
+
+    Nothing came from a cache, both engines took the same prompt tokens, each format's
+    ratio over local is computed, and PPM reaches vLLM bit-exact while JPEG does not.
+    """
+    result = run_quick("remote", tmp_path, timeout=REMOTE_TIMEOUT)
+    formats = result["formats"]
+    assert formats[0] == "ppm" and len(formats) >= 2
+    ((window, entry),) = result["windows"].items()
+    for side in ("local", *formats):
+        for key in ("ttft", "total", "prompt_tokens", "video_tokens"):
+            assert_summary(entry[side][key])
+        assert entry[side]["cached_tokens_max"] == 0
+    for frame_format in formats:
+        figures = entry[frame_format]
+        assert_summary(figures["ttft_over_local"])
+        assert_summary(figures["total_over_local"])
+        assert figures["same_prompt_tokens"] is True
+        assert 0 <= figures["same_answer"] <= figures["ttft"]["n"]
+        cost = result["encoding"][window][frame_format]
+        assert_summary(cost["encode_ms"])
+        assert cost["url_bytes"] > 0
+    # A PPM URL is raw RGB in base64; JPEG's is smaller.
+    sizes = {f: result["encoding"][window][f]["url_bytes"] for f in formats}
+    assert all(sizes[f] < sizes["ppm"] for f in formats[1:])
+    for content, rows in result["quality"].items():
+        assert rows["ppm"]["mae"] == rows["ppm"]["max_error"] == 0, content
+        assert rows["ppm"]["exact_pixels"] == 1.0
+        for frame_format, row in rows.items():
+            assert row["encode_ms_per_frame"] > 0 and row["decode_ms_per_frame"] > 0
+            if frame_format != "ppm":
+                assert 0 < row["mae"] <= row["max_error"], (content, frame_format)
+    assert len(result["asks"]) == len(formats) + 1
