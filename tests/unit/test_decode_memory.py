@@ -27,17 +27,19 @@ from tests.support.media import encode_video
 
 
 def test_the_estimate_covers_the_measured_peaks_with_its_margin() -> None:
-    """At the sizes measured (docs/security.md) the estimate is above the peak, within 1.4x."""
+    """At the sizes measured (docs/security.md, bench.decode_memory) the estimate is above
+    the peak, within 1.6x of the first measurements."""
     for (width, height), measured in (((4096, 2304), 374 * MIB), ((1920, 1080), 91 * MIB)):
         estimate = decoder_bytes(width, height, threads=2)
-        assert measured < estimate < 1.4 * measured
+        assert measured < estimate < 1.6 * measured
+    assert decoder_bytes(4096, 2304, threads=2) > 462 * MIB
 
 
 def test_the_estimate_grows_with_threads_and_the_pixel_format() -> None:
     """Each frame thread and a deeper pixel format cost more, as measured (29 MiB a thread)."""
     base = decoder_bytes(4096, 2304, threads=1)
     per_thread = decoder_bytes(4096, 2304, threads=2) - base
-    assert 29 * MIB < per_thread < 1.4 * 29 * MIB
+    assert 29 * MIB < per_thread < 1.6 * 29 * MIB
     assert decoder_bytes(4096, 2304, bytes_per_pixel=3.0, threads=2) > 1.9 * (base + per_thread)
 
 
