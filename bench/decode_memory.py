@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
+import psutil  # type: ignore[import-untyped]  # no stubs in the test extras
 
 from streamchat.errors import DecoderBusy
 from streamchat.media import DecodeMemory, DecoderOptions, decode_stream, map_large_blocks
