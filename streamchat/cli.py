@@ -143,6 +143,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         ("max_source_frames", int, "most frames per source"),
         ("max_index_samples", int, "most MP4 index entries per source (all tracks)"),
         ("decoder_threads", int, "FFmpeg threads per video decoder"),
+        ("decode_memory_bytes", int, "decoder memory of all decoders; default: 1/4 of RAM"),
+        ("decode_memory_wait", float, "seconds a decoder waits for room in it"),
         ("max_dns_lookups", int, "DNS lookups running at once (one per session)"),
         ("max_sessions", int, "sessions open at once; more get HTTP 503"),
         ("max_sessions_per_client", int, "sessions open at once per API key or address"),

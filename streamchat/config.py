@@ -45,6 +45,7 @@ DEFAULT_MAX_INDEX_SAMPLES = 500_000
 DEFAULT_MAX_HEADER_BYTES = 8 << 20
 """The largest MP4 index (``moov``) read whole, by the decoder or rewritten by a fetch."""
 DEFAULT_DECODER_THREADS = 2
+DEFAULT_DECODE_MEMORY_WAIT = 10.0
 DEFAULT_MAX_DNS_LOOKUPS = 64
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_MAX_SESSIONS_PER_CLIENT = 8
@@ -159,6 +160,13 @@ class Settings:
     decoder_threads: int = DEFAULT_DECODER_THREADS
     """FFmpeg threads per video decoder. Frame threads each hold frames in flight, so memory
     per session grows with them; a fixed count keeps the bound the same on any machine."""
+    decode_memory_bytes: int | None = None
+    """Decoder memory all decoders of the server may hold at once (sessions' sources, the
+    video cache's): each reserves its estimated peak from its frame size before decoding at
+    that size (:mod:`streamchat.media.memory`). None: a quarter of the machine's memory."""
+    decode_memory_wait: float = DEFAULT_DECODE_MEMORY_WAIT
+    """Seconds a decoder waits for room in that memory before its source fails with
+    ``decoder_busy`` (the session goes on)."""
     max_dns_lookups: int = DEFAULT_MAX_DNS_LOOKUPS
     """DNS lookups running at once in the server, each in a thread of its own, at most one
     per session (:class:`~streamchat.ingest.netguard.Lookups`)."""

@@ -105,7 +105,11 @@ async def session_endpoint(websocket: WebSocket) -> None:
     try:
         await websocket.accept(subprotocol=grant.subprotocol)
         session = Session(
-            state.settings, state.engine, session_id=secrets.token_hex(16), metrics=state.metrics
+            state.settings,
+            state.engine,
+            session_id=secrets.token_hex(16),
+            metrics=state.metrics,
+            memory=state.memory,
         )
         session.log.tag_task()
         await state.add(session)

@@ -31,6 +31,7 @@
     │   ├── VideoTooLong                video_too_long: more video time or frames than allowed
     │   ├── VideoTimeout                video_timeout: no bytes, or no progress, in time
     │   ├── VideoBacklogFull            video_backlog_full: pushed faster than decoded
+    │   ├── DecoderBusy                 decoder_busy: the server's decoding memory stayed full
     │   ├── SourceBusy                  source_busy: chunks while a URL source is active
     │   ├── UrlNotAllowed               url_not_allowed: scheme, host, address or path refused
     │   ├── UrlFetchFailed              url_fetch_failed: unreachable, HTTP error, too large
@@ -56,6 +57,7 @@ __all__ = [
     "AskError",
     "BadMessage",
     "CloseCode",
+    "DecoderBusy",
     "ContextTooLong",
     "DuplicateHello",
     "DuplicateId",
@@ -243,6 +245,15 @@ class VideoTimeout(VideoError):
 
 class VideoBacklogFull(VideoError):
     code = "video_backlog_full"
+
+
+class DecoderBusy(VideoError):
+    """Other sources held the server's decoding memory for as long as this one could wait.
+
+    Not the source's fault: the same video may decode once others end.
+    """
+
+    code = "decoder_busy"
 
 
 class SourceBusy(VideoError):

@@ -258,6 +258,23 @@ class Metrics:
             "Requests waiting in the engine's queue for a place (as of its last step).",
             registry=r,
         )
+        self.decode_memory_reserved = Gauge(
+            "streamchat_decode_memory_reserved_bytes",
+            "Decoder memory reserved now by every decoder (sessions' and the video cache's), "
+            "out of streamchat_decode_memory_bytes.",
+            registry=r,
+        )
+        self.decode_memory_capacity = Gauge(
+            "streamchat_decode_memory_bytes",
+            "The server's decoding memory (--decode-memory-bytes, else a quarter of the "
+            "machine's).",
+            registry=r,
+        )
+        self.decode_memory_waiting = Gauge(
+            "streamchat_decode_memory_waiting",
+            "Decoders waiting for room in the decoding memory.",
+            registry=r,
+        )
         for door in DOORS:  # present from the start, so rates and quantiles have a zero
             for family in (self.ttft, self.answer_time, self.frames_decoded):
                 family.labels(door)
@@ -291,6 +308,12 @@ class Metrics:
 
     def session_closed(self) -> None:
         self.sessions_open.dec()
+
+    def decode_memory(self, *, reserved: int, waiting: int, capacity: int) -> None:
+        """The decoding memory's account changed (:mod:`streamchat.media.memory`)."""
+        self.decode_memory_reserved.set(reserved)
+        self.decode_memory_waiting.set(waiting)
+        self.decode_memory_capacity.set(capacity)
 
     def refused(self, door: Door, reason: str) -> None:
         self.sessions_refused.labels(door, reason).inc()

@@ -27,6 +27,7 @@ from .engine.base import Engine
 from .engine.prompt import MAX_CLIPS
 from .errors import AccessError, CloseCode, ServerBusy
 from .limits import ClientRates
+from .media import DecodeMemory
 from .metrics import Metrics
 from .videocache import VideoCache
 
@@ -90,12 +91,22 @@ class ServerState:
     """Requests per client of the OpenAI-compatible door (sessions count their own)."""
     metrics: Metrics = field(default_factory=Metrics)
     """This app's metric families (``GET /metrics``)."""
+    memory: DecodeMemory = field(default=None)  # type: ignore[assignment]
+    """The decoding memory every decoder holds room in: sessions' and the video cache's."""
 
     def __post_init__(self) -> None:
         self.metrics.watch_engine(self.engine)
+        if self.memory is None:
+            self.memory = DecodeMemory.from_settings(self.settings, self.metrics)
+            logger.info(
+                "decoding memory: %d MiB for all decoders", self.memory.budget.capacity >> 20
+            )
         if self.videos is None:
             self.videos = VideoCache(
-                self.settings, max_bytes=self.settings.video_cache_bytes, metrics=self.metrics
+                self.settings,
+                max_bytes=self.settings.video_cache_bytes,
+                metrics=self.metrics,
+                memory=self.memory,
             )
         self.metrics.watch_video_cache(self.videos.stats)
         if self.request_rates is None:

@@ -40,7 +40,7 @@ from .config import Settings
 from .engine.base import Engine, EngineError, GenerationRequest, Usage
 from .errors import EngineFailure, StreamchatError, UrlFetchFailed, close_reason
 from .ingest import ByteFeed, FeedClosed, Lookups, fetch_into, shared_lookups
-from .media import DecoderOptions, decode_image, decode_stream
+from .media import DecodeMemory, DecoderOptions, Hold, decode_image, decode_stream
 from .messages import AnswerDone, ClientMessage, ServerMessage, VideoStatus
 from .metrics import Metrics
 from .protocol import (
@@ -85,6 +85,8 @@ class _RunningSource:
     stop: threading.Event = field(default_factory=threading.Event)
     decoding: asyncio.Task[None] | None = None
     fetching: asyncio.Task[None] | None = None
+    hold: Hold | None = None
+    """Its decoder's share of the server's decoding memory."""
 
     def level(self) -> FeedLevel:
         return FeedLevel(lag=self.feed.lag, backlog_bytes=self.feed.backlog_bytes)
@@ -99,6 +101,8 @@ class _RunningSource:
         """Stop now; the decoder thread notices at its next read or packet."""
         self.stop.set()
         self.feed.abort()
+        if self.hold is not None:
+            self.hold.cancel()  # a decoder waiting for memory stops waiting
         if self.fetching is not None:
             self.fetching.cancel()
 
@@ -109,6 +113,8 @@ class Session:
     ``lookups``: the server's DNS lookups, where this session's run one at a
     time; by default the running loop's (:func:`~streamchat.ingest.netguard.shared_lookups`).
     ``metrics``: the server's, where the session counts what it does.
+    ``memory``: the server's decoding memory, where its decoders hold room
+    (:mod:`streamchat.media.admission`); by default one of its own.
     """
 
     def __init__(
@@ -119,9 +125,11 @@ class Session:
         session_id: str,
         lookups: Lookups | None = None,
         metrics: Metrics | None = None,
+        memory: DecodeMemory | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.memory = memory or DecodeMemory.from_settings(settings)
         self.engine = engine
         self.id = session_id
         self.identity: str | None = None
@@ -322,10 +330,17 @@ class Session:
                 source.stop.set()
 
         error: BaseException | None = None
+        name = f"decoder-{self.id}-{source.number}"
+        hold = source.hold = self.memory.hold(source.stop, name)
         try:
             await self._in_thread(
-                f"decoder-{self.id}-{source.number}",
-                lambda: decode_stream(source.feed, options, emit, source.stop),
+                name,
+                lambda: self.memory.holding(
+                    hold,
+                    lambda: decode_stream(
+                        source.feed, options, emit, source.stop, memory=hold.need
+                    ),
+                ),
             )
         except asyncio.CancelledError:
             raise

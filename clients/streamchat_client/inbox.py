@@ -38,6 +38,7 @@ SOURCE_ENDING = frozenset(
         "video_timeout",
         "url_not_allowed",
         "url_fetch_failed",
+        "decoder_busy",
     }
 )
 """Session errors that end the current source (its status then says ``failed``)."""

@@ -74,6 +74,7 @@ import numpy.typing as npt
 from av.container import InputContainer
 from av.packet import Packet
 from av.sidedata.sidedata import Type as SideDataType
+from av.video.format import VideoFormat
 from av.video.frame import VideoFrame
 from av.video.reformatter import Interpolation
 from av.video.stream import VideoStream
@@ -116,6 +117,7 @@ __all__ = [
     "MAX_IMAGE_SCANS",
     "DecodeReport",
     "DecoderOptions",
+    "MemoryNeed",
     "decode_image",
     "decode_stream",
     "map_large_blocks",
@@ -161,6 +163,11 @@ _MAX_GROUP_BYTES = 16 * 1024 * 1024
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter
+
+MemoryNeed = Callable[[int, int, float], None]
+"""Called by the decoder (in its thread) with a frame size and its format's bytes per pixel
+before it decodes frames of that size: hold room for them, blocking, or raise
+(:meth:`streamchat.media.admission.Hold.need`)."""
 
 
 def map_large_blocks(threshold: int = 128 * 1024) -> bool:
@@ -337,6 +344,8 @@ def decode_stream(
     options: DecoderOptions,
     emit: Callable[[Frame], None],
     stop: threading.Event,
+    *,
+    memory: MemoryNeed | None = None,
 ) -> DecodeReport:
     """Decode ``source`` until it ends or ``stop`` is set, calling ``emit`` for kept frames.
 
@@ -366,12 +375,19 @@ def decode_stream(
       ``ByteFeed``) are re-raised as they are if they are ``StreamchatError``
       instances, and wrapped in ``VideoDecodeError`` otherwise.
 
+    ``memory``: told the stream's frame size once it is known (the declared
+    size when the container is open; ``max_decode_pixels`` if none is
+    declared), before the first packet is decoded, and again when a decoded
+    frame shows a new size (the decoder has then made that one frame at it; a
+    new size is only known from it). What it raises ends the decode
+    (``DecoderBusy``).
+
     Whatever the outcome, the container is closed and the codec context freed
     (its FFmpeg threads joined) before this returns or raises (:func:`_release`).
     """
     reader = SafeReader(source, stop)
     try:
-        report = _decode_stream(reader, options, emit, stop)
+        report = _decode_stream(reader, options, emit, stop, memory)
     except BaseException as exc:
         _release(exc, reader.failure())
         raise
@@ -418,11 +434,12 @@ def _decode_stream(
     options: DecoderOptions,
     emit: Callable[[Frame], None],
     stop: threading.Event,
+    memory: MemoryNeed | None,
 ) -> DecodeReport:
     report = DecodeReport()
     try:
         with _open(reader, options) as container:
-            _decode_container(container, options, emit, stop, report)
+            _decode_container(container, options, emit, stop, report, memory)
     except (av.error.FFmpegError, StreamchatError) as exc:
         if stop.is_set():
             return _stopped(report)
@@ -527,6 +544,7 @@ def _decode_container(
     emit: Callable[[Frame], None],
     stop: threading.Event,
     report: DecodeReport,
+    memory: MemoryNeed | None,
 ) -> None:
     stream = _video_stream(container, options)
     report.container = container.format.name
@@ -535,8 +553,13 @@ def _decode_container(
     logger.info(
         "video opened: %s %s %dx%d", report.container, report.codec, stream.width, stream.height
     )
+    if memory is not None:
+        width, height = stream.width, stream.height
+        if width * height <= 0:  # not declared: the largest it may be
+            width, height = options.max_decode_pixels, 1
+        memory(width, height, bytes_per_pixel(stream.codec_context.format))
     rate = stream.average_rate or stream.guessed_rate
-    frames = _Frames(stream, options, report, 1.0 / float(rate) if rate else 1.0 / 30)
+    frames = _Frames(stream, options, report, 1.0 / float(rate) if rate else 1.0 / 30, memory)
     times = _spread_times(container, stream, options)
     if times is None:
         _decode_sampled(container, frames, options, emit, stop)
@@ -669,7 +692,12 @@ class _Frames:
     on the session's timeline and converted."""
 
     def __init__(
-        self, stream: VideoStream, options: DecoderOptions, report: DecodeReport, interval: float
+        self,
+        stream: VideoStream,
+        options: DecoderOptions,
+        report: DecodeReport,
+        interval: float,
+        memory: MemoryNeed | None = None,
     ) -> None:
         self.stream = stream
         self.report = report
@@ -678,6 +706,9 @@ class _Frames:
         self._timeline = Timeline()
         self._sizes = _SizeCache(options)
         self._errors_in_row = 0
+        self._memory = memory
+        fmt = stream.codec_context.format
+        self._shape = (stream.width, stream.height, fmt.name if fmt is not None else "")
 
     def decode(
         self, packets: Packet[VideoStream] | list[Packet[VideoStream]] | None
@@ -720,6 +751,11 @@ class _Frames:
             )
         report.frames_decoded += 1
         report.width, report.height = frame.width, frame.height
+        if self._memory is not None:
+            shape = (frame.width, frame.height, frame.format.name)
+            if shape != self._shape:  # a new size or format: more memory, maybe
+                self._shape = shape
+                self._memory(frame.width, frame.height, bytes_per_pixel(frame.format))
         pts = self._timeline.place(self.time(frame), self.interval)
         if pts > options.max_source_seconds:
             raise VideoTooLong(
@@ -790,6 +826,18 @@ def _video_stream(container: InputContainer, options: DecoderOptions) -> VideoSt
     # The decoder itself enforces the limit, also after a mid-stream size change.
     stream.codec_context.options = {"max_pixels": str(options.max_decode_pixels)}
     return stream
+
+
+def bytes_per_pixel(fmt: VideoFormat | None) -> float:
+    """Bytes a pixel of ``fmt`` takes in memory over all its planes (1.5 for 8-bit 4:2:0).
+
+    Samples over 8 bits take 2 bytes; chroma planes count at their subsampled
+    size. Unknown (no format yet): 8-bit 4:2:0, the common case.
+    """
+    if fmt is None:
+        return 1.5
+    chroma = fmt.chroma_width(64) * fmt.chroma_height(64) / (64 * 64)
+    return sum((1 if c.bits <= 8 else 2) * (chroma if c.is_chroma else 1.0) for c in fmt.components)
 
 
 def _check_refusal(exc: av.error.FFmpegError, stream: VideoStream, limit: int) -> None:

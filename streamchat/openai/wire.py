@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import (
     ContextTooLong,
+    DecoderBusy,
     EngineFailure,
     EngineTimeout,
     EngineUnavailable,
@@ -111,6 +112,7 @@ _STATUS: dict[type[StreamchatError], tuple[int, str]] = {
     OriginNotAllowed: (403, "permission_error"),
     ServerBusy: (429, "rate_limit_error"),
     ServerShutdown: (503, "server_error"),
+    DecoderBusy: (503, "server_error"),
     EngineFailure: (500, "server_error"),
     EngineUnavailable: (503, "server_error"),
     EngineTimeout: (504, "server_error"),

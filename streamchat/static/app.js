@@ -30,6 +30,7 @@ const ERROR_WORDS = {
   video_too_long: "The video is longer than the server accepts for one source. Start it again.",
   url_not_allowed: "The server does not fetch that address.",
   url_fetch_failed: "The server could not fetch the video.",
+  decoder_busy: "The server is busy decoding other videos; try again in a moment.",
   unauthorized: "This server needs an API key. Enter it above and connect again.",
   idle_timeout: "The session was closed after a long time with nothing to do. Reload the page " +
     "to start a new one.",

@@ -31,6 +31,7 @@ from ..ingest import (
     stat_file,
     url_scheme,
 )
+from ..media import DecodeMemory
 from ..metrics import Metrics
 from ..window import Frame
 from .decoding import (
@@ -118,8 +119,10 @@ class VideoCache:
         resolver: Resolver | None = None,
         network: httpcore.AsyncNetworkBackend | None = None,
         metrics: Metrics | None = None,
+        memory: DecodeMemory | None = None,
     ) -> None:
         self.settings = settings
+        self.memory = memory
         self.metrics = metrics or Metrics()
         self.max_bytes = settings.video_cache_bytes if max_bytes is None else max_bytes
         self.stats = CacheStats()
@@ -191,7 +194,8 @@ class VideoCache:
             pipe = Pipe(
                 settings,
                 self._threads,
-                lambda feed, stop: video_frames(feed, stop, settings, sampling),
+                lambda feed, stop, need: video_frames(feed, stop, settings, sampling, need),
+                self.memory,
             )
             pipe.start(None)
             _, decoded = await pipe.run(bytes_into(data.payloads[0], pipe.feed, settings))
@@ -240,9 +244,10 @@ class VideoCache:
         pipe: Pipe[_Media] = Pipe(
             settings,
             self._threads,
-            (lambda feed, stop: image_frame(feed, settings, sampling))
+            (lambda feed, stop, need: image_frame(feed, settings, sampling))
             if kind == "image"
-            else (lambda feed, stop: video_frames(feed, stop, settings, sampling)),
+            else (lambda feed, stop, need: video_frames(feed, stop, settings, sampling, need)),
+            self.memory,
         )
 
         def on_body(fetched: Fetched) -> None:

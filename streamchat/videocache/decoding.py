@@ -25,8 +25,10 @@ from ..config import Settings
 from ..errors import StreamchatError, UrlFetchFailed, VideoDecodeError, VideoTooLarge
 from ..ingest import ByteFeed, FeedClosed, Fetched
 from ..media import (
+    DecodeMemory,
     DecoderOptions,
     FrameSpread,
+    MemoryNeed,
     check_budget,
     decode_image,
     decode_stream,
@@ -111,19 +113,23 @@ class Pipe(Generic[_T]):
     starts for a ``304``. A decoder that ends first (refused or failed the
     source) aborts the feed, releasing the producer; a producer that fails
     aborts it with its error, which the decoder then raises; whoever leaves
-    early stops both.
+    early stops both. ``work`` gets the feed, the stop event and where its
+    decoder holds room in ``memory`` (the server's decoding memory; none: no account).
     """
 
     def __init__(
         self,
         settings: Settings,
         threads: Threads,
-        work: Callable[[ByteFeed, threading.Event], _T],
+        work: Callable[[ByteFeed, threading.Event, MemoryNeed | None], _T],
+        memory: DecodeMemory | None = None,
     ) -> None:
         self.feed = ByteFeed(
             max_bytes=settings.feed_bytes, read_timeout=settings.video_read_timeout
         )
         self.stop = threading.Event()
+        self._memory = memory
+        self._hold = None if memory is None else memory.hold(self.stop, "video-cache")
         self.fetched: Fetched | None = None
         self._threads = threads
         self._work = work
@@ -132,7 +138,13 @@ class Pipe(Generic[_T]):
     def start(self, fetched: Fetched | None) -> None:
         """Start the decoder thread: the producer's first byte is coming."""
         self.fetched = fetched
-        self._job = self._threads.run(lambda: self._work(self.feed, self.stop))
+        memory, hold = self._memory, self._hold
+        if memory is None or hold is None:
+            self._job = self._threads.run(lambda: self._work(self.feed, self.stop, None))
+        else:
+            self._job = self._threads.run(
+                lambda: memory.holding(hold, lambda: self._work(self.feed, self.stop, hold.need))
+            )
         self._job.add_done_callback(lambda job: _settle(job, self.feed))
 
     async def run(self, produce: Awaitable[Fetched | None]) -> tuple[Fetched | None, _T | None]:
@@ -168,6 +180,8 @@ class Pipe(Generic[_T]):
             if not done:
                 self.stop.set()
                 self.feed.abort()
+                if self._hold is not None:
+                    self._hold.cancel()
 
 
 def _settle(job: asyncio.Future[Any], feed: ByteFeed) -> None:
@@ -181,9 +195,14 @@ def _settle(job: asyncio.Future[Any], feed: ByteFeed) -> None:
 
 
 def video_frames(
-    feed: ByteFeed, stop: threading.Event, settings: Settings, sampling: Sampling
+    feed: ByteFeed,
+    stop: threading.Event,
+    settings: Settings,
+    sampling: Sampling,
+    memory: MemoryNeed | None = None,
 ) -> DecodedVideo:
-    """Decode the video in ``feed`` at ``sampling.fps``, keeping ``max_frames`` spread over it."""
+    """Decode the video in ``feed`` at ``sampling.fps``, keeping ``max_frames`` spread over it
+    (holding room in the decoding memory through ``memory``)."""
     options = DecoderOptions.from_settings(
         settings,
         fps=sampling.fps,
@@ -193,7 +212,7 @@ def video_frames(
         spread=sampling.max_frames,
     )
     chosen = FrameSpread(sampling.max_frames)
-    decode_stream(feed, options, chosen.add, stop)
+    decode_stream(feed, options, chosen.add, stop, memory=memory)
     frames = chosen.result()
     if not frames:  # only when stopped: a decode that ends with none raises
         raise VideoDecodeError("the video ended before any frame")
