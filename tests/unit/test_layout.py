@@ -39,6 +39,7 @@ LAYERS: list[set[str]] = [
         "engine.frames",
         "engine.prompt",
         "engine.remote",
+        "engine.sessions",
         "engine.timeline",
         "engine.tiny_model",
         "engine.vllm",
