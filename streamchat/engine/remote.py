@@ -8,7 +8,9 @@ the model what the local adapter (:mod:`streamchat.engine.vllm`) gives it:
 * each clip of the window as one ``video_url`` part, a multi-frame
   ``data:video/jpeg;base64,<f1>,<f2>,…`` URL whose frames are lossless PPM by
   default (vLLM 0.32 opens each piece with Pillow whatever the media type says:
-  the pixels arrive bit-exact) or JPEG (``jpeg:Q``, 4:4:4) for slow links;
+  the pixels arrive bit-exact) or JPEG (``jpeg:Q``, 4:4:4) for slow links
+  (:mod:`streamchat.engine.encoding`), each frame encoded once while it lives
+  (:class:`~streamchat.engine.frames.FrameCache`);
   each part carries a ``uuid`` (:func:`~streamchat.engine.frames.content_id`),
   so front-ends sending the same video share the server's caches;
 * the video metadata of :func:`~streamchat.engine.prompt.video_metadata` as
@@ -24,7 +26,8 @@ A session's timeline (``GenerationRequest.timeline``) is served as its window in
 this version: the timeline over stock vLLM is exact only for Qwen2/2.5-VL, and
 :attr:`RemoteEngine.default_context` is ``window``.
 
-The answer streams back as server-sent events (:class:`SseAnswer`, pure);
+The answer streams back as server-sent events
+(:class:`~streamchat.engine.sse.SseAnswer`, pure);
 closing the generator closes the HTTP stream, which vLLM takes as an abort.
 Failures are typed: :class:`~streamchat.errors.EngineUnavailable` (unreachable,
 502/503/504, a body cut mid-answer), :class:`~streamchat.errors.EngineTimeout`
@@ -37,23 +40,16 @@ a ``GET /health`` probe and those failures. The engine key is sent, never logged
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import io
+import functools
 import json
 import logging
 import secrets
-import threading
-import weakref
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-import numpy.typing as npt
 
 from ..budget import VisionCosts
 from ..errors import ContextTooLong, EngineFailure, EngineTimeout, EngineUnavailable
@@ -62,16 +58,23 @@ from .base import (
     ContextKind,
     Delta,
     EngineError,
-    FinishReason,
     Image,
     Message,
     Request,
     TimelineContext,
-    Usage,
     Video,
 )
-from .frames import content_id, newest_size, resize_nearest
+from .encoding import (
+    DEFAULT_FRAME_FORMAT,
+    encode_base64,
+    encode_frame,
+    encoded_video_part,
+    parse_frame_format,
+    video_part,
+)
+from .frames import FrameCache, content_id, frame_digest, newest_size, resize_nearest
 from .prompt import clip_frames, conversation, media_frames, video_metadata
+from .sse import MALFORMED, SseAnswer
 
 __all__ = [
     "DEFAULT_ENGINE_TIMEOUT",
@@ -90,7 +93,6 @@ logger = logging.getLogger("streamchat.engine")
 
 DEFAULT_ENGINE_TIMEOUT = 120.0
 """Seconds the engine may send no byte (queueing and prefill included) before an answer fails."""
-DEFAULT_FRAME_FORMAT = "ppm"
 HEALTH_INTERVAL = 2.0
 """Seconds between ``GET /health`` probes."""
 ENCODED_BYTES = 256 * 1024 * 1024
@@ -100,13 +102,6 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _MODEL_TYPES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
 _MODEL_TYPES["qwen3_vl_moe"] = "qwen3_vl"
 _FRAME_FACTORS = {"qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 32}
-_FINISH_REASONS: dict[str, FinishReason] = {
-    "stop": "stop",
-    "length": "length",
-    "abort": "cancelled",
-    "repetition": "stop",
-}
-_MALFORMED = "the engine's answer stream is malformed"
 SERVER_FLAGS = (
     "--trust-request-mm-kwargs",
     "--media-io-kwargs",
@@ -118,176 +113,6 @@ SERVER_FLAGS = (
 """What ``vllm serve`` needs besides its engine flags to be asked as this engine asks
 (docs/deploy.md): each request's video metadata accepted and every frame of a data URL
 kept (32 otherwise), no sampling defaults from the checkpoint, ``cached_tokens`` in usage."""
-
-
-def parse_frame_format(text: str) -> str:
-    """``ppm`` or ``jpeg:Q`` (quality 1-100), checked; ``ValueError`` otherwise."""
-    if text == "ppm":
-        return text
-    kind, _, quality = text.partition(":")
-    if kind == "jpeg" and quality.isdigit() and 1 <= int(quality) <= 100:
-        return f"jpeg:{int(quality)}"
-    raise ValueError(f"{text!r} is not a frame format: 'ppm' or 'jpeg:Q' (Q from 1 to 100)")
-
-
-def encode_frame(image: npt.NDArray[np.uint8], frame_format: str) -> bytes:
-    """One RGB frame as a PPM (lossless, no Pillow) or a 4:4:4 JPEG (Pillow)."""
-    if frame_format == "ppm":
-        height, width = image.shape[:2]
-        return b"P6\n%d %d\n255\n" % (width, height) + np.ascontiguousarray(image).tobytes()
-    from PIL import Image as PILImage  # a dependency of vLLM's, not streamchat's: jpeg only
-
-    out = io.BytesIO()
-    quality = int(frame_format.partition(":")[2])
-    PILImage.fromarray(image).save(out, "JPEG", quality=quality, subsampling=0)
-    return out.getvalue()
-
-
-def video_part(
-    images: Sequence[npt.NDArray[np.uint8]], uuid: str, frame_format: str = DEFAULT_FRAME_FORMAT
-) -> dict[str, Any]:
-    """A ``video_url`` content part: ``images`` as one multi-frame data URL, named ``uuid``.
-
-    The part :class:`RemoteEngine` sends for a clip, for a client of a vLLM
-    server that has no engine of its own (the tests, the benchmarks).
-    """
-    encoded = [base64.b64encode(encode_frame(image, frame_format)).decode() for image in images]
-    return _video_part(encoded, uuid)
-
-
-def _video_part(encoded: Sequence[str], uuid: str) -> dict[str, Any]:
-    """Base64-encoded frames as one ``data:video/jpeg`` URL: vLLM 0.32 splits it at the commas
-    and opens each piece with Pillow whatever the media type says (PPM too)."""
-    url = "data:video/jpeg;base64," + ",".join(encoded)
-    return {"type": "video_url", "video_url": {"url": url}, "uuid": uuid}
-
-
-class _EncodedFrames:
-    """Each frame's digest and base64 encoding, once per frame while it lives (LRU by bytes).
-
-    Keyed by the image's id and trusted only while a weak reference shows that
-    very array alive, as :class:`~streamchat.engine.vllm.FrameDigests` does;
-    bodies are built in worker threads, hence the lock.
-    """
-
-    def __init__(self, frame_format: str, max_bytes: int) -> None:
-        self.frame_format = frame_format
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[int, tuple[weakref.ref[Any], bytes, str]] = OrderedDict()
-
-    def get(self, image: npt.NDArray[np.uint8], *, keep: bool = True) -> tuple[bytes, str]:
-        key = id(image)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry[0]() is image:
-                self._entries.move_to_end(key)
-                return entry[1], entry[2]
-        digest = hashlib.blake2b(f"{image.dtype.str}{image.shape}".encode(), digest_size=16)
-        digest.update(np.ascontiguousarray(image).data)
-        encoded = base64.b64encode(encode_frame(image, self.frame_format)).decode("ascii")
-        value = digest.digest()
-        if keep:
-            with self._lock:
-                old = self._entries.pop(key, None)
-                self._bytes -= len(old[2]) if old is not None else 0
-                self._entries[key] = (weakref.ref(image), value, encoded)
-                self._bytes += len(encoded)
-                while self._bytes > self._max_bytes and self._entries:
-                    self._bytes -= len(self._entries.popitem(last=False)[1][2])
-        return value, encoded
-
-
-class SseAnswer:
-    """One answer's server-sent events -> deltas (pure: lines in, deltas out).
-
-    vLLM's stream: ``data: <json>`` events (blank lines between them, ``:``
-    comments as keep-alives); content in ``choices[0].delta.content``; the
-    finishing chunk's ``finish_reason``; then a chunk with no choices and the
-    ``usage``; then ``data: [DONE]``. The finish is held until the usage has
-    come, so the last delta carries both. An ``error`` object is the engine's
-    failure; anything else unexpected, or an end without finish, usage and
-    ``[DONE]``, is a malformed stream.
-    """
-
-    def __init__(self, video_token_id: int | None, frames: int) -> None:
-        self.video_token_id = video_token_id
-        self.frames = frames
-        self.prompt_ids: Sequence[int] = ()
-        self.reason: FinishReason | None = None
-        self.counted: dict[str, Any] | None = None
-        self.done = False
-        self.started = False
-        """A delta with text was produced."""
-
-    def line(self, line: str) -> Delta | None:
-        """The delta ``line`` makes (None: none yet); the last one once ``[DONE]`` came."""
-        if not line or line.startswith(":"):
-            return None
-        if self.done or not line.startswith("data:"):
-            raise EngineFailure(f"{_MALFORMED}: {line[:80]!r}")
-        data = line[5:].strip()
-        if data == "[DONE]":
-            self.done = True
-            return self.final()
-        try:
-            event = json.loads(data)
-        except ValueError:
-            raise EngineFailure(f"{_MALFORMED}: {data[:80]!r}") from None
-        if not isinstance(event, dict):
-            raise EngineFailure(f"{_MALFORMED}: {data[:80]!r}")
-        if "error" in event:
-            error = event["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise EngineFailure(f"the model failed: {str(message)[:200]}")
-        if isinstance(event.get("prompt_token_ids"), list):
-            self.prompt_ids = event["prompt_token_ids"]
-        usage, choices = event.get("usage"), event.get("choices")
-        if isinstance(usage, dict):
-            self.counted = usage
-        if not isinstance(choices, list) or (not choices and not isinstance(usage, dict)):
-            raise EngineFailure(f"{_MALFORMED}: {data[:80]!r}")
-        text = ""
-        for choice in choices[:1]:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if not isinstance(delta, dict):
-                raise EngineFailure(f"{_MALFORMED}: {data[:80]!r}")
-            content = delta.get("content")
-            text = content if isinstance(content, str) else ""
-            if choice.get("finish_reason") is not None:
-                self.reason = _finish_reason(choice["finish_reason"])
-        if text:
-            self.started = True
-            return Delta(text=text)
-        return None
-
-    def final(self) -> Delta:
-        """The last delta: the finish and the usage (both must have come)."""
-        if self.reason is None or self.counted is None:
-            raise EngineFailure(f"{_MALFORMED}: it ended without a finish and its usage")
-        return Delta(text="", finish_reason=self.reason, usage=self.usage())
-
-    def usage(self) -> Usage:
-        """What the engine counted (what it has counted so far, if it has not finished)."""
-        counted = self.counted or {}
-        details = counted.get("prompt_tokens_details") or {}
-        prompt = int(counted.get("prompt_tokens") or len(self.prompt_ids))
-        video = self.video_token_id
-        return Usage(
-            prompt_tokens=prompt,
-            completion_tokens=int(counted.get("completion_tokens") or 0),
-            video_tokens=sum(1 for t in self.prompt_ids if t == video) if video is not None else 0,
-            frames=self.frames,
-            cached_tokens=min(int(details.get("cached_tokens") or 0), prompt),
-        )
-
-
-def _finish_reason(reason: object) -> FinishReason:
-    mapped = _FINISH_REASONS.get(str(reason))
-    if mapped is None:
-        raise EngineFailure(f"the model failed: it finished the answer with {reason!r}")
-    return mapped
 
 
 class _ContextFull(Exception):
@@ -325,7 +150,13 @@ class RemoteEngine:
         self._root = self._url.removesuffix("/v1")
         self._wanted_model = model
         self._family = family
-        self._frames = _EncodedFrames(parse_frame_format(frame_format), encoded_bytes)
+        self._frame_format = parse_frame_format(frame_format)
+        self._frames = FrameCache(
+            frame_digest,
+            functools.partial(encode_base64, frame_format=self._frame_format),
+            size=len,
+            max_bytes=encoded_bytes,
+        )
         self._health_interval = health_interval
         self._frontend = secrets.token_hex(4)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -486,7 +317,7 @@ class RemoteEngine:
                     if answer.done:
                         return
                 if rid not in self._aborted:  # a whole body, but no [DONE]
-                    raise EngineFailure(f"{_MALFORMED}: it ended without [DONE]")
+                    raise EngineFailure(f"{MALFORMED}: it ended without [DONE]")
         except httpx.TimeoutException:
             self._healthy = False
             raise EngineTimeout(
@@ -587,15 +418,15 @@ class RemoteEngine:
             [digest for digest, _ in encoded],
             size=(height, width),
             metadata=metadata,
-            encoding=self._frames.frame_format,
+            encoding=self._frame_format,
         )
-        return _video_part([data for _, data in encoded], uuid)
+        return encoded_video_part([data for _, data in encoded], uuid)
 
     def _image(self, image: Image) -> Any:
         digest, data = self._frames.get(image.frame.image)
-        ppm = self._frames.frame_format == "ppm"
+        ppm = self._frame_format == "ppm"
         mime = "image/x-portable-pixmap" if ppm else "image/jpeg"
-        uuid = f"sc-{digest.hex()}-{self._frames.frame_format.replace(':', '')}"
+        uuid = f"sc-{digest.hex()}-{self._frame_format.replace(':', '')}"
         url = f"data:{mime};base64,{data}"
         return {"type": "image_url", "image_url": {"url": url}, "uuid": uuid}
 

@@ -7,7 +7,9 @@ single video, and streams back as ``RequestOutputKind.DELTA`` outputs, each
 forwarded at once. A generator closed early, or whose consumer is cancelled,
 aborts its request in the engine before it returns: a session relies on that
 for ``cancel`` and disconnects, and :meth:`VllmEngine.engine_unfinished` lets
-tests check it through the engine itself.
+tests check it through the engine itself. A session asking on its timeline is
+prepared by :class:`~streamchat.engine.sessions.TimelineSessions`, to which
+the adapter lends its renderer.
 
 vLLM is imported here and only here; :mod:`.cpu_compat` is installed first so
 the import works on CPU-only installs (and in vLLM's spawned processes).
@@ -17,21 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import logging
 import os
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import REGISTRY
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import Metric
 
 from ..budget import VisionCosts
 from ..config import DEFAULT_MAX_REQUEST_IMAGES, DEFAULT_MAX_REQUEST_VIDEOS
@@ -51,6 +50,7 @@ from .base import (
     Usage,
     Video,
 )
+from .frames import FrameCache
 from .frames import newest_size as _newest_size
 from .frames import stack_frames as _stack_frames
 from .prompt import (
@@ -61,7 +61,8 @@ from .prompt import (
     media_frames,
     video_metadata,
 )
-from .timeline import MAX_SEGMENTS, Draft, Timeline
+from .sessions import Prepared, Rendered, TimelineSessions
+from .timeline import MAX_SEGMENTS, Draft
 
 cpu_compat.install()
 
@@ -225,9 +226,13 @@ class VllmEngine:
         self._chat_template: str | None = getattr(processor, "chat_template", None)
         self._costs = _vision_costs(model_config, self._family, self._tokenizer, processor)
         self._digests = FrameDigests() if content_ids else None
-        self._sessions: dict[str, _SessionContext] = {}
-        self._rebases = {"ahead": 0, "on_ask": 0}
-        self._prefills = 0
+        self._timelines = TimelineSessions(
+            max_model_len=self._max_model_len,
+            messages=self._timeline_messages,
+            render=self._rendered_with_media,
+            forget=self._forget,
+            compute=self._compute,
+        )
 
     @property
     def frame_factor(self) -> int | None:
@@ -282,26 +287,7 @@ class VllmEngine:
     def families(self) -> Iterator[Metric]:
         """The timelines' families, and vLLM's own ``vllm:*`` ones, from the registry its stat
         logger writes into (only with :class:`SchedulerLoad`: vLLM then exports them)."""
-        sessions = GaugeMetricFamily(
-            "streamchat_timeline_sessions", "Sessions whose timeline the engine holds"
-        )
-        sessions.add_metric([], len(self._sessions))
-        yield sessions
-        rebases = CounterMetricFamily(
-            "streamchat_timeline_rebases",
-            "Timelines rebased to their window: ahead of the next ask (and warmed up), or on "
-            "an ask's path (that ask computes its whole prompt)",
-            labels=["when"],
-        )
-        for when, count in self._rebases.items():
-            rebases.add_metric([when], count)
-        yield rebases
-        prefills = CounterMetricFamily(
-            "streamchat_timeline_prefills",
-            "Timelines extended by new segments computed ahead of the next ask",
-        )
-        prefills.add_metric([], self._prefills)
-        yield prefills
+        yield from self._timelines.families()
         if self._load is None:
             return
         for family in REGISTRY.collect():
@@ -355,7 +341,9 @@ class VllmEngine:
                     raise EngineError(f"the engine failed: {exc}") from exc
                 if not answer.finished:
                     raise EngineError("the engine ended the answer without a final output")
-                self._answered(prepared, answer)
+                self._timelines.answered(
+                    prepared, answer.reason, answer.text, answer.completion_tokens
+                )
                 return
         finally:
             if outputs is not None:
@@ -369,56 +357,28 @@ class VllmEngine:
             await self._llm.abort(request_id)
 
     def prefill(self, context: TimelineContext, frames: Sequence[Frame]) -> None:
-        """Compute the full segments new in ``frames`` now, ahead of the next ask.
-
-        Only for a session that has asked on its timeline, one prefill at a time
-        (the next call catches up), never while a rebased copy warms up (the
-        call after it took over brings what it missed) nor past the timeline's
-        frames or the context. The segments stay pending on the timeline, so the
-        next ask shows them as it would have cut them and finds them in the
-        prefix cache: it computes its question and at most a cache block more.
-        The work is what that ask would do anyway, done while nobody waits.
-        """
-        session = self._sessions.get(context.session)
-        if self._closed or session is None or session.warming is not None:
-            return
-        if session.prefilling is not None:
-            return
-        draft = session.timeline.ahead(frames)
-        if draft is None or self._over(session.timeline, draft, context):
-            return
-        self._prefills += 1
-        task = asyncio.create_task(
-            self._compute(draft, f"{context.session}-ahead-{self._prefills}")
-        )
-        task.add_done_callback(session.prefilled)
-        session.prefilling = task
+        """Compute the full segments new in ``frames`` now, ahead of the next ask
+        (:meth:`TimelineSessions.prefill <streamchat.engine.sessions.TimelineSessions.prefill>`)."""
+        self._timelines.prefill(context, frames)
 
     def end_session(self, session: str) -> None:
         """Drop ``session``'s timeline; work running ahead for it is cancelled (and aborted)."""
-        context = self._sessions.pop(session, None)
-        if context is not None:
-            for task in (context.warming, context.prefilling):
-                if task is not None:
-                    task.cancel()
+        self._timelines.end_session(session)
 
     def warming(self, session: str) -> asyncio.Task[None] | None:
         """The warm-up of ``session``'s rebased timeline, if one was started (for tests)."""
-        context = self._sessions.get(session)
-        return context.warming if context is not None else None
+        return self._timelines.warming(session)
 
     def prefilling(self, session: str) -> asyncio.Task[None] | None:
         """``session``'s prefill running ahead of its next ask, if any (for tests, benchmarks)."""
-        context = self._sessions.get(session)
-        return context.prefilling if context is not None else None
+        return self._timelines.prefilling(session)
 
     async def aclose(self) -> None:
         """Abort what is in flight and shut vLLM down (its processes exit)."""
         if self._closed:
             return
         self._closed = True
-        for session in list(self._sessions):
-            self.end_session(session)
+        self._timelines.close()
         if self._running:
             await self._llm.abort(list(self._running))
         logger.info("shutting down vLLM engine")
@@ -435,163 +395,31 @@ class VllmEngine:
             raise EngineError("the engine is shut down")
         return self._llm
 
-    async def _prepare(self, request: Request) -> _Prepared:
+    async def _prepare(self, request: Request) -> Prepared:
         """What to submit for ``request``: on its session's timeline, or as one prompt."""
         if isinstance(request, GenerationRequest) and request.timeline is not None:
-            prepared = await self._on_timeline(request, request.timeline)
+            prepared = await self._timelines.prepare(request, request.timeline)
             if prepared is not None:
                 return prepared
             request = dataclasses.replace(request, timeline=None)
         engine_input, fitted, messages = await self._render(request)
         length = len(engine_input["prompt_token_ids"])
-        return _Prepared(engine_input, fitted, media_frames(messages), length)
-
-    async def _on_timeline(
-        self, request: GenerationRequest, context: TimelineContext
-    ) -> _Prepared | None:
-        """``request`` appended to its session's timeline, rebased first if it must be.
-
-        While a rebased copy warms up, asks go on with the timeline as it is
-        (it was rebased ahead, with room left); one that would take it over its
-        frames or videos waits for the copy instead. The timeline is rebased on
-        the ask's path when it would hold more frames or videos than it may, or
-        when its prompt and the answer would not fit the context; a rebased one
-        that still does not fit is left to the one-prompt path (None), which
-        trims history or refuses.
-        """
-        session = self._sessions.get(context.session)
-        if session is None:
-            session = self._sessions[context.session] = _SessionContext(Timeline(fps=request.fps))
-        wanted, limit = request.sampling.max_tokens, self._max_model_len
-        draft = session.timeline.draft(request.frames, request.question)
-        if session.warming is not None and self._over(session.timeline, draft, context):
-            await asyncio.wait([session.warming])  # the copy takes over, with the cut segments
-            draft = session.timeline.draft(request.frames, request.question)
-        for rebased in (False, True):
-            if rebased and session.warming is not None:
-                await asyncio.wait([session.warming])  # never rebase under a copy's feet
-            if rebased or self._over(session.timeline, draft, context):
-                self._rebase(session, request, context, when="on_ask")
-                draft = session.timeline.draft(request.frames, request.question)
-            messages = self._timeline_messages(draft)
-            rendered = await self._rendered(messages, self._media(messages))
-            if rendered.fits(wanted, limit) and len(draft.segments) <= MAX_SEGMENTS:
-                assert rendered.length is not None
-                return _Prepared(
-                    rendered.engine_input,
-                    request,
-                    media_frames(messages),
-                    rendered.length,
-                    draft=draft,
-                    context=context,
-                )
-            self._forget(rendered.engine_input)
-            if rebased:
-                break
-        logger.info("request %s: the timeline does not fit the context", request.request_id)
-        return None
-
-    @staticmethod
-    def _over(timeline: Timeline, draft: Draft, context: TimelineContext) -> bool:
-        """``draft`` takes ``timeline`` over its frames or its videos."""
-        return timeline.frames > context.max_frames or len(draft.segments) > MAX_SEGMENTS
+        return Prepared(engine_input, fitted, media_frames(messages), length)
 
     def _timeline_messages(self, draft: Draft) -> list[Message]:
         """The draft's messages; Qwen3-VL's videos carry their times, the others' are labelled."""
         return draft.messages(labels=self._family != "qwen3_vl")
 
-    def _rebase(
-        self,
-        session: _SessionContext,
-        request: GenerationRequest,
-        context: TimelineContext,
-        *,
-        when: str,
-    ) -> Timeline:
-        """Rebase ``session``'s timeline to ``request``'s window: now (on an ask's path), or
-        ``ahead`` as a copy that :meth:`_compute` computes and that then takes over."""
-        start = request.frames[0].pts if request.frames else float("inf")
-        logger.info(
-            "request %s: timeline of %d frames rebased to t=%.1fs (%s)",
-            request.request_id,
-            session.timeline.frames,
-            start,
-            when.replace("_", " "),
-        )
-        self._rebases[when] += 1
-        if when == "ahead":
-            return session.timeline.rebased(start, turns=context.keep_turns)
-        session.timeline.rebase(start, turns=context.keep_turns)
-        session.prompt_tokens = 0
-        return session.timeline
-
-    def _answered(self, prepared: _Prepared, answer: _Answer) -> None:
-        """A finished answer joins its session's timeline; rebase ahead if it soon must.
-
-        The next asks are expected to add what this one added (frames and
-        tokens). Once half the slack is used (or the next ask but one would
-        not fit the context), a rebased copy is made and computed in the
-        background (one token of answer) while asks go on with the timeline;
-        the copy then takes over, and the ask after finds it in the prefix cache.
-        """
-        draft, context, request = prepared.draft, prepared.context, prepared.request
-        if draft is None or context is None or not isinstance(request, GenerationRequest):
-            return
-        if answer.reason not in ("stop", "length"):
-            return
-        session = self._sessions.get(context.session)
-        if session is None:
-            return
-        timeline = session.timeline
-        timeline.commit(draft, answer.text)
-        if session.warming is not None:  # a rebased copy is on its way already
-            return
-        # What the next ask adds is guessed from what this one added, unless this one
-        # started the timeline (then the whole window was new).
-        grown = prepared.length - session.prompt_tokens if session.prompt_tokens else 0
-        session.prompt_tokens = prepared.length + answer.completion_tokens
-        new_frames = sum(len(s.frames) for s in draft.new) if draft.entries else 0
-        slack = max(context.max_frames - len(request.frames), 0)
-        next_tokens = session.prompt_tokens + 2 * max(grown, 0) + request.sampling.max_tokens
-        if (
-            timeline.frames + new_frames > len(request.frames) + slack // 2
-            or len(timeline.segments) + 2 * len(draft.new) > MAX_SEGMENTS
-            or next_tokens > self._max_model_len
-        ):
-            copy = self._rebase(session, request, context, when="ahead")
-            mark = len(timeline.entries)
-            warming = asyncio.create_task(
-                self._compute(copy.draft((), ""), f"{request.request_id}-warm")
-            )
-            warming.add_done_callback(lambda _: self._adopt(session, copy, mark))
-            session.warming = warming
-
-    def _adopt(self, session: _SessionContext, copy: Timeline, mark: int) -> None:
-        """The warm-up ended (or failed, or was cancelled): the rebased copy takes over."""
-        copy.adopt(session.timeline, mark)
-        session.timeline, session.warming, session.prompt_tokens = copy, None, 0
-
-    async def _compute(self, draft: Draft, request_id: str) -> None:
-        """Compute ``draft``'s prompt (one token of answer) for the prefix cache: a rebased
-        copy's, or the timeline's with segments cut ahead of the next ask."""
-        outputs: AsyncGenerator[Any, None] | None = None
+    async def _compute(self, engine_input: Any, request_id: str) -> None:
+        """Compute ``engine_input``'s prompt with one token of answer, for the prefix cache
+        (a timeline's work ahead of its next ask, :mod:`streamchat.engine.sessions`)."""
+        params = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
+        outputs = self._live().generate(engine_input, params, request_id)
         try:
-            messages = self._timeline_messages(draft)
-            rendered = await self._rendered(messages, self._media(messages))
-            if not rendered.fits(1, self._max_model_len):
-                self._forget(rendered.engine_input)
-                return
-            params = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
-            outputs = self._live().generate(rendered.engine_input, params, request_id)
             async for _ in outputs:
                 pass
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # it only saves time: the next ask computes it
-            logger.info("computing %s failed: %s", request_id, exc)
         finally:
-            if outputs is not None:
-                await outputs.aclose()
+            await outputs.aclose()
 
     async def _render(self, request: Request) -> tuple[Any, Request, list[Message]]:
         """vLLM's engine input for ``request``; the request and its messages as fitted.
@@ -671,7 +499,7 @@ class VllmEngine:
                 low = middle + 1
         return low
 
-    async def _rendered(self, messages: Sequence[Message], media: dict[str, Any]) -> _Rendered:
+    async def _rendered(self, messages: Sequence[Message], media: dict[str, Any]) -> Rendered:
         """The prompt of ``messages`` through vLLM's renderer, and its length.
 
         Without ``media`` only the text is tokenized (each video or image one
@@ -685,11 +513,15 @@ class VllmEngine:
                 raise EngineError(f"could not prepare the prompt: {exc}") from exc
             # The text alone is over the context; vLLM counted characters or tokens.
             counted = exc.value if exc.parameter == "input_tokens" else None
-            return _Rendered(None, None, counted)
+            return Rendered(None, None, counted)
         except Exception as exc:
             raise EngineError(f"could not prepare the prompt: {exc}") from exc
         length = len(engine_input["prompt_token_ids"])
-        return _Rendered(engine_input, length, length)
+        return Rendered(engine_input, length, length)
+
+    async def _rendered_with_media(self, messages: Sequence[Message]) -> Rendered:
+        """The prompt of ``messages`` with their videos and images (:meth:`_rendered`)."""
+        return await self._rendered(messages, self._media(messages))
 
     def _forget(self, engine_input: Any) -> None:
         """Tell vLLM's multimodal cache that ``engine_input`` was never submitted (or failed).
@@ -799,7 +631,7 @@ class _LoadLogger(StatLoggerBase):
         pass
 
 
-class FrameDigests:
+class FrameDigests(FrameCache[None]):
     """Content identities of frames and of the videos made of them, for vLLM's caches.
 
     vLLM keys its multimodal processor cache and the prefix cache of video
@@ -807,35 +639,19 @@ class FrameDigests:
     whole ``(T, H, W, 3)`` array on every request: about 19 MB for a full
     window, 10-20 ms here, for every question, although the window has
     changed by a frame or two (or not at all) since the last one. A digest of
-    each frame is taken once, when the frame is first asked about, and a
+    each frame is taken once, when the frame is first asked about, and kept
+    while the frame lives (:class:`~streamchat.engine.frames.FrameCache`); a
     video's identity (``multi_modal_uuids``) is a digest of its frames'
     digests, their size after :func:`_stack_frames` and the metadata; vLLM
-    then skips its own hashing.
-
-    Digests are kept by the id of the frame's image and trusted only while a
-    weak reference shows that very array is still alive (an id is reused once
-    its object is gone); an entry goes when its array does. Frames own their
-    images and nothing writes to them once decoded, so a digest stays true
-    for the array's lifetime.
+    then skips its own hashing. blake3 is vLLM's own hash, and the fastest here.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref[npt.NDArray[np.uint8]], bytes]] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(_blake3_digest)
 
     def frame(self, image: npt.NDArray[np.uint8]) -> bytes:
         """The digest of one frame's image (computed at most once per array)."""
-        key = id(image)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is image:
-            return entry[1]
-        digest = blake3(f"{image.dtype.str}{image.shape}".encode())
-        digest.update(np.ascontiguousarray(image).data)
-        value = digest.digest(16)
-        self._entries[key] = (weakref.ref(image, functools.partial(self._forget, key)), value)
-        return value
+        return self.digest(image)
 
     def video_id(
         self,
@@ -844,7 +660,7 @@ class FrameDigests:
         video_size: tuple[int, int],
         metadata: dict[str, Any] | None,
     ) -> str:
-        """The identity of the video :meth:`VllmEngine._prompt` builds from ``frames``."""
+        """The identity of the video :meth:`VllmEngine._media` builds from ``frames``."""
         digest = blake3()
         header = {"size": list(video_size), "count": len(frames), "metadata": metadata}
         digest.update(json.dumps(header, sort_keys=True).encode())
@@ -852,59 +668,15 @@ class FrameDigests:
             digest.update(self.frame(frame.image))
         return "streamchat-" + digest.hexdigest(20)
 
-    def _forget(self, key: int, ref: weakref.ref[npt.NDArray[np.uint8]]) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] is ref:
-            del self._entries[key]
 
-
-@dataclass
-class _SessionContext:
-    """A session's timeline and what the engine learnt about its prompts."""
-
-    timeline: Timeline
-    prompt_tokens: int = 0
-    """The last answered prompt with its answer (0: unknown, after a rebase)."""
-    warming: asyncio.Task[None] | None = None
-    prefilling: asyncio.Task[None] | None = None
-    """New segments computed ahead of the next ask (:meth:`VllmEngine.prefill`)."""
-
-    def prefilled(self, task: asyncio.Task[None]) -> None:
-        if self.prefilling is task:
-            self.prefilling = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    """A request ready to submit: vLLM's input, the request as fitted, what it shows."""
-
-    engine_input: Any
-    request: Request
-    frames: int
-    length: int
-    """Prompt tokens, video tokens included."""
-    draft: Draft | None = None
-    """The timeline draft the prompt renders (None: one prompt, no timeline)."""
-    context: TimelineContext | None = None
+def _blake3_digest(image: npt.NDArray[np.uint8]) -> bytes:
+    digest = blake3(f"{image.dtype.str}{image.shape}".encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.digest(16)
 
 
 class _FailedUnstarted(EngineError):
     """The engine failed a request before its first token (see :meth:`VllmEngine.generate`)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Rendered:
-    """A prompt as vLLM's renderer made it, or its refusal of a text over the context."""
-
-    engine_input: Any
-    length: int | None
-    """Tokens, video tokens included; None when the text alone was over the context."""
-    counted: object
-    """What vLLM counted, for the client (None: it counted characters)."""
-
-    def fits(self, answer: int, limit: int) -> bool:
-        """The prompt and an answer of ``answer`` tokens fit a context of ``limit``."""
-        return self.length is not None and self.length + answer <= limit
 
 
 class _Answer:
