@@ -102,8 +102,9 @@ class DecodeMemory:
     """The decoding memory of one server, shared by every decoder (sessions' and the cache's).
 
     ``capacity`` bytes; a decoder waits at most ``wait`` seconds for room, at
-    most ``max_waiters`` at once (beyond: refused at once). Built on the loop
-    it serves; ``threads`` is the FFmpeg thread count of each decoder.
+    most ``max_waiters`` at once (beyond: refused at once). It serves the loop on
+    which the first decoder's share is made (it may be built before that loop
+    runs); ``threads`` is the FFmpeg thread count of each decoder.
     """
 
     def __init__(
@@ -119,7 +120,7 @@ class DecodeMemory:
         self.wait = wait
         self.threads = threads
         self.metrics = metrics or Metrics()
-        self.loop = asyncio.get_running_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._granted: dict[Budgeted, asyncio.Future[None]] = {}
         self._count()
 
@@ -142,8 +143,18 @@ class DecodeMemory:
             metrics=metrics,
         )
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop it serves: the one running when the first decoder's share was made (the
+        server's state may be built before its loop runs; decoder threads call into it)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
     def hold(self, stop: threading.Event, name: str = "") -> Hold:
-        """A new decoder's share (holding nothing yet); ``stop`` is its source's stop event."""
+        """A new decoder's share (holding nothing yet); ``stop`` is its source's stop event.
+        Made on the loop, which it binds for the decoder's thread."""
+        assert self.loop is asyncio.get_running_loop()
         return Hold(self, stop, name)
 
     def holding(self, hold: Hold, work: Callable[[], _T]) -> _T:

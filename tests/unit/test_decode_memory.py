@@ -183,6 +183,21 @@ async def test_a_decoder_holds_its_estimate_while_it_runs_and_gives_it_back() ->
     assert memory.budget.reserved == 0
 
 
+def test_memory_built_before_its_loop_runs_serves_the_loop_of_its_first_decoder() -> None:
+    """A server's state is built before uvicorn's loop runs: the account binds that loop
+    when the first decoder's share is made, and a decode on it reserves and releases."""
+    memory = _memory(10 * ONE)
+
+    async def decode() -> None:
+        source = _Source(memory, encode_video(seconds=1.0))
+        assert memory.loop is asyncio.get_running_loop()
+        assert await _thread(source.run) is None
+        assert source.frames > 0
+
+    asyncio.run(decode())
+    assert memory.budget.reserved == 0
+
+
 async def test_a_failed_decode_gives_its_memory_back() -> None:
     """A decode that fails after reserving (a stream cut off) releases all it held."""
     memory = _memory(10 * ONE)
