@@ -102,9 +102,9 @@ class DecodeMemory:
     """The decoding memory of one server, shared by every decoder (sessions' and the cache's).
 
     ``capacity`` bytes; a decoder waits at most ``wait`` seconds for room, at
-    most ``max_waiters`` at once (beyond: refused at once). It serves the loop on
-    which the first decoder's share is made (it may be built before that loop
-    runs); ``threads`` is the FFmpeg thread count of each decoder.
+    most ``max_waiters`` at once (beyond: refused at once). It serves the loop it
+    is built on, or, built before any runs, the loop of its first decoder's
+    share; ``threads`` is the FFmpeg thread count of each decoder.
     """
 
     def __init__(
@@ -121,6 +121,8 @@ class DecodeMemory:
         self.threads = threads
         self.metrics = metrics or Metrics()
         self._loop: asyncio.AbstractEventLoop | None = None
+        with contextlib.suppress(RuntimeError):  # built on the loop it serves, as a server's is
+            self._loop = asyncio.get_running_loop()
         self._granted: dict[Budgeted, asyncio.Future[None]] = {}
         self._count()
 
@@ -145,16 +147,17 @@ class DecodeMemory:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        """The loop it serves: the one running when the first decoder's share was made (the
-        server's state may be built before its loop runs; decoder threads call into it)."""
+        """The loop it serves: the one it was built on, else (built before any loop ran, as a
+        test's server state may be) the one running when the first decoder's share was made.
+        Decoder threads call into it."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
     def hold(self, stop: threading.Event, name: str = "") -> Hold:
         """A new decoder's share (holding nothing yet); ``stop`` is its source's stop event.
-        Made on the loop, which it binds for the decoder's thread."""
-        assert self.loop is asyncio.get_running_loop()
+        Made on the loop, which it binds for the decoder's thread if none is yet."""
+        self._loop = self.loop
         return Hold(self, stop, name)
 
     def holding(self, hold: Hold, work: Callable[[], _T]) -> _T:
